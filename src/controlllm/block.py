@@ -1,0 +1,186 @@
+"""Control blocks: a frozen decoder layer paired with its trainable copy.
+
+`ControlBlock` (concat, Control LLM) runs both on the same input and merges them with an
+interpolator. `StackBlock` (LLaMA-Pro) runs the copy after the frozen layer, the copy's output
+projections zeroed so it starts as the identity. Both give the copy its own KV-cache slot: the
+copy's attention is numbered `slot` (>= the model's layer count) and the block makes sure the
+cache has that slot before the layers run, so no cache object is patched and no slot is guessed.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .alignment import alignment_per_token
+from .interpolators import Interpolator
+
+# Names of the output projections of attention and MLP sub-blocks across architectures.
+OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "out_proj", "dense_4h_to_h", "fc2", "c_proj")
+
+
+def renumber_layer(layer: nn.Module, old_index: int, new_index: int) -> None:
+    """Point every sub-module that addresses the KV cache as layer `old_index` to `new_index`."""
+    for module in layer.modules():
+        if getattr(module, "layer_idx", None) == old_index:
+            module.layer_idx = new_index
+
+
+def copy_layer(layer: nn.Module, index: int, slot: int) -> nn.Module:
+    """A trainable deep copy of decoder layer `index` that caches its keys/values in slot `slot`."""
+    clone = copy.deepcopy(layer)
+    renumber_layer(clone, index, slot)
+    for p in clone.parameters():
+        p.requires_grad_(True)
+    return clone
+
+
+def _fresh_cache_layer_like(cache, like: int, slot: int):
+    template = cache.layers[like]
+    if template.get_seq_length() > 0:
+        raise RuntimeError(
+            f"The KV cache has no slot {slot} for a trainable branch but already holds tokens for layer {like}: it "
+            "was filled by a pass without the Control blocks (e.g. under disable_control()). Start from a new cache."
+        )
+    return copy.deepcopy(template)
+
+
+def ensure_cache_slot(cache, slot: int, plan: "CachePlan") -> None:
+    """Append empty cache layers to `cache` up to `slot`, each shaped like the frozen layer it mirrors.
+
+    transformers builds caches from the config, with one slot per original layer; the trainable
+    branches live beyond them. Caches that grow lazily (no config) need nothing.
+    """
+    if cache is None or getattr(cache, "layer_class_to_replicate", None) is not None:
+        return
+    layers = cache.layers
+    while len(layers) <= slot:
+        extra = len(layers) - plan.num_base_layers
+        if extra < 0:
+            raise RuntimeError(
+                f"The KV cache has {len(layers)} layers but the model has {plan.num_base_layers}: it was not built "
+                "for this model"
+            )
+        layers.append(_fresh_cache_layer_like(cache, plan.mirrors[extra], plan.num_base_layers + extra))
+
+
+class CachePlan:
+    """Which original layer each extra cache slot mirrors: slot num_base_layers + j mirrors mirrors[j]."""
+
+    def __init__(self, num_base_layers: int, mirrors: list[int]):
+        self.num_base_layers = num_base_layers
+        self.mirrors = list(mirrors)
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _like(output, hidden):
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def _cache_of(kwargs):
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+class _Block(nn.Module):
+    """Shared state: the frozen `base_layer`, the trainable `expanded_layer`, an on/off switch."""
+
+    def __init__(self, base_layer: nn.Module, index: int, slot: int, plan: CachePlan):
+        super().__init__()
+        self.base_layer = base_layer
+        self.expanded_layer = copy_layer(base_layer, index, slot)
+        self.layer_index = index
+        self.slot = slot
+        self.plan = plan
+        self.enabled = True
+
+    @contextmanager
+    def disabled(self):
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+
+class ControlBlock(_Block):
+    """Concat expansion: h = h_p + w (h_e - h_p), h_p from the frozen layer, h_e from its trainable copy.
+
+    When `record` is set (by `ControlModel.forward`), the block keeps its per-token alignment loss
+    in `alignment` ([batch, seq], fp32) and the weights it used in `last_weight`; otherwise it does
+    no extra work, so generation pays only for the second branch.
+    """
+
+    def __init__(self, base_layer: nn.Module, index: int, slot: int, plan: CachePlan, interpolator: Interpolator,
+                 alignment_loss: str = "mse", alignment_margin: float = 0.0):
+        super().__init__(base_layer, index, slot, plan)
+        self.interpolator = interpolator
+        self.alignment_loss = alignment_loss
+        self.alignment_margin = alignment_margin
+        self.record = False
+        self.alignment: torch.Tensor | None = None
+        self.last_weight: torch.Tensor | None = None
+        # Running sum / count of the per-token weight seen in evaluation: the weight a merge uses
+        # for dynamic interpolators.
+        self.register_buffer("weight_sum", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("weight_count", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if not self.enabled:
+            return self.base_layer(hidden_states, *args, **kwargs)
+        ensure_cache_slot(_cache_of(kwargs), self.slot, self.plan)
+        out_p = self.base_layer(hidden_states, *args, **kwargs)
+        out_e = self.expanded_layer(hidden_states, *args, **kwargs)
+        h_p, h_e = _first(out_p), _first(out_e)
+        h, w = self.interpolator(h_p, h_e, hidden_states)
+        if self.record:
+            # h_p is the target: the loss moves the copy toward the frozen layer, not the layers below.
+            self.alignment = (None if self.alignment_loss == "none"
+                              else alignment_per_token(self.alignment_loss, h_p.detach(), h_e, self.alignment_margin))
+            self.last_weight = w.detach()
+        return _like(out_p, h)
+
+    def merge_weight(self) -> float:
+        """The w used to fold the copy into the frozen layer: the mean measured in evaluation for
+        dynamic interpolators (when any was measured), else the interpolator's own weight."""
+        if self.interpolator.dynamic and self.weight_count > 0:
+            return float(self.weight_sum / self.weight_count)
+        return self.interpolator.nominal_weight()
+
+
+class StackBlock(_Block):
+    """Stack expansion (LLaMA-Pro): the trainable copy runs after the frozen layer.
+
+    The copy's output projections (weights and biases) are zeroed, so with the residual
+    connections it is exactly the identity at initialisation.
+    """
+
+    def __init__(self, base_layer: nn.Module, index: int, slot: int, plan: CachePlan):
+        super().__init__(base_layer, index, slot, plan)
+        zeroed = 0
+        for name, module in self.expanded_layer.named_modules():
+            if name.rsplit(".", 1)[-1] in OUTPUT_PROJECTIONS and isinstance(module, nn.Linear):
+                with torch.no_grad():
+                    module.weight.zero_()
+                    if module.bias is not None:
+                        module.bias.zero_()
+                zeroed += 1
+        if zeroed < 2:
+            raise ValueError(
+                f"Stack expansion needs the attention and MLP output projections of {type(base_layer).__name__} "
+                f"(Linear layers named one of {OUTPUT_PROJECTIONS}) to start the copy as the identity; found {zeroed}"
+            )
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if not self.enabled:
+            return self.base_layer(hidden_states, *args, **kwargs)
+        ensure_cache_slot(_cache_of(kwargs), self.slot, self.plan)
+        out_p = self.base_layer(hidden_states, *args, **kwargs)
+        out_e = self.expanded_layer(_first(out_p), *args, **kwargs)
+        return _like(out_p, _first(out_e))

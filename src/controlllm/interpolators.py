@@ -1,0 +1,129 @@
+"""Interpolators: how a Control block merges the frozen branch h_p with the trainable branch h_e.
+
+Pure tensor maths, no model knowledge. Every interpolator returns `(h, w)` where `w` is the weight
+given to the trainable branch, a 0-dim tensor (one per layer) or one per token (shape [..., 1]).
+The merge is written h_p + w * (h_e - h_p), which is bit-exact h_p whenever h_e == h_p (at
+initialisation), whatever w is; the textbook (1 - w) h_p + w h_e is not.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import nn
+
+# Below this angle (radians) slerp's sin(theta) denominator is unreliable and lerp is used instead;
+# the same threshold is applied near pi, where the two directions are opposite.
+SLERP_MIN_ANGLE = 1e-3
+
+
+def lerp(h_p: torch.Tensor, h_e: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """h_p + w (h_e - h_p), in the dtype of h_p."""
+    return h_p + w.to(h_p.dtype) * (h_e - h_p)
+
+
+def slerp(h_p: torch.Tensor, h_e: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation per token (last dim = hidden), computed in fp32.
+
+    theta = acos(<h_p/|h_p|, h_e/|h_e|>) and h = sin((1-w) theta)/sin(theta) h_p + sin(w theta)/sin(theta) h_e.
+    Tokens whose angle is within SLERP_MIN_ANGLE of 0 or pi fall back to lerp, decided per token so
+    one sequence never changes another's output. Gradients stay finite where the branches coincide:
+    the slerp side is evaluated at a safe angle for those tokens, so `torch.where` never multiplies
+    a zero gradient by an infinite derivative.
+    """
+    dtype = h_p.dtype
+    p, e = h_p.float(), h_e.float()
+    wf = w.float()
+    cos = (nn.functional.normalize(p, dim=-1, eps=1e-12) * nn.functional.normalize(e, dim=-1, eps=1e-12)).sum(-1, keepdim=True)
+    limit = torch.cos(torch.tensor(SLERP_MIN_ANGLE, dtype=torch.float32, device=cos.device))
+    degenerate = cos.abs() >= limit
+    safe_cos = torch.where(degenerate, torch.zeros_like(cos), cos)  # acos(0) = pi/2: well away from the poles
+    theta = torch.acos(safe_cos)
+    sin_theta = torch.sin(theta)
+    spherical = (torch.sin((1 - wf) * theta) / sin_theta) * p + (torch.sin(wf * theta) / sin_theta) * e
+    linear = p + wf * (e - p)
+    return torch.where(degenerate, linear, spherical).to(dtype)
+
+
+class Interpolator(nn.Module, abc.ABC):
+    """Base class. `forward(h_p, h_e, x)` -> (h, w); x is the block input (used by dlerp_in)."""
+
+    dynamic = False  # True when w is computed per token
+
+    @abc.abstractmethod
+    def nominal_weight(self) -> float:
+        """The weight this interpolator gives the trainable branch when no input is at hand."""
+
+
+class Lerp(Interpolator):
+    """w = sigmoid(f), one scalar logit f per layer."""
+
+    def __init__(self, init: float = 0.0):
+        super().__init__()
+        self.logit = nn.Parameter(torch.tensor(float(init)))
+
+    def weight(self) -> torch.Tensor:
+        return torch.sigmoid(self.logit)
+
+    def nominal_weight(self) -> float:
+        return float(self.weight().detach())
+
+    def forward(self, h_p, h_e, x=None):
+        w = self.weight()
+        return lerp(h_p, h_e, w), w
+
+
+class Slerp(Lerp):
+    """Spherical interpolation with w = sigmoid(f), one scalar logit per layer."""
+
+    def forward(self, h_p, h_e, x=None):
+        w = self.weight()
+        return slerp(h_p, h_e, w), w
+
+
+class DLerp(Interpolator):
+    """Dynamic lerp: w = sigmoid(W [h_p ; h_e] + b) per token, W: 2H -> 1 (zero-initialised), b = f."""
+
+    dynamic = True
+
+    def __init__(self, hidden_size: int, init: float = 0.0):
+        super().__init__()
+        self.gate = nn.Linear(2 * hidden_size, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, float(init))
+
+    def nominal_weight(self) -> float:
+        return float(torch.sigmoid(self.gate.bias.detach()[0]))
+
+    def forward(self, h_p, h_e, x=None):
+        features = torch.cat([h_p, h_e], dim=-1).to(self.gate.weight.dtype)
+        w = torch.sigmoid(self.gate(features))
+        return lerp(h_p, h_e, w), w
+
+
+class DLerpIn(DLerp):
+    """Dynamic lerp from the block input: w = sigmoid(W x + b) per token, W: H -> 1."""
+
+    def __init__(self, hidden_size: int, init: float = 0.0):
+        super().__init__(hidden_size, init)
+        self.gate = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, float(init))
+
+    def forward(self, h_p, h_e, x=None):
+        w = torch.sigmoid(self.gate(x.to(self.gate.weight.dtype)))
+        return lerp(h_p, h_e, w), w
+
+
+def build_interpolator(name: str, hidden_size: int, init: float = 0.0) -> Interpolator:
+    """The interpolator called `name` ('lerp', 'dlerp', 'dlerp_in', 'slerp')."""
+    if name == "lerp":
+        return Lerp(init)
+    if name == "slerp":
+        return Slerp(init)
+    if name == "dlerp":
+        return DLerp(hidden_size, init)
+    if name == "dlerp_in":
+        return DLerpIn(hidden_size, init)
+    raise ValueError(f"Unknown interpolation {name!r}; allowed: 'lerp', 'dlerp', 'dlerp_in', 'slerp'")

@@ -1,0 +1,87 @@
+"""Merge-back: fold trained copies into their frozen layers, and measure how faithful that is."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .block import ControlBlock, StackBlock, _Block, renumber_layer
+from .surgery import decoder_layers
+
+
+@torch.no_grad()
+def fold_lerp(base_layer: nn.Module, expanded_layer: nn.Module, w: float) -> nn.Module:
+    """W_p <- W_p + w (W_e - W_p) for every parameter of `base_layer` (in place); returns it."""
+    expanded = dict(expanded_layer.named_parameters())
+    for name, p in base_layer.named_parameters():
+        e = expanded[name]
+        p.copy_(p + torch.as_tensor(w, dtype=p.dtype) * (e.to(p.dtype) - p))
+    return base_layer
+
+
+def merge_blocks(model: nn.Module, blocks: dict[int, _Block]) -> nn.Module:
+    """Replace every block in `model` by plain layers: concat blocks folded, stack copies inserted."""
+    layers = decoder_layers(model)
+    new_layers: list[nn.Module] = []
+    types = getattr(model.config, "layer_types", None)
+    new_types = [] if types is not None else None
+    for i, layer in enumerate(layers):
+        if isinstance(layer, ControlBlock):
+            new_layers.append(fold_lerp(layer.base_layer, layer.expanded_layer, layer.merge_weight()))
+        elif isinstance(layer, StackBlock):
+            new_layers.append(layer.base_layer)
+            new_layers.append(layer.expanded_layer)
+        else:
+            new_layers.append(layer)
+        if new_types is not None:
+            new_types.extend([types[i]] * (2 if isinstance(layer, StackBlock) else 1))
+    inserted = len(new_layers) != len(layers)
+    if inserted:
+        # Inserted layers take their place in the numbering: layer q caches in slot q.
+        old_index = {}
+        for i, layer in enumerate(layers):
+            if isinstance(layer, _Block):
+                old_index[id(layer.base_layer)] = i
+                old_index[id(layer.expanded_layer)] = layer.slot
+            else:
+                old_index[id(layer)] = i
+        for q, layer in enumerate(new_layers):
+            renumber_layer(layer, old_index[id(layer)], q)
+        model.config.num_hidden_layers = len(new_layers)
+        if new_types is not None:
+            model.config.layer_types = new_types
+    model.model.layers = nn.ModuleList(new_layers)
+    return model
+
+
+@torch.no_grad()
+def merge_fidelity(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+    """How closely `model.merge_and_unload()` reproduces the unmerged ControlModel on these inputs.
+
+    Works on a copy (the model is left as it is). Returns the mean and max over real tokens of
+    KL(unmerged || merged) of the next-token distributions (nats), the max absolute logit
+    difference and the top-1 agreement.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        reference = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        merged = copy.deepcopy(model).merge_and_unload()
+        merged.eval()
+        candidate = merged(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    finally:
+        model.train(was_training)
+    log_p, log_q = F.log_softmax(reference, -1), F.log_softmax(candidate, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    mask = torch.ones_like(kl, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    kl = kl[mask]
+    agree = (reference.argmax(-1) == candidate.argmax(-1))[mask].float()
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "max_abs_logit_diff": float((reference - candidate).abs().max()),
+        "top1_agreement": float(agree.mean()),
+    }

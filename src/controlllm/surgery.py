@@ -1,0 +1,93 @@
+"""Surgery: find the decoder layers of a transformers causal LM and install Control blocks in them."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .block import CachePlan, ControlBlock, StackBlock, _Block
+from .config import ControlConfig
+from .interpolators import build_interpolator
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM, found by structure (`model.model.layers`).
+
+    Raises a ValueError naming the class when the model is not a decoder-only causal LM laid out
+    that way.
+    """
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{name} is an encoder-decoder model; Control LLM expands decoder-only causal LMs")
+    if not callable(getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
+        raise ValueError(
+            f"{name} is not a causal language model (no output embeddings / LM head); expected e.g. "
+            "LlamaForCausalLM, Qwen2ForCausalLM, Gemma3ForCausalLM"
+        )
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(
+            f"{name} has no decoder layers at `model.model.layers` (an nn.ModuleList); Control LLM supports "
+            "decoder-only causal LMs laid out like Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi3, OLMo2, Granite"
+        )
+    return layers
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    config = model.config
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    size = getattr(text_config, "hidden_size", None)
+    if size is None:
+        size = model.get_input_embeddings().embedding_dim
+    return int(size)
+
+
+def layer_kinds(config: ControlConfig, positions: list[int]) -> list[str]:
+    """'concat' or 'stack' for each chosen position; hybrid alternates, starting with stack."""
+    if config.expand_type == "hybrid":
+        return ["stack" if j % 2 == 0 else "concat" for j in range(len(positions))]
+    return [config.expand_type] * len(positions)
+
+
+def install_blocks(model: nn.Module, config: ControlConfig) -> dict[int, _Block]:
+    """Replace each chosen decoder layer of `model` (in place) with a Control block.
+
+    Every original parameter is frozen first; the copies (and trainable interpolators) are the only
+    parameters with requires_grad. Returns {layer index: block}.
+    """
+    layers = decoder_layers(model)
+    if any(isinstance(layer, _Block) for layer in layers):
+        raise ValueError(f"{type(model).__name__} already has Control blocks installed; wrap the original model once")
+    num_layers = len(layers)
+    positions = config.resolve_layers(num_layers)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    plan = CachePlan(num_layers, positions)
+    hidden = hidden_size_of(model)
+    blocks: dict[int, _Block] = {}
+    for j, (index, kind) in enumerate(zip(positions, layer_kinds(config, positions))):
+        slot = num_layers + j
+        if kind == "stack":
+            block = StackBlock(layers[index], index, slot, plan)
+        else:
+            interpolator = build_interpolator(config.interpolation, hidden, config.interpolation_init)
+            interpolator.requires_grad_(config.train_interpolation)
+            block = ControlBlock(layers[index], index, slot, plan, interpolator,
+                                 config.alignment_loss, config.alignment_margin)
+            param = next(layers[index].parameters(), None)
+            if param is not None:  # interpolator and statistics live where the layer lives
+                block.to(param.device)
+        layers[index] = block
+        blocks[index] = block
+    return blocks
+
+
+def remove_blocks(model: nn.Module) -> dict[int, _Block]:
+    """Put the frozen layers back in place of the blocks; returns the removed blocks by index."""
+    layers = decoder_layers(model)
+    removed = {}
+    for i, layer in enumerate(layers):
+        if isinstance(layer, _Block):
+            layers[i] = layer.base_layer
+            removed[i] = layer
+    return removed

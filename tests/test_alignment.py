@@ -1,0 +1,32 @@
+import torch
+
+from controlllm.alignment import alignment_per_token, cosine_alignment, masked_mean, mse_alignment
+
+
+def test_mse_per_token():
+    h_p = torch.zeros(1, 2, 4)
+    h_e = torch.tensor([[[1.0, 1, 1, 1], [2.0, 0, 0, 0]]])
+    assert torch.allclose(mse_alignment(h_p, h_e), torch.tensor([[1.0, 1.0]]))
+
+
+def test_cosine_with_margin():
+    a = torch.tensor([[[1.0, 0.0]]])
+    b = torch.tensor([[[0.0, 1.0]]])
+    assert torch.allclose(cosine_alignment(a, b), torch.tensor([[0.5]]))  # 0.5 * (1 - 0)^2
+    assert torch.allclose(cosine_alignment(a, b, margin=0.5), torch.tensor([[0.125]]))
+    assert torch.equal(cosine_alignment(a, a), torch.zeros(1, 1))
+
+
+def test_fp32_from_bf16():
+    h = torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    assert alignment_per_token("mse", h, h + 1).dtype == torch.float32
+    assert alignment_per_token("cosine", h, -h).dtype == torch.float32
+
+
+def test_masked_mean_ignores_padding():
+    layer1 = torch.tensor([[1.0, 100.0], [3.0, 5.0]])
+    layer2 = torch.tensor([[2.0, 100.0], [4.0, 6.0]])
+    mask = torch.tensor([[1, 0], [1, 1]])
+    # layer 1: (1 + 3 + 5) / 3 = 3, layer 2: (2 + 4 + 6) / 3 = 4 -> 3.5
+    assert torch.allclose(masked_mean([layer1, layer2], mask), torch.tensor(3.5))
+    assert torch.allclose(masked_mean([layer1], None), layer1.mean())
