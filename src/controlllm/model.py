@@ -300,9 +300,10 @@ class ControlModel(nn.Module):
         if check_base_weights and "frozen_sha256" in expected:
             found = _frozen_fingerprint(model._blocks)
             if found != expected["frozen_sha256"]:
+                layers = sorted(model._blocks)
                 model.unload()
                 raise ValueError(
-                    f"The frozen weights of the expanded layers {sorted(model._blocks)} differ from those the Control "
+                    f"The frozen weights of the expanded layers {layers} differ from those the Control "
                     f"delta in {str(model_id)!r} was trained on (sha256 {found[:12]} != {expected['frozen_sha256'][:12]}); "
                     "load it onto the same base model, or pass check_base_weights=False"
                 )

@@ -1,0 +1,99 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from controlllm import ControlConfig, ControlModel, get_control_model
+
+from conftest import batch, clone, make_model, perturb_trainable
+
+
+def trained(arch="llama", **kwargs):
+    base = make_model(arch)
+    pristine = clone(base)
+    config = ControlConfig(num_expanded_layers=None, expanded_layers=[1, 3], **kwargs)
+    model = get_control_model(base, config)
+    perturb_trainable(model)
+    return model, pristine
+
+
+@pytest.mark.parametrize("kwargs", [dict(interpolation="dlerp"), dict(expand_type="hybrid", interpolation="slerp"),
+                                    dict(expand_type="stack")])
+def test_round_trip_exact(tmp_path, kwargs):
+    model, pristine = trained("qwen3", **kwargs)
+    ids, mask = batch(left_pad=2)
+    model.eval()
+    expected = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["control_config.json", "control_model.safetensors"]
+    loaded = ControlModel.from_pretrained(pristine, tmp_path)
+    assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, expected)
+    assert loaded.control_config == model.control_config
+
+
+def test_delta_holds_only_what_was_trained(tmp_path):
+    model, _ = trained(interpolation="dlerp")
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "control_model.safetensors")
+    assert tensors and all(".expanded_layer." in k or ".interpolator." in k or k.endswith(("weight_sum", "weight_count"))
+                           for k in tensors)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(t.numel() for k, t in tensors.items() if not k.endswith(("weight_sum", "weight_count"))) == trainable
+    meta = json.loads((tmp_path / "control_config.json").read_text())
+    assert meta["base_model"]["class"] == "LlamaForCausalLM" and len(meta["base_model"]["frozen_sha256"]) == 64
+
+
+def test_self_contained_checkpoint_loads_in_one_call(tmp_path):
+    model, _ = trained()
+    ids, _ = batch()
+    model.eval()
+    expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path, save_base=True)
+    loaded = ControlModel.from_pretrained(tmp_path)
+    assert torch.equal(loaded(input_ids=ids).logits, expected)
+    with pytest.raises(FileNotFoundError, match="pass the base model"):
+        ControlModel.from_pretrained(tmp_path / "base")
+
+
+def test_wrong_base_is_refused(tmp_path):
+    model, pristine = trained()
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="class='LlamaForCausalLM'.*class='MistralForCausalLM'"):
+        ControlModel.from_pretrained(make_model("mistral"), tmp_path)
+    with pytest.raises(ValueError, match="hidden_size=32.*hidden_size=64"):
+        ControlModel.from_pretrained(make_model("llama", hidden_size=64), tmp_path)
+    with pytest.raises(ValueError, match="num_hidden_layers=4.*num_hidden_layers=6"):
+        ControlModel.from_pretrained(make_model("llama", num_hidden_layers=6), tmp_path)
+    other = make_model("llama", seed=7)  # same shapes, other frozen weights
+    with pytest.raises(ValueError, match=r"frozen weights of the expanded layers \[1, 3\] differ"):
+        ControlModel.from_pretrained(other, tmp_path)
+    # the refused base is left unwrapped and usable
+    assert not any("base_layer" in n for n, _ in other.named_parameters())
+    ControlModel.from_pretrained(make_model("llama", seed=7), tmp_path, check_base_weights=False)
+
+
+def test_missing_or_mismatched_delta(tmp_path):
+    with pytest.raises(FileNotFoundError, match="control_config.json"):
+        ControlModel.from_pretrained(make_model("llama"), tmp_path)
+    model, pristine = trained()
+    state = model.trainable_state_dict()
+    name = next(iter(state))
+    state[name] = torch.zeros(3)
+    with pytest.raises(ValueError, match="shape"):
+        model.load_trainable_state(state)
+    state.pop(name)
+    with pytest.raises(ValueError, match="missing"):
+        model.load_trainable_state(state)
+
+
+def test_save_leaves_no_temporary_files_and_overwrites(tmp_path):
+    model, _ = trained()
+    model.save_pretrained(tmp_path)
+    perturb_trainable(model, seed=5)
+    model.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["control_config.json", "control_model.safetensors"]
+    saved = load_file(tmp_path / "control_model.safetensors")
+    for k, v in model.trainable_state_dict().items():
+        assert torch.equal(saved[k], v)
