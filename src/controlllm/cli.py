@@ -1,0 +1,187 @@
+"""The `controlllm` command: train, generate, chat, merge, eval, demo.
+
+User errors (bad flags, missing or malformed files, unknown names, non-finite losses) print one
+line `controlllm: error: ...` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+
+EXIT_USAGE = 2
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 3,7,11; got {text!r}")
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint)
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        elif typing.get_origin(base) is list:
+            parser.add_argument(flag, type=_int_list, default=f.default, help=help_text + " (comma-separated)")
+        else:
+            parser.add_argument(flag, type=base, default=f.default,
+                                help=f"{help_text} (default: {f.default})", metavar=f.name.upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="controlllm", description="Control LLM: learn something new, keep what you knew.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="continued pre-training or SFT with Control LLM or a baseline")
+    _add_dataclass_flags(p, TrainConfig)
+
+    for name, help_text in (("generate", "generate text from a prompt"), ("chat", "chat interactively")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--model", default=None, help="run folder, model folder or .gguf (default: SmolLM2-135M-Instruct)")
+        p.add_argument("--base", default=None, help="base model of a delta/adapter (default: from its run_config.json)")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        if name == "generate":
+            p.add_argument("--prompt", required=True)
+            p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+
+    p = sub.add_parser("merge", help="fold a Control delta into its base: a plain transformers model folder")
+    p.add_argument("--model", required=True, help="run folder or its final/ holding a Control delta")
+    p.add_argument("--base", default=None)
+    p.add_argument("--output", required=True)
+    p.add_argument("--check-text", default="The quick brown fox jumps over the lazy dog.",
+                   help="text on which the merge's fidelity (KL) is reported")
+
+    p = sub.add_parser("eval", help="score a model on benchmarks, held-out text and divergence from its base")
+    p.add_argument("--model", default=None, help="run folder, model folder or .gguf (default: the base model)")
+    p.add_argument("--base", default=None)
+    p.add_argument("--tasks", default="arc_easy", help="comma-separated task names (see controlllm.evaluation.evaluate)")
+    p.add_argument("--limit", type=int, default=None, help="items per benchmark (first N, in file order)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--output", default=None, help="write the results JSON here")
+
+    p = sub.add_parser("demo", help="the main job: teach SmolLM2-135M-Instruct Spanish with Control LLM, print a before/after table")
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
+    return parser
+
+
+def _chat_prompt(tokenizer, text: str, raw: bool) -> str:
+    if raw or not getattr(tokenizer, "chat_template", None):
+        return text
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+def _generate(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float) -> str:
+    import torch
+
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        from .train import TrainConfig, train
+
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        result = train(cfg)
+        print(json.dumps({"final": result.final, "seconds": round(result.seconds, 1),
+                          "trainable_parameters": result.trainable_parameters, **result.metrics}, indent=2))
+        return 0
+    if args.command in ("generate", "chat"):
+        from .checkpoints import load_model
+
+        model, tokenizer, _ = load_model(args.model, base=args.base)
+        model.eval()
+        if args.command == "generate":
+            print(_generate(model, tokenizer, _chat_prompt(tokenizer, args.prompt, args.raw), args.max_new_tokens,
+                            args.temperature))
+            return 0
+        messages = []
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                return 0
+            if line.strip() in ("exit", "quit"):
+                return 0
+            messages.append({"role": "user", "content": line})
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            reply = _generate(model, tokenizer, prompt, args.max_new_tokens, args.temperature)
+            messages.append({"role": "assistant", "content": reply})
+            print(f"model> {reply}")
+    if args.command == "merge":
+        from .checkpoints import load_model
+        from .merge import merge_fidelity
+
+        model, tokenizer, kind = load_model(args.model, base=args.base)
+        if kind != "control":
+            raise ValueError(f"--model {args.model!r} holds a {kind} model; merge needs a Control delta")
+        enc = tokenizer(args.check_text, return_tensors="pt")
+        report = merge_fidelity(model, enc["input_ids"], enc["attention_mask"])
+        merged = model.merge_and_unload()
+        merged.save_pretrained(args.output)
+        tokenizer.save_pretrained(args.output)
+        print(json.dumps({"output": args.output, **report}, indent=2))
+        return 0
+    if args.command == "eval":
+        from .checkpoints import load_model
+        from .evaluation import evaluate
+
+        model, tokenizer, kind = load_model(args.model, base=args.base)
+        model.eval()
+        tasks = [t for t in args.tasks.split(",") if t]
+        reference = None
+        if kind == "control":
+            reference = "base"
+        results = evaluate(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size, reference=reference)
+        results = {"model": args.model, "kind": kind, **results}
+        text = json.dumps(results, indent=2)
+        print(text)
+        if args.output:
+            with open(args.output, "w") as f:
+                f.write(text + "\n")
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(output=args.output, max_steps=args.max_steps, quick=args.quick)
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `controlllm` console script."""
+    from .assets import AssetError
+    from .data import DataError
+    from .train import TrainingError
+
+    try:
+        code = run(argv)
+    except (DataError, AssetError, TrainingError, ValueError, FileNotFoundError) as err:
+        print(f"controlllm: error: {err}", file=sys.stderr)
+        code = EXIT_USAGE
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""lm-evaluation-harness model "controlllm": a base model plus a saved Control delta.
+
+    lm_eval --model controlllm \\
+        --model_args pretrained=/path/to/base,control=/path/to/control_delta,device=cpu,dtype=float32 \\
+        --tasks arc_easy
+
+The class is registered when this module is imported, and lm-evaluation-harness also finds it
+through the `lm_eval.models` entry point. Importing `controlllm` never needs lm-eval: only
+importing this module does.
+"""
+
+from __future__ import annotations
+
+try:
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "controlllm.lm_eval_plugin needs lm-evaluation-harness; install it with `pip install lm-eval` "
+        "(or the project's `eval` extra)"
+    ) from error
+
+__all__ = ["ControlLMEval"]
+
+
+@register_model("controlllm")
+class ControlLMEval(HFLM):
+    """`HFLM` whose model is `ControlModel.from_pretrained(base, control)`.
+
+    `pretrained` is the base model folder (it also provides the tokenizer and config);
+    `control` is the folder written by `ControlModel.save_pretrained`. Every other HFLM
+    argument (device, dtype, batch_size, max_length, ...) keeps its meaning; the base model is
+    loaded by HFLM as usual and then wrapped, so options such as `dtype` and `gguf_file` apply.
+    """
+
+    def __init__(self, pretrained: str, control: str | None = None, **kwargs) -> None:
+        if not control:
+            raise ValueError(
+                "model 'controlllm' needs control=<folder of a saved Control delta> in --model_args; "
+                "to evaluate the base model alone use --model hf"
+            )
+        if not isinstance(pretrained, str):
+            raise TypeError(
+                f"model 'controlllm' takes pretrained=<base model folder> as a string, not {type(pretrained).__name__}"
+            )
+        self._control_path = control
+        super().__init__(pretrained=pretrained, **kwargs)
+
+    def _create_model(self, pretrained: str, *args, **kwargs) -> None:
+        """Load the base model as HFLM does, then wrap it with the saved Control delta."""
+        peft, delta = kwargs.get("peft"), kwargs.get("delta")
+        if peft or delta:
+            raise ValueError(f"model 'controlllm' does not combine with peft={peft!r} or delta={delta!r}; pass only control=")
+        super()._create_model(pretrained, *args, **kwargs)
+        from controlllm import ControlModel
+
+        self._model = ControlModel.from_pretrained(self._model, self._control_path)
+        self._model.eval()

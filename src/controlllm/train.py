@@ -1,0 +1,391 @@
+"""Continued pre-training / continued SFT with Control LLM or the baselines, on the HF Trainer.
+
+`train(TrainConfig(...))` is what `controlllm train` runs. Every method (control, full, lora,
+stack, freeze) sees the same data order, seed and schedule; only what is trainable differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from .config import ControlConfig
+from .model import WEIGHTS_NAME, ControlModel, get_control_model
+from .surgery import decoder_layers
+
+METHODS = ("control", "full", "lora", "stack", "freeze")
+TASKS = ("cpt", "sft")
+RUN_CONFIG = "run_config.json"
+METRICS = "metrics.jsonl"
+FINAL = "final"
+STAGING = ".staging"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. a non-finite loss); the message names the step."""
+
+
+@dataclass
+class TrainConfig:
+    """Arguments of a training run (the CLI's flags, same names)."""
+
+    data: str | None = field(default=None, metadata={"help": "Training data: .txt / .jsonl (cpt) or chat .jsonl (sft)."})
+    output: str = field(default="runs/control", metadata={"help": "Run folder: checkpoints, metrics.jsonl, final/."})
+    model: str | None = field(default=None, metadata={"help": "Model folder or .gguf file; default SmolLM2-135M-Instruct."})
+    task: str = field(default="cpt", metadata={"help": "'cpt' (raw text, packed) or 'sft' (chat, assistant-only loss)."})
+    method: str = field(default="control", metadata={"help": "'control', 'full', 'lora', 'stack' or 'freeze'."})
+    eval_data: str | None = field(default=None, metadata={"help": "Held-out data of the same format, for eval loss."})
+    max_steps: int = field(default=100, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=4, metadata={"help": "Sequences per device per step."})
+    grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
+    seq_len: int = field(default=256, metadata={"help": "Tokens per sequence (cpt block size / sft truncation)."})
+    lr: float = field(default=1e-4, metadata={"help": "Peak learning rate (linear warmup, cosine decay)."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps used for warmup."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    num_expanded_layers: int | None = field(default=None, metadata={"help": "Layers to expand (control/stack/freeze); default N // 4."})
+    expanded_layers: list[int] | None = field(default=None, metadata={"help": "Explicit layer indices instead of a count."})
+    interpolation: str = field(default="lerp", metadata={"help": "'lerp', 'dlerp', 'dlerp_in' or 'slerp'."})
+    interpolation_init: float = field(default=0.0, metadata={"help": "Initial interpolation logit (0 -> w = 0.5)."})
+    train_interpolation: bool = field(default=True, metadata={"help": "Train the interpolation weights."})
+    alignment_loss: str = field(default="mse", metadata={"help": "'mse', 'cosine' or 'none'."})
+    alignment_weight: float = field(default=1.0, metadata={"help": "Weight of the alignment loss."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (method lora)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (method lora)."})
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: only at the end)."})
+    save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps."})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept."})
+    logging_steps: int = field(default=5, metadata={"help": "Log every N steps."})
+    seed: int = field(default=42, metadata={"help": "Seed for initialisation and data order."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the last complete checkpoint in --output."})
+    bf16: bool = field(default=False, metadata={"help": "Train in bfloat16 autocast."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    max_eval_samples: int | None = field(default=64, metadata={"help": "Cap on eval sequences."})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"--method {self.method!r} is not supported; allowed: {', '.join(METHODS)}")
+        if self.task not in TASKS:
+            raise ValueError(f"--task {self.task!r} is not supported; allowed: {', '.join(TASKS)}")
+        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "save_steps", "logging_steps", "lora_r"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
+        if self.num_expanded_layers is not None and self.expanded_layers is not None:
+            raise ValueError("give either --num-expanded-layers or --expanded-layers, not both")
+        # Validate the Control options early (named errors before anything loads).
+        self.control_config(num_layers=None)
+
+    def control_config(self, num_layers: int | None) -> ControlConfig:
+        """The ControlConfig of this run for a model with `num_layers` layers (N // 4 by default)."""
+        count = self.num_expanded_layers
+        if self.expanded_layers is None and count is None:
+            count = max(1, (num_layers or 4) // 4)
+        return ControlConfig(
+            expand_type="stack" if self.method == "stack" else "concat",
+            num_expanded_layers=None if self.expanded_layers is not None else count,
+            expanded_layers=self.expanded_layers,
+            interpolation=self.interpolation,
+            interpolation_init=self.interpolation_init,
+            train_interpolation=self.train_interpolation,
+            alignment_loss=self.alignment_loss,
+            alignment_weight=self.alignment_weight,
+        )
+
+
+# ----------------------------------------------------------------------------- models
+def prepare_model(base: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Make `base` trainable the way `cfg.method` says; returns the model to train."""
+    num_layers = len(decoder_layers(base))
+    if cfg.method in ("control", "stack"):
+        return get_control_model(base, cfg.control_config(num_layers))
+    if cfg.method == "full":
+        for p in base.parameters():
+            p.requires_grad_(True)
+        return base
+    if cfg.method == "freeze":
+        chosen = cfg.control_config(num_layers).resolve_layers(num_layers)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        layers = decoder_layers(base)
+        for i in chosen:
+            for p in layers[i].parameters():
+                p.requires_grad_(True)
+        return base
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+    return get_peft_model(base, lora)
+
+
+def _unwrap(model):
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a run trains, by name (for comparisons across runs and ranks)."""
+    model = _unwrap(model)
+    if isinstance(model, ControlModel):
+        return model.trainable_state_dict()
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------------------- trainer
+class ControlTrainer(Trainer):
+    """The HF Trainer with: the alignment loss and interpolation weights in the logs, a stop on
+    non-finite losses, checkpoints written under a temporary name and renamed, and Control deltas
+    saved/loaded as deltas."""
+
+    def __init__(self, *args, save_total_limit_atomic: int = 2, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._sums = {"lm_loss": 0.0, "alignment_loss": 0.0, "n": 0}
+        self._keep = save_total_limit_atomic
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if not torch.isfinite(loss.detach()).all():
+            raise TrainingError(
+                f"non-finite loss ({float(loss.detach())}) at step {self.state.global_step + 1}; stopping. "
+                "Lower --lr or check the data."
+            )
+        lm_loss = getattr(outputs, "lm_loss", None) if not isinstance(outputs, dict) else outputs.get("lm_loss")
+        align = getattr(outputs, "alignment_loss", None) if not isinstance(outputs, dict) else outputs.get("alignment_loss")
+        if model.training:
+            self._sums["lm_loss"] += float((lm_loss if lm_loss is not None else loss).detach())
+            self._sums["alignment_loss"] += float(align.detach()) if align is not None else 0.0
+            self._sums["n"] += 1
+        elif lm_loss is not None:
+            loss = lm_loss  # evaluation reports the LM loss alone, so perplexity means perplexity
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs and self._sums["n"]:
+            n = self._sums["n"]
+            logs["lm_loss"] = round(self._sums["lm_loss"] / n, 4)
+            model = _unwrap(self.model)
+            if isinstance(model, ControlModel) and model.control_blocks:
+                logs["alignment_loss"] = round(self._sums["alignment_loss"] / n, 6)
+                weights = model.interpolation_weights()
+                logs["w_mean"] = round(sum(weights.values()) / len(weights), 4)
+            self._sums = {"lm_loss": 0.0, "alignment_loss": 0.0, "n": 0}
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+        super().log(logs, start_time)
+
+    def _save(self, output_dir=None, state_dict=None):
+        model = _unwrap(self.model)
+        if isinstance(model, ControlModel):
+            output_dir = output_dir or self.args.output_dir
+            if self.args.should_save:
+                model.save_pretrained(output_dir)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(output_dir)
+            return
+        super()._save(output_dir, state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = _unwrap(model if model is not None else self.model)
+        if isinstance(target, ControlModel):
+            from safetensors.torch import load_file
+
+            target.load_trainable_state(load_file(os.path.join(resume_from_checkpoint, WEIGHTS_NAME)),
+                                        source=resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _save_checkpoint(self, model, trial):
+        # Write the whole checkpoint under .staging/ and rename it into place once complete, so a
+        # kill mid-write never leaves a checkpoint that looks finished.
+        run_dir = self.args.output_dir
+        name = f"checkpoint-{self.state.global_step}"
+        staging = os.path.join(run_dir, STAGING)
+        self.args.output_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = run_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            target = os.path.join(run_dir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging, name), target)
+            shutil.rmtree(staging, ignore_errors=True)
+            _rotate_checkpoints(run_dir, self._keep)
+        self.accelerator.wait_for_everyone()
+
+
+def _checkpoints(run_dir: str) -> list[str]:
+    found = []
+    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
+        if name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit():
+            found.append(os.path.join(run_dir, name))
+    return sorted(found, key=lambda p: int(p.rsplit("-", 1)[1]))
+
+
+def _rotate_checkpoints(run_dir: str, keep: int) -> None:
+    for path in _checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class MetricsFile(TrainerCallback):
+    """Appends every log record (with its step) to run_dir/metrics.jsonl."""
+
+    def __init__(self, path: str, resume_step: int = 0):
+        self.path = path
+        if resume_step and os.path.isfile(path):
+            # Drop records past the checkpoint we resume from: they will be logged again.
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            with open(path, "w") as f:
+                f.writelines(kept)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+# ------------------------------------------------------------------------------- run
+@dataclass
+class TrainResult:
+    output: str
+    final: str
+    metrics: dict
+    seconds: float
+    trainable_parameters: int
+    total_parameters: int
+    model: nn.Module | None = None  # the trained model (ControlModel, PeftModel or the base model)
+
+
+def _tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> TrainResult:
+    """Run training as configured; returns where the result is and what was logged.
+
+    The final weights go to `output/final` (a Control delta for control/stack, a LoRA adapter for
+    lora, a full model folder for full/freeze), written under a temporary name and renamed at the
+    very end, so a run that failed never looks finished. `model`/`tokenizer` may be passed
+    instead of `cfg.model` (tests, notebooks).
+    """
+    from .assets import load_pretrained
+    from .data import DataCollator, DataError, build_cpt_dataset, build_sft_dataset, read_chat_records, read_text_records
+
+    if cfg.data is None:
+        raise DataError("--data is required: a .txt/.jsonl file of training text (cpt) or chats (sft)")
+    for path, flag in ((cfg.data, "--data"), (cfg.eval_data, "--eval-data")):
+        if path is not None and not os.path.isfile(path):
+            raise DataError(f"{flag} {path!r} does not exist or is not a file")
+    # Read (and so validate) the data before the model loads: bad input fails in a second.
+    read, build = (read_text_records, build_cpt_dataset) if cfg.task == "cpt" else (read_chat_records, build_sft_dataset)
+    train_records = read(cfg.data)
+    eval_records = read(cfg.eval_data) if cfg.eval_data else None
+    final_dir = os.path.join(cfg.output, FINAL)
+    if os.path.isdir(final_dir) and not cfg.resume:
+        raise ValueError(f"{final_dir!r} already exists: this run has finished; choose another --output")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    set_seed(cfg.seed)
+    if model is None:
+        model, tokenizer = load_pretrained(cfg.model)
+    train_set = build(train_records, tokenizer, cfg.seq_len)
+    eval_set = build(eval_records, tokenizer, cfg.seq_len) if eval_records is not None else None
+    if eval_set is not None and cfg.max_eval_samples and len(eval_set) > cfg.max_eval_samples:
+        eval_set = torch.utils.data.Subset(eval_set, range(cfg.max_eval_samples))
+    model = prepare_model(model, cfg)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+
+    os.makedirs(cfg.output, exist_ok=True)
+    shutil.rmtree(os.path.join(cfg.output, STAGING), ignore_errors=True)
+    resume_from = get_last_checkpoint(cfg.output) if cfg.resume else None
+    with open(os.path.join(cfg.output, RUN_CONFIG), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+    args = TrainingArguments(
+        output_dir=cfg.output,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=int(round(cfg.warmup_ratio * cfg.max_steps)),
+        weight_decay=cfg.weight_decay,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        eval_strategy="steps" if (eval_set is not None and cfg.eval_steps) else "no",
+        eval_steps=cfg.eval_steps or None,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=cfg.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        report_to=["tensorboard"] if _tensorboard_available() else [],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=not cfg.progress,
+        ddp_find_unused_parameters=False,
+    )
+    resume_step = int(resume_from.rsplit("-", 1)[1]) if resume_from else 0
+    trainer = ControlTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=DataCollator.from_tokenizer(tokenizer),
+        processing_class=tokenizer,
+        callbacks=[MetricsFile(os.path.join(cfg.output, METRICS), resume_step)],
+        save_total_limit_atomic=cfg.save_total_limit,
+    )
+    if not cfg.progress:
+        trainer.remove_callback(PrinterCallback)  # quiet: metrics.jsonl still has every record
+    start = time.time()
+    trainer.train(resume_from_checkpoint=resume_from)
+    metrics = {}
+    if eval_set is not None:
+        metrics = trainer.evaluate()
+    seconds = time.time() - start
+    if trainer.args.should_save:
+        _write_final(trainer, tokenizer, cfg, final_dir, metrics)
+    trainer.accelerator.wait_for_everyone()
+    unwrapped = _unwrap(trainer.model)
+    trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in unwrapped.parameters())
+    return TrainResult(cfg.output, final_dir, metrics, seconds, trainable, total, unwrapped)
+
+
+def _write_final(trainer: ControlTrainer, tokenizer, cfg: TrainConfig, final_dir: str, metrics: dict) -> None:
+    tmp = final_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = _unwrap(trainer.model)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
+        json.dump({**dataclasses.asdict(cfg), "final_metrics": metrics}, f, indent=2)
+    if os.path.isdir(final_dir):
+        shutil.rmtree(final_dir)
+    os.replace(tmp, final_dir)

@@ -1,0 +1,165 @@
+"""Training: every method on a tiny model, frozen weights, checkpoints, resume after SIGKILL, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from controlllm import ControlModel
+from controlllm.data import DataError
+from controlllm.train import TrainConfig, TrainingError, train, trainable_state
+
+from conftest import make_model, make_tokenizer
+
+FAST = dict(max_steps=4, batch_size=2, seq_len=32, save_steps=2, logging_steps=1, progress=False, lr=1e-3)
+
+
+def tiny():
+    tokenizer = make_tokenizer()
+    return make_model("llama", vocab_size=len(tokenizer)), tokenizer
+
+
+@pytest.mark.parametrize("method", ["control", "full", "lora", "stack", "freeze"])
+def test_each_method_trains_and_writes_final(tmp_path, text_file, method):
+    model, tokenizer = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(TrainConfig(data=str(text_file), eval_data=str(text_file), output=str(tmp_path / "run"),
+                               method=method, **FAST), model=model, tokenizer=tokenizer)
+    files = set(os.listdir(result.final))
+    expected = {"control": "control_model.safetensors", "stack": "control_model.safetensors",
+                "lora": "adapter_model.safetensors", "full": "model.safetensors", "freeze": "model.safetensors"}
+    assert expected[method] in files and "tokenizer.json" in files and "run_config.json" in files
+    assert "eval_perplexity" in result.metrics and result.metrics["eval_perplexity"] > 1
+    records = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    if method in ("control", "stack"):
+        assert "alignment_loss" in records[0] or method == "stack"
+    after = result.model
+    if method == "freeze":
+        changed = {k.split(".")[2] for k, v in after.state_dict().items() if not torch.equal(v, before[k])}
+        assert changed == {"3"}  # k = N // 4 = 1 layer: i = 3, where (i + 1) % 4 == 0
+    assert trainable_state(after)
+
+
+def test_freeze_trains_the_same_layers_control_expands(tmp_path, text_file):
+    model, tokenizer = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(data=str(text_file), output=str(tmp_path / "f"), method="freeze", expanded_layers=[1, 3], **FAST)
+    result = train(cfg, model=model, tokenizer=tokenizer)
+    changed = sorted({k.split(".")[2] for k, v in result.model.state_dict().items() if not torch.equal(v, before[k])})
+    assert changed == ["1", "3"]
+
+
+def test_control_run_keeps_frozen_weights_bit_identical(tmp_path, text_file):
+    model, tokenizer = tiny()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(TrainConfig(data=str(text_file), output=str(tmp_path / "run"), interpolation="dlerp",
+                               alignment_loss="cosine", **FAST), model=model, tokenizer=tokenizer)
+    control = result.model
+    assert isinstance(control, ControlModel)
+    state = control.base_model.state_dict()
+    for name, value in original.items():
+        if name not in state:
+            name = name.replace(".layers.3.", ".layers.3.base_layer.")
+        assert torch.equal(state[name], value), name
+    delta = load_file(os.path.join(result.final, "control_model.safetensors"))
+    moved = [k for k, v in delta.items() if ".expanded_layer." in k
+             and not torch.equal(v, state[k.replace("expanded_layer", "base_layer")])]
+    assert moved
+
+
+def test_checkpoints_are_complete_and_rotated(tmp_path, text_file):
+    model, tokenizer = tiny()
+    train(TrainConfig(data=str(text_file), output=str(tmp_path / "run"), **{**FAST, "max_steps": 6}),
+          model=model, tokenizer=tokenizer)
+    names = sorted(os.listdir(tmp_path / "run"))
+    assert names == ["checkpoint-4", "checkpoint-6", "final", "metrics.jsonl", "run_config.json"]
+    ckpt = set(os.listdir(tmp_path / "run" / "checkpoint-6"))
+    assert {"control_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= ckpt
+
+
+def test_same_data_order_for_every_method(tmp_path, text_file):
+    seen = {}
+    for method in ("control", "full"):
+        model, tokenizer = tiny()
+        batches = []
+        model.register_forward_pre_hook(lambda m, a, kw: batches.append(kw["input_ids"].clone()) if kw.get("input_ids") is not None else None,
+                                        with_kwargs=True)
+        train(TrainConfig(data=str(text_file), output=str(tmp_path / method), method=method, **FAST),
+              model=model, tokenizer=tokenizer)
+        seen[method] = batches
+    assert len(seen["control"]) == len(seen["full"]) == 4
+    assert all(torch.equal(a, b) for a, b in zip(seen["control"], seen["full"]))
+
+
+def _cli(args):
+    return [sys.executable, "-m", "controlllm.cli", *args], dict(os.environ)
+
+
+def test_resume_after_sigkill_reaches_same_weights(tmp_path, tiny_model_dir, text_file):
+    common = ["train", "--model", str(tiny_model_dir), "--data", str(text_file), "--max-steps", "12",
+              "--batch-size", "2", "--seq-len", "32", "--save-steps", "3", "--logging-steps", "1", "--lr", "1e-3",
+              "--interpolation", "dlerp", "--threads", "1", "--no-progress"]
+    cmd, env = _cli([*common, "--output", str(tmp_path / "straight")])
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    cmd, env = _cli([*common, "--output", str(killed)])
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint-6").is_dir():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists()
+    cmd, env = _cli([*common, "--output", str(killed), "--resume"])
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+
+    a = load_file(tmp_path / "straight" / "final" / "control_model.safetensors")
+    b = load_file(killed / "final" / "control_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(l)["step"] for l in open(killed / "metrics.jsonl") if '"loss"' in l]
+    assert steps == list(range(1, 13))  # no step logged twice
+
+
+def test_non_finite_loss_stops_and_names_the_step(tmp_path, text_file):
+    model, tokenizer = tiny()
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at step \d+"):
+        train(TrainConfig(data=str(text_file), output=str(tmp_path / "run"), method="full",
+                          **{**FAST, "lr": 1e12, "max_steps": 8}), model=model, tokenizer=tokenizer)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="--method 'sgd' is not supported; allowed: control, full, lora, stack, freeze"):
+        TrainConfig(data="x", method="sgd")
+    with pytest.raises(ValueError, match="--task 'rl'"):
+        TrainConfig(data="x", task="rl")
+    with pytest.raises(ValueError, match="--max-steps must be a positive integer"):
+        TrainConfig(data="x", max_steps=0)
+    with pytest.raises(ValueError, match="interpolation"):
+        TrainConfig(data="x", interpolation="cubic")
+    with pytest.raises(DataError, match="does not exist"):
+        train(TrainConfig(data="/nonexistent/file.txt"))
+
+
+@pytest.mark.slow
+def test_real_smollm2_takes_a_few_control_steps(tmp_path, text_file):
+    from controlllm.assets import load_pretrained
+
+    model, tokenizer = load_pretrained(None)
+    result = train(TrainConfig(data=str(text_file), output=str(tmp_path / "run"), max_steps=2, batch_size=1,
+                               seq_len=64, save_steps=2, progress=False, num_expanded_layers=2), model=model,
+                   tokenizer=tokenizer)
+    assert sorted(result.model.blocks) == [14, 29]
+    assert os.path.isfile(os.path.join(result.final, "control_model.safetensors"))
