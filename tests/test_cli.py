@@ -85,3 +85,13 @@ def test_help_lists_subcommands(capsys):
     assert code == 0
     for name in ("train", "generate", "chat", "merge", "eval", "demo"):
         assert name in out
+
+
+def test_sft_run_and_chat(tmp_path, tiny_model_dir, chat_file, capsys, monkeypatch):
+    run = tmp_path / "sft"
+    code, out, _ = run_cli(train_args(tiny_model_dir, chat_file, run, "--task", "sft", "--method", "lora"), capsys)
+    assert code == 0 and (run / "final" / "adapter_model.safetensors").is_file()
+    replies = iter(["What is 2 plus 3?", "quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(replies))
+    code, out, _ = run_cli(["chat", "--model", str(run), "--max-new-tokens", "4"], capsys)
+    assert code == 0 and out.count("model> ") == 1
