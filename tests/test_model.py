@@ -245,3 +245,16 @@ def test_bf16_exact_at_init():
     for interpolation in INTERPOLATIONS:
         model = control(clone(base), interpolation=interpolation, interpolation_init=0.7)
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, expected), interpolation
+
+
+def test_alignment_share_under_gradient_accumulation():
+    # The Trainer passes num_items_in_batch (label tokens of the whole accumulated batch) and sums
+    # micro-batch losses; each micro-batch's alignment term is weighted by its share of tokens.
+    model = control(make_model("llama"), alignment_weight=2.0)
+    perturb_trainable(model)
+    ids, mask = batch()
+    labels = ids.clone()
+    labels[1, :6] = -100
+    n = int((labels[:, 1:] != -100).sum())
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=torch.tensor(3 * n))
+    assert torch.allclose(out.loss - out.lm_loss, 2.0 * out.alignment_loss / 3, atol=1e-6)
