@@ -258,3 +258,10 @@ def test_alignment_share_under_gradient_accumulation():
     n = int((labels[:, 1:] != -100).sum())
     out = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=torch.tensor(3 * n))
     assert torch.allclose(out.loss - out.lm_loss, 2.0 * out.alignment_loss / 3, atol=1e-6)
+
+
+def test_return_dict_false_gives_a_tuple():
+    model = control(make_model("llama"))
+    ids, mask = batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=ids, return_dict=False)
+    assert isinstance(out, tuple) and torch.equal(out[0], model(input_ids=ids, attention_mask=mask, labels=ids).loss)

@@ -160,8 +160,10 @@ class ControlModel(nn.Module):
                 "maps; run the base model under disable_control() to inspect attention"
             )
         num_items = kwargs.get("num_items_in_batch")
+        return_dict = kwargs.pop("return_dict", True)
         with self._recording() as blocks, self._hidden_state_capture(output_hidden_states) as hidden:
-            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                  return_dict=True, **kwargs)
         result = ControlModelOutput(**out)
         if hidden is not None:
             result.hidden_states = tuple(hidden)
@@ -184,7 +186,7 @@ class ControlModel(nn.Module):
                     share = (labels[..., 1:] != -100).sum().to(term.device) / torch.as_tensor(num_items).to(term.device)
                     term = term * share
                 result.loss = out.loss + term.to(out.loss.dtype)
-        return result
+        return result if return_dict else result.to_tuple()
 
     def _update_weight_statistics(self, blocks: list[ControlBlock], mask: torch.Tensor | None) -> None:
         if self.training:
