@@ -95,3 +95,12 @@ def test_sft_run_and_chat(tmp_path, tiny_model_dir, chat_file, capsys, monkeypat
     monkeypatch.setattr("builtins.input", lambda prompt="": next(replies))
     code, out, _ = run_cli(["chat", "--model", str(run), "--max-new-tokens", "4"], capsys)
     assert code == 0 and out.count("model> ") == 1
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_eval_kl_for_lora_and_full_runs(tmp_path, tiny_model_dir, text_file, capsys, method):
+    run = tmp_path / method
+    assert run_cli(train_args(tiny_model_dir, text_file, run, "--method", method, "--lr", "1e-2"), capsys)[0] == 0
+    code, out, _ = run_cli(["eval", "--model", str(run), "--tasks", f"kl:{text_file}", "--limit", "4"], capsys)
+    results = json.loads(out)
+    assert code == 0 and results["kind"] == method and results[f"kl:{text_file}/kl"] > 0

@@ -31,7 +31,8 @@ def describe(path: str | os.PathLike | None) -> str:
     return "base"
 
 
-def _run_base(folder: str, base: str | None) -> str | None:
+def run_base(folder: str, base: str | None = None) -> str | None:
+    """The base model a run was trained from (`base` overrides it)."""
     if base is not None:
         return base
     run_config = os.path.join(folder, "run_config.json")
@@ -62,7 +63,7 @@ def load_model(path: str | os.PathLike | None = None, base: str | None = None, d
     if kind == "full":
         model, tokenizer = load_pretrained(folder, dtype=dtype)
         return model, tokenizer, kind
-    base_model, tokenizer = load_pretrained(_run_base(folder, base), dtype=dtype)
+    base_model, tokenizer = load_pretrained(run_base(folder, base), dtype=dtype)
     if kind == "control":
         from .model import ControlModel
 

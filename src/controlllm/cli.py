@@ -96,6 +96,26 @@ def _generate(model, tokenizer, prompt: str, max_new_tokens: int, temperature: f
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def _base_reference(model, kind: str, args):
+    """What `kl:` tasks compare against: the same weights without the trained part."""
+    import torch
+
+    if kind == "control":
+        return "base"
+    if kind == "lora":
+        def without_adapter(input_ids, attention_mask):
+            with model.disable_adapter(), torch.no_grad():
+                return model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return without_adapter
+    if kind == "full":
+        from .assets import load_pretrained
+        from .checkpoints import resolve_run_folder, run_base
+
+        base, _ = load_pretrained(run_base(resolve_run_folder(args.model), args.base))
+        return base.eval()
+    raise ValueError("kl: tasks need a trained model (a run folder) to compare with its base; got a base model")
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
@@ -150,9 +170,7 @@ def run(argv: list[str] | None = None) -> int:
         model, tokenizer, kind = load_model(args.model, base=args.base)
         model.eval()
         tasks = [t for t in args.tasks.split(",") if t]
-        reference = None
-        if kind == "control":
-            reference = "base"
+        reference = _base_reference(model, kind, args) if any(t.startswith("kl:") for t in tasks) else None
         results = evaluate(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size, reference=reference)
         results = {"model": args.model, "kind": kind, **results}
         text = json.dumps(results, indent=2)
