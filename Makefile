@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo bench-retention bench-retention-quick bench-perf clean
+.PHONY: setup test test-fast demo bench-retention bench-retention-quick bench-perf bench-perf-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,12 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/controlllm demo
+
+bench-perf: $(STAMP)
+	$(BIN)/python benchmarks/perf/run.py
+
+bench-perf-quick: $(STAMP)
+	$(BIN)/python benchmarks/perf/run.py --quick --output-dir /tmp/controlllm-perf-quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

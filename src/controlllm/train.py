@@ -316,8 +316,9 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
         eval_set = torch.utils.data.Subset(eval_set, range(cfg.max_eval_samples))
     model = prepare_model(model, cfg)
     if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad, so the frozen layers below
+        # the lowest trained one keep running forward only.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
 
     os.makedirs(cfg.output, exist_ok=True)
     shutil.rmtree(os.path.join(cfg.output, STAGING), ignore_errors=True)
