@@ -1,12 +1,12 @@
 """lm-evaluation-harness model "controlllm": a base model plus a saved Control delta.
 
-    lm_eval --model controlllm \\
+    python -m controlllm.lm_eval_plugin run --model controlllm \\
         --model_args pretrained=/path/to/base,control=/path/to/control_delta,device=cpu,dtype=float32 \\
         --tasks arc_easy
 
-The class is registered when this module is imported, and lm-evaluation-harness also finds it
-through the `lm_eval.models` entry point. Importing `controlllm` never needs lm-eval: only
-importing this module does.
+The class is registered when this module is imported (from Python: import it, then call
+`lm_eval.simple_evaluate(model="controlllm", ...)`). Importing `controlllm` never needs lm-eval:
+only importing this module does.
 """
 
 from __future__ import annotations
@@ -56,3 +56,15 @@ class ControlLMEval(HFLM):
 
         self._model = ControlModel.from_pretrained(self._model, self._control_path)
         self._model.eval()
+
+
+def main() -> None:
+    """`python -m controlllm.lm_eval_plugin ARGS`: lm-evaluation-harness's own CLI with the
+    "controlllm" model registered (lm-eval does not discover plugins from entry points)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
