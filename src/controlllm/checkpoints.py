@@ -7,8 +7,6 @@ import os
 
 from .config import CONFIG_NAME
 
-KINDS = ("base", "control", "lora", "full")
-
 
 def resolve_run_folder(path: str | os.PathLike) -> str:
     """A run folder's `final/` if it has one, else the folder itself."""
