@@ -27,6 +27,12 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/controlllm demo
 
+bench-retention: $(STAMP)
+	$(BIN)/python benchmarks/retention/run.py
+
+bench-retention-quick: $(STAMP)
+	$(BIN)/python benchmarks/retention/run.py --quick
+
 bench-perf: $(STAMP)
 	$(BIN)/python benchmarks/perf/run.py
 
