@@ -56,6 +56,9 @@ VARIANTS = {
     "control-dlerp-cos-8": dict(CONTROL_DLERP, num_expanded_layers=8),
     "control-lerp-mse-15": dict(CONTROL_LERP, num_expanded_layers=15),
     "control-dlerp-cos-15": dict(CONTROL_DLERP, num_expanded_layers=15),
+    # The MSE alignment loss on this model's raw hidden states is tens of times the LM loss at
+    # weight 1; this variant scales it down.
+    "control-lerp-mse-8-aw0.01": dict(CONTROL_LERP, num_expanded_layers=8, alignment_weight=0.01),
 }
 
 
@@ -109,9 +112,12 @@ def full_settings() -> Settings:
         }
 
     # Each experiment's main Control variant is the paper's recipe for it.
+    csft = plan("control-lerp-mse-8", "control-dlerp-cos-8", "control-lerp-mse-15")
+    # Added after the first full run: Control with MSE at weight 1 learned nothing in CSFT.
+    csft["control-lerp-mse-8-aw0.01"] = "control-lerp-mse-8"
     return Settings(mode="full", variants={
         "cpt": plan("control-dlerp-cos-8", "control-lerp-mse-8", "control-dlerp-cos-15"),
-        "csft": plan("control-lerp-mse-8", "control-dlerp-cos-8", "control-lerp-mse-15"),
+        "csft": csft,
     })
 
 
@@ -358,10 +364,18 @@ class Bench:
               f"{report.headline(result)}", flush=True)
         return result
 
-    def run_variant(self, experiment: str, variant: str, chosen_lrs: dict) -> list[dict]:
-        """Every learning rate of a variant (light scores), then the heavy scores for the chosen one."""
+    def run_variant(self, experiment: str, variant: str, chosen_lrs: dict, read_only: bool = False) -> list[dict]:
+        """Every learning rate of a variant (light scores), then the heavy scores for the chosen one.
+        With `read_only`, only finished runs are read back (to learn their chosen learning rate)."""
         grid = self.s.variants[experiment][variant]
+        if isinstance(grid, str) and grid not in chosen_lrs:
+            return []
         lrs = [chosen_lrs[grid]] if isinstance(grid, str) else list(grid)
+        if read_only:
+            done = [_read_json(os.path.join(self.folder(experiment, variant, lr), "result.json")) for lr in lrs]
+            if all(done) and any(d.get("retention") for d in done):
+                chosen_lrs[variant] = report.choose(experiment, done)["lr"]
+            return []
         results, kept = [], {}
         for lr in lrs:
             result, model = self.run(experiment, variant, lr, heavy=len(lrs) == 1, keep_model=len(lrs) > 1)
@@ -468,6 +482,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per experiment process (default 1)")
     parser.add_argument("--serial", action="store_true", help="run the experiments one after the other, in this process")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from finished runs and stop")
+    parser.add_argument("--variants", default=None, help="comma-separated subset of the plan's variants to run")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--score-retention", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -507,8 +522,10 @@ def main(argv=None) -> int:
             bench.base_scores((["retention"] if first else []) + [experiment])
             chosen_lrs: dict = {}
             for variant in settings.variants[experiment]:
-                bench.run_variant(experiment, variant, chosen_lrs)
-                publish()
+                selected = args.variants is None or variant in args.variants.split(",")
+                bench.run_variant(experiment, variant, chosen_lrs, read_only=not selected)
+                if selected:
+                    publish()
     else:
         # One process per experiment, side by side: on a small CPU two single-threaded processes
         # get more done than one process with two threads (tokenising, generation loops and small
@@ -517,6 +534,7 @@ def main(argv=None) -> int:
         for experiment in experiments:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--experiments", experiment,
                    "--runs", runs, "--results", results, "--threads", str(settings.threads)]
+            cmd += ["--variants", args.variants] if args.variants else []
             cmd += (["--quick"] if args.quick else []) + (["--score-retention"] if experiment == experiments[0] else [])
             procs.append((experiment, subprocess.Popen(cmd)))
         failed = [e for e, p in procs if p.wait() != 0]
