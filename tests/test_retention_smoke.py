@@ -15,8 +15,8 @@ from controlllm import ControlConfig, get_control_model
 from controlllm.evaluation import heldout_loss, kl_to_reference
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "retention"))
-tasks = pytest.importorskip("tasks")
-report = pytest.importorskip("report")
+tasks = pytest.importorskip("retention_tasks")
+report = pytest.importorskip("retention_report")
 
 
 @pytest.fixture(scope="module")

@@ -35,8 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-import report  # noqa: E402
-import tasks  # noqa: E402
+import retention_report as report  # noqa: E402
+import retention_tasks as tasks  # noqa: E402
 from controlllm.assets import load_pretrained  # noqa: E402
 from controlllm.train import TrainConfig, TrainingError, train  # noqa: E402
 

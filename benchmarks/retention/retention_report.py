@@ -10,7 +10,7 @@ import json
 import math
 import os
 
-import tasks
+import retention_tasks as tasks
 
 MC_LABELS = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "piqa": "PIQA", "hellaswag": "HellaSwag"}
 DISCUSSION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "discussion.md")
@@ -310,7 +310,7 @@ def plot(path: str, experiment: str, summary: dict) -> None:
     ylabel = "Spanish bits/char gain (base - run)" if experiment == "cpt" else "exact-match gain, held-out problems"
     panels = (
         (axes[0], "avg_change", "avg_change_se", "retention avg: accuracy change on ARC-E/ARC-C/PIQA/HellaSwag"),
-        (axes[1], "english_bpc_change", "english_bpc_change_se", "English held-out bits/char change (right = forgets)"),
+        (axes[1], "english_kl", "english_kl_se", "KL(base || model) on held-out English, nats/token (right = drifts)"),
     )
     for ax, key, se_key, xlabel in panels:
         for k, (variant, block) in enumerate(summary.items()):
