@@ -1,12 +1,37 @@
 import torch
 
-from controlllm.alignment import alignment_per_token, cosine_alignment, masked_mean, mse_alignment
+import pytest
+
+from controlllm.alignment import alignment_per_token, cosine_alignment, masked_mean, mse_alignment, nmse_alignment
 
 
 def test_mse_per_token():
     h_p = torch.zeros(1, 2, 4)
     h_e = torch.tensor([[[1.0, 1, 1, 1], [2.0, 0, 0, 0]]])
     assert torch.allclose(mse_alignment(h_p, h_e), torch.tensor([[1.0, 1.0]]))
+
+
+def test_nmse_is_relative_and_scale_free():
+    h_p = torch.tensor([[[3.0, 4.0], [1.0, 0.0]]])
+    h_e = torch.tensor([[[3.0, 5.0], [1.0, 0.0]]])
+    assert torch.allclose(nmse_alignment(h_p, h_e), torch.tensor([[1.0 / 25.0, 0.0]]))
+    # Scaling both branches by 100 multiplies mse by 1e4 and leaves nmse unchanged.
+    assert torch.allclose(nmse_alignment(100 * h_p, 100 * h_e), nmse_alignment(h_p, h_e))
+    assert torch.allclose(mse_alignment(100 * h_p, 100 * h_e), 1e4 * mse_alignment(h_p, h_e))
+
+
+def test_nmse_gradient_treats_the_frozen_norm_as_a_constant():
+    h_p = torch.tensor([[[3.0, 4.0]]], requires_grad=True)
+    h_e = torch.tensor([[[3.0, 5.0]]], requires_grad=True)
+    nmse_alignment(h_p, h_e).sum().backward()
+    # d/dh_e = 2 (h_e - h_p) / 25 and d/dh_p is its negative: the denominator passes no gradient.
+    assert torch.allclose(h_e.grad, torch.tensor([[[0.0, 2.0 / 25]]]))
+    assert torch.allclose(h_p.grad, -h_e.grad)
+
+
+def test_unknown_kind_names_the_allowed_ones():
+    with pytest.raises(ValueError, match="'nmse'"):
+        alignment_per_token("l1", torch.zeros(1, 1, 2), torch.zeros(1, 1, 2))
 
 
 def test_cosine_with_margin():
@@ -21,6 +46,7 @@ def test_fp32_from_bf16():
     h = torch.randn(2, 3, 8, dtype=torch.bfloat16)
     assert alignment_per_token("mse", h, h + 1).dtype == torch.float32
     assert alignment_per_token("cosine", h, -h).dtype == torch.float32
+    assert alignment_per_token("nmse", h, h + 1).dtype == torch.float32
 
 
 def test_masked_mean_ignores_padding():

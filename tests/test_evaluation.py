@@ -450,3 +450,46 @@ def test_lm_eval_plugin_wraps_the_base_with_control(model, tokenizer, saved_mode
     assert [a for a, _ in theirs] == pytest.approx([a for a, _ in ours], abs=1e-4)
     with pytest.raises(ValueError, match="needs control="):
         ControlLMEval(pretrained=saved_model, device="cpu")
+
+
+# ---------------------------------------------------------------- shared-context scoring
+
+SHARED = [
+    MCItem("Question: What is the capital of France? The quick brown fox jumps over the lazy dog.\nAnswer:",
+           ["Paris", "the lazy dog", "a roof", "96"], gold=0, id="a"),
+    MCItem("A man is sitting on a roof. He starts pulling up roofing on a roof. Sunlight is the source of",
+           ["energy", "energy for nearly all ecosystems.", "Paris"], gold=1, id="b"),
+    MCItem("Calculate 5 + 91 = 96. The answer is 18 dollars. Calculate 5 + 91 =", [" 96", "18", "5"], gold=0, id="c"),
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "phi3", "control"])
+def test_shared_context_scores_equal_separate_requests(arch, tokenizer):
+    from conftest import make_model, perturb_trainable
+    from controlllm import ControlConfig, get_control_model
+
+    if arch == "control":
+        model = get_control_model(make_model("llama", vocab_size=len(tokenizer), max_position_embeddings=256),
+                                  ControlConfig(num_expanded_layers=None, expanded_layers=[1, 2], interpolation="dlerp"))
+        perturb_trainable(model)
+    else:  # gemma2's sliding window is set above the row length so packing is allowed
+        model = make_model(arch, vocab_size=len(tokenizer), max_position_embeddings=256,
+                           **({"sliding_window": 128} if arch == "gemma2" else {}))
+    calls = []
+    model.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
+    packed = ev.score_multiple_choice(model, tokenizer, SHARED, batch_size=2, progress=False)
+    assert len(calls) == 2 and sum(s[0] for s in calls) == len(SHARED)  # one row per item: the packed path ran
+    separate = ev.score_multiple_choice(model, tokenizer, SHARED, batch_size=2, progress=False, share_context=False)
+    for p, s in zip(packed["predictions"], separate["predictions"]):
+        assert p["loglikelihoods"] == pytest.approx(s["loglikelihoods"], abs=1e-4)
+        assert (p["pred"], p["pred_norm"]) == (s["pred"], s["pred_norm"])
+
+
+def test_shared_context_falls_back_under_a_short_sliding_window(tokenizer):
+    from conftest import make_model
+
+    model = make_model("mistral", vocab_size=len(tokenizer), max_position_embeddings=256)  # window 6
+    calls = []
+    model.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
+    ev.score_multiple_choice(model, tokenizer, SHARED, batch_size=64, progress=False)
+    assert calls[0][0] == sum(len(i.choices) for i in SHARED)  # one row per choice

@@ -166,6 +166,9 @@ def test_alignment_loss_added_in_forward_fp32_and_masked():
         h.remove()
     manual = torch.stack([(t * mask).sum() / mask.sum() for t in per_layer]).mean()
     assert torch.allclose(manual, out.alignment_loss)
+    # Logits for the last position only (as generate's prefill asks) leave the padding mask intact.
+    last = model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+    assert last.logits.shape[1] == 1 and torch.allclose(last.alignment_loss, out.alignment_loss)
 
 
 def test_no_alignment_work_in_generation_and_none_loss():

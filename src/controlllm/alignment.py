@@ -15,6 +15,16 @@ def mse_alignment(h_p: torch.Tensor, h_e: torch.Tensor) -> torch.Tensor:
     return (h_e.float() - h_p.float()).pow(2).mean(dim=-1)
 
 
+def nmse_alignment(h_p: torch.Tensor, h_e: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Normalised MSE per token: ||h_e - h_p||^2 / ||h_p||^2 (the norm of h_p taken as a constant).
+
+    The same relative drift costs the same on every model, whatever the scale of its hidden states;
+    plain `mse` grows with that scale (hidden states with a few large dimensions make it dwarf the LM loss).
+    """
+    diff = (h_e.float() - h_p.float()).pow(2).sum(dim=-1)
+    return diff / h_p.detach().float().pow(2).sum(dim=-1).clamp_min(eps)
+
+
 def cosine_alignment(h_p: torch.Tensor, h_e: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
     """0.5 * relu(1 - margin - cos(h_p, h_e))^2 per token (smooth at zero distance)."""
     cos = F.cosine_similarity(h_p.float(), h_e.float(), dim=-1, eps=1e-8)
@@ -23,12 +33,14 @@ def cosine_alignment(h_p: torch.Tensor, h_e: torch.Tensor, margin: float = 0.0) 
 
 
 def alignment_per_token(kind: str, h_p: torch.Tensor, h_e: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
-    """The alignment loss `kind` ('mse' or 'cosine') for every token, shape h_p.shape[:-1], fp32."""
+    """The alignment loss `kind` ('mse', 'nmse' or 'cosine') for every token, shape h_p.shape[:-1], fp32."""
     if kind == "mse":
         return mse_alignment(h_p, h_e)
+    if kind == "nmse":
+        return nmse_alignment(h_p, h_e)
     if kind == "cosine":
         return cosine_alignment(h_p, h_e, margin)
-    raise ValueError(f"Unknown alignment_loss {kind!r}; allowed: 'mse', 'cosine', 'none'")
+    raise ValueError(f"Unknown alignment_loss {kind!r}; allowed: 'mse', 'nmse', 'cosine', 'none'")
 
 
 def masked_mean(per_layer: list[torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:

@@ -11,7 +11,7 @@ CONFIG_NAME = "control_config.json"
 
 EXPAND_TYPES = ("concat", "stack", "hybrid")
 INTERPOLATIONS = ("lerp", "dlerp", "dlerp_in", "slerp")
-ALIGNMENT_LOSSES = ("mse", "cosine", "none")
+ALIGNMENT_LOSSES = ("mse", "nmse", "cosine", "none")
 
 
 def _allowed(field_name: str, value, allowed) -> ValueError:
@@ -52,7 +52,9 @@ class ControlConfig:
         default=True, metadata={"help": "Whether the interpolator's parameters are trained."}
     )
     alignment_loss: str = field(
-        default="mse", metadata={"help": "Alignment (divergence) loss between branches: 'mse', 'cosine' or 'none'."}
+        default="mse", metadata={"help": "Alignment (divergence) loss between branches: 'mse' (mean squared difference, "
+                  "as the paper), 'nmse' (squared difference over the frozen branch's squared norm: scale-free), "
+                  "'cosine' or 'none'."}
     )
     alignment_weight: float = field(
         default=1.0, metadata={"help": "Factor alpha of the alignment loss added to the LM loss."}

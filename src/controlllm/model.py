@@ -169,8 +169,9 @@ class ControlModel(nn.Module):
             result.hidden_states = tuple(hidden)
         result.lm_loss = out.loss
         mask = None
-        if attention_mask is not None and attention_mask.dim() == 2 and out.logits is not None:
-            mask = attention_mask[:, -out.logits.shape[1]:]
+        tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if attention_mask is not None and attention_mask.dim() == 2 and tokens is not None:
+            mask = attention_mask[:, -tokens.shape[1]:]  # with a cache, the mask also covers past tokens
         self._update_weight_statistics(blocks, mask)
         per_layer = [b.alignment for b in blocks if b.alignment is not None]
         for b in blocks:
