@@ -290,7 +290,9 @@ def markdown(info: dict, base: dict, summary: dict, claims: dict, elapsed: float
         "- Layers: 8 of 30 expands layers 2, 5, ..., 23 (the library's rule `(i + 1) % (30 // 8) == 0`, first 8); "
         "15 of 30 expands every odd layer. freeze-8 trains those same 8 layers in place; stack-8 inserts "
         "identity-initialised copies after them. lerp variants keep w = 0.5 fixed (the paper's CSFT recipe); "
-        "dlerp variants learn it (the paper's CPT recipe); alignment weight 1 (0.01 in the `-aw0.01` variant). "
+        "dlerp variants learn it (the paper's CPT recipe); alignment weight 1 (0.01 in an `-aw0.01` variant); "
+        "`mse` is the paper's mean squared difference of hidden states, `nmse` the library's scale-free one "
+        "(squared difference over the frozen branch's squared norm), `cos` the paper's cosine loss. "
         "LoRA: r 16, alpha 32, all linear layers.",
         "- Optimiser: AdamW, linear warmup (5% of steps) then cosine decay, no weight decay, fp32.",
         "- Settings: `" + json.dumps({k: v for k, v in s.items() if k != "variants"}) + "`.",
