@@ -57,7 +57,8 @@ class TrainConfig:
     interpolation: str = field(default="lerp", metadata={"help": "'lerp', 'dlerp', 'dlerp_in' or 'slerp'."})
     interpolation_init: float = field(default=0.0, metadata={"help": "Initial interpolation logit (0 -> w = 0.5)."})
     train_interpolation: bool = field(default=True, metadata={"help": "Train the interpolation weights."})
-    alignment_loss: str = field(default="mse", metadata={"help": "'mse', 'cosine' or 'none'."})
+    alignment_loss: str = field(default="mse", metadata={
+        "help": "'mse' (as the paper), 'nmse' (scale-free: over the frozen branch's squared norm), 'cosine' or 'none'."})
     alignment_weight: float = field(default=1.0, metadata={"help": "Weight of the alignment loss."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (method lora)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (method lora)."})
