@@ -288,7 +288,8 @@ def markdown(info: dict, base: dict, summary: dict, claims: dict, elapsed: float
         f"- Data: CPT {json.dumps(info['data']['cpt'])}; CSFT {json.dumps(csft)}; a training chat: "
         f"{json.dumps(example['prompt'])} -> {json.dumps(example['response'])}.",
         "- Layers: 8 of 30 expands layers 2, 5, ..., 23 (the library's rule `(i + 1) % (30 // 8) == 0`, first 8); "
-        "15 of 30 expands every odd layer. freeze-8 trains those same 8 layers in place; stack-8 inserts "
+        "15 of 30 expands every odd layer; `-8top` expands 8, 11, ..., 29 (the same spacing moved up to end at the "
+        "last layer). freeze-8 trains those same 8 layers in place; stack-8 inserts "
         "identity-initialised copies after them. lerp variants keep w = 0.5 fixed (the paper's CSFT recipe); "
         "dlerp variants learn it (the paper's CPT recipe); alignment weight 1 (0.01 in an `-aw0.01` variant); "
         "`mse` is the paper's mean squared difference of hidden states, `nmse` the library's scale-free one "
@@ -400,7 +401,7 @@ def _raw_run(run: dict) -> dict:
     if run.get("failed"):
         return keep
     keep["config"] = {k: run["config"][k] for k in ("method", "lr", "max_steps", "batch_size", "seq_len",
-                                                     "num_expanded_layers", "interpolation", "alignment_loss",
+                                                     "num_expanded_layers", "expanded_layers", "interpolation", "alignment_loss",
                                                      "train_interpolation", "alignment_weight", "lora_r", "seed")}
     keep["english"] = {"bpc": run["english"]["bpc"], "kl": run["english"]["kl_mean"]}
     if run.get("retention"):
