@@ -291,7 +291,7 @@ def markdown(info: dict, base: dict, summary: dict, claims: dict, elapsed: float
         "15 of 30 expands every odd layer; `-8top` expands 8, 11, ..., 29 (the same spacing moved up to end at the "
         "last layer). freeze-8 trains those same 8 layers in place; stack-8 inserts "
         "identity-initialised copies after them. lerp variants keep w = 0.5 fixed (the paper's CSFT recipe); "
-        "dlerp variants learn it (the paper's CPT recipe); alignment weight 1 (0.01 in an `-aw0.01` variant); "
+        "dlerp variants learn it (the paper's CPT recipe); alignment weight 1; "
         "`mse` is the paper's mean squared difference of hidden states, `nmse` the library's scale-free one "
         "(squared difference over the frozen branch's squared norm), `cos` the paper's cosine loss. "
         "LoRA: r 16, alpha 32, all linear layers.",

@@ -62,7 +62,6 @@ VARIANTS = {
     "control-dlerp-cos-8": dict(CONTROL_DLERP, num_expanded_layers=8),
     "control-lerp-mse-15": dict(CONTROL_LERP, num_expanded_layers=15),
     "control-dlerp-cos-15": dict(CONTROL_DLERP, num_expanded_layers=15),
-    "control-lerp-mse-8-aw0.01": dict(CONTROL_LERP, num_expanded_layers=8, alignment_weight=0.01),
 }
 
 
