@@ -407,6 +407,24 @@ def _encode_pair(tokenizer, context: str, continuation: str, add_special_tokens:
     return ctx, whole[len(ctx):]
 
 
+def _encode_request(tokenizer, context: str, continuation: str, add_special_tokens: bool) -> tuple[list[int], list[int]]:
+    """`_encode_pair`, refusing a continuation that encodes to no tokens."""
+    ctx_ids, cont_ids = _encode_pair(tokenizer, context, continuation, add_special_tokens)
+    if not cont_ids:
+        raise ValueError(f"continuation {continuation!r} after context {context[-40:]!r} encodes to no tokens; "
+                         "nothing to score")
+    return ctx_ids, cont_ids
+
+
+def _score_continuation(logits: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
+    """Summed fp32 log-probability of `cont` under `logits` (one row per token of `cont`), and
+    whether every token is the greedy choice."""
+    logprobs = logits.float().log_softmax(-1)
+    target = torch.tensor(cont, device=logprobs.device)
+    total = logprobs.gather(-1, target[:, None]).sum().item()
+    return float(total), bool((logprobs.argmax(-1) == target).all().item())
+
+
 # ----------------------------------------------------------------------------------------------
 # Log-likelihood and multiple choice
 # ----------------------------------------------------------------------------------------------
@@ -435,9 +453,7 @@ def loglikelihood(
     limit = _max_length(model, max_length)
     encoded = []
     for ctx, cont in requests:
-        ctx_ids, cont_ids = _encode_pair(tokenizer, ctx, cont, add_special_tokens)
-        if not cont_ids:
-            raise ValueError(f"continuation {cont!r} after context {ctx[-40:]!r} encodes to no tokens; nothing to score")
+        ctx_ids, cont_ids = _encode_request(tokenizer, ctx, cont, add_special_tokens)
         full = (ctx_ids + cont_ids)[-(limit + 1):]
         encoded.append((full[:-1], cont_ids[-len(full) + 1:] if len(cont_ids) >= len(full) else cont_ids))
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
@@ -450,11 +466,7 @@ def loglikelihood(
             logits = _logits(model, ids, mask)
             for row, i in enumerate(chunk):
                 inp, cont = encoded[i]
-                n = len(inp)
-                logprobs = logits[row, n - len(cont): n].float().log_softmax(-1)
-                target = torch.tensor(cont, device=logprobs.device)
-                total = logprobs.gather(-1, target[:, None]).sum().item()
-                results[i] = (float(total), bool((logprobs.argmax(-1) == target).all().item()))
+                results[i] = _score_continuation(logits[row, len(inp) - len(cont): len(inp)], cont)
             bar.update(len(chunk))
     return results  # type: ignore[return-value]
 
@@ -509,16 +521,9 @@ def _packed_rows(model: Any, rows: list[tuple[list[int], list[list[int]]]], batc
             same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
             allowed = (causal & same & (seg[:, None, :] >= 0)) | torch.eye(width, dtype=torch.bool)
             mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-            out = model(input_ids=ids.to(device), attention_mask=mask[:, None].to(device), position_ids=pos.to(device))
-            logits = out if isinstance(out, torch.Tensor) else out.logits
+            logits = _logits(model, ids.to(device), mask[:, None].to(device), position_ids=pos.to(device))
             for r, i in enumerate(chunk):
-                scored = []
-                for where, cont in layouts[i][3]:
-                    logprobs = logits[r, where].float().log_softmax(-1)
-                    target = torch.tensor(cont, device=logprobs.device)
-                    total = logprobs.gather(-1, target[:, None]).sum().item()
-                    scored.append((float(total), bool((logprobs.argmax(-1) == target).all().item())))
-                results[i] = scored
+                results[i] = [_score_continuation(logits[r, where], cont) for where, cont in layouts[i][3]]
             bar.update(len(chunk))
     return results  # type: ignore[return-value]
 
@@ -540,9 +545,7 @@ def _packed_choice_scores(model: Any, tokenizer, items: Sequence[MCItem], batch_
     for item in items:
         where, by_context = [], {}
         for ctx, cont in item.requests():
-            ctx_ids, cont_ids = _encode_pair(tokenizer, ctx, cont, add_special_tokens)
-            if not cont_ids:
-                raise ValueError(f"continuation {cont!r} after context {ctx[-40:]!r} encodes to no tokens; nothing to score")
+            ctx_ids, cont_ids = _encode_request(tokenizer, ctx, cont, add_special_tokens)
             key = tuple(ctx_ids)
             if key not in by_context:
                 by_context[key] = len(rows)
