@@ -55,7 +55,7 @@ def test_bad_input_exits_2_and_leaves_no_finished_run(tmp_path, tiny_model_dir, 
 
 def test_train_generate_merge_eval(tmp_path, tiny_model_dir, text_file, capsys):
     run = tmp_path / "run"
-    code, out, _ = run_cli(train_args(tiny_model_dir, text_file, run, "--lr", "1e-2"), capsys)
+    code, out, _ = run_cli(train_args(tiny_model_dir, text_file, run, "--lr", "1e-2", "--preset", "paper-csft"), capsys)
     assert code == 0 and json.loads(out)["final"] == str(run / "final")
 
     code, out, _ = run_cli(["generate", "--model", str(run), "--prompt", "Paris is", "--max-new-tokens", "5"], capsys)

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from controlllm import ControlConfig, ControlModel, get_control_model
+from controlllm.model import STATE_BUFFERS
 
 from conftest import batch, clone, make_model, perturb_trainable
 
@@ -37,10 +38,11 @@ def test_delta_holds_only_what_was_trained(tmp_path):
     model, _ = trained(interpolation="dlerp")
     model.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "control_model.safetensors")
-    assert tensors and all(".expanded_layer." in k or ".interpolator." in k or k.endswith(("weight_sum", "weight_count"))
+    assert tensors and all(".expanded_layer." in k or ".interpolator." in k or k.endswith(STATE_BUFFERS)
                            for k in tensors)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert sum(t.numel() for k, t in tensors.items() if not k.endswith(("weight_sum", "weight_count"))) == trainable
+    # the copies, and the interpolators whether they were trained or kept fixed
+    trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad or ".interpolator." in n)
+    assert sum(t.numel() for k, t in tensors.items() if not k.endswith(STATE_BUFFERS)) == trainable
     meta = json.loads((tmp_path / "control_config.json").read_text())
     assert meta["base_model"]["class"] == "LlamaForCausalLM" and len(meta["base_model"]["frozen_sha256"]) == 64
 
@@ -79,13 +81,17 @@ def test_missing_or_mismatched_delta(tmp_path):
         ControlModel.from_pretrained(make_model("llama"), tmp_path)
     model, pristine = trained()
     state = model.trainable_state_dict()
-    name = next(iter(state))
+    name = next(k for k in state if ".expanded_layer." in k)
     state[name] = torch.zeros(3)
     with pytest.raises(ValueError, match="shape"):
         model.load_trainable_state(state)
     state.pop(name)
     with pytest.raises(ValueError, match="missing"):
         model.load_trainable_state(state)
+    # A delta saved before the drift budget existed has no budget buffers: it loads, multipliers at zero.
+    model, _ = trained()
+    state = {k: v for k, v in model.trainable_state_dict().items() if not k.endswith(("budget_multiplier", "running_drift"))}
+    model.load_trainable_state(state)
 
 
 def test_save_leaves_no_temporary_files_and_overwrites(tmp_path):

@@ -105,7 +105,8 @@ def _cli(args):
 def test_resume_after_sigkill_reaches_same_weights(tmp_path, tiny_model_dir, text_file):
     common = ["train", "--model", str(tiny_model_dir), "--data", str(text_file), "--max-steps", "12",
               "--batch-size", "2", "--seq-len", "32", "--save-steps", "3", "--logging-steps", "1", "--lr", "1e-3",
-              "--interpolation", "dlerp", "--threads", "1", "--no-progress"]
+              "--interpolation", "dlerp", "--train-interpolation", "--alignment-budget", "1e-4", "--threads", "1",
+              "--no-progress"]
     cmd, env = _cli([*common, "--output", str(tmp_path / "straight")])
     subprocess.run(cmd, env=env, check=True, capture_output=True)
 
@@ -128,6 +129,8 @@ def test_resume_after_sigkill_reaches_same_weights(tmp_path, tiny_model_dir, tex
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # the drift budget's multipliers and running drifts engaged, and resumed exactly
+    assert any(float(v) > 0 for k, v in a.items() if k.endswith("budget_multiplier"))
     steps = [json.loads(l)["step"] for l in open(killed / "metrics.jsonl") if '"loss"' in l]
     assert steps == list(range(1, 13))  # no step logged twice
 

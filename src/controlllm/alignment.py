@@ -43,13 +43,18 @@ def alignment_per_token(kind: str, h_p: torch.Tensor, h_e: torch.Tensor, margin:
     raise ValueError(f"Unknown alignment_loss {kind!r}; allowed: 'mse', 'nmse', 'cosine', 'none'")
 
 
-def masked_mean(per_layer: list[torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
-    """Average per-token losses over the tokens where `mask` is 1, then over layers.
+def masked_layer_means(per_layer: list[torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+    """Each layer's per-token loss averaged over the tokens where `mask` is 1: shape [layers].
 
     per_layer: tensors of shape [batch, seq]; mask: [batch, seq] (1 = real token) or None.
     """
     stacked = torch.stack(per_layer)  # [layers, batch, seq]
     if mask is None:
-        return stacked.mean()
+        return stacked.mean(dim=(1, 2))
     m = mask.to(stacked.dtype).unsqueeze(0)
-    return (stacked * m).sum(dim=(1, 2)).div(m.sum().clamp_min(1.0)).mean()
+    return (stacked * m).sum(dim=(1, 2)).div(m.sum().clamp_min(1.0))
+
+
+def masked_mean(per_layer: list[torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+    """Average per-token losses over the tokens where `mask` is 1, then over layers."""
+    return masked_layer_means(per_layer, mask).mean()

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .alignment import alignment_per_token
+from .alignment import alignment_per_token, nmse_alignment
 from .interpolators import Interpolator
 
 # Names of the output projections of attention and MLP sub-blocks across architectures.
@@ -113,8 +113,12 @@ class ControlBlock(_Block):
     """Concat expansion: h = h_p + w (h_e - h_p), h_p from the frozen layer, h_e from its trainable copy.
 
     When `record` is set (by `ControlModel.forward`), the block keeps its per-token alignment loss
-    in `alignment` ([batch, seq], fp32) and the weights it used in `last_weight`; otherwise it does
-    no extra work, so generation pays only for the second branch.
+    in `alignment` ([batch, seq], fp32), its per-token drift (nmse, detached) in `drift` and the
+    weights it used in `last_weight`; otherwise it does no extra work, so generation pays only for
+    the second branch.
+
+    Buffers `budget_multiplier` and `running_drift` hold the drift budget's state (see
+    `controlllm.budget`); they are saved with the delta so a resumed run continues exactly.
     """
 
     def __init__(self, base_layer: nn.Module, index: int, slot: int, plan: CachePlan, interpolator: Interpolator,
@@ -125,7 +129,11 @@ class ControlBlock(_Block):
         self.alignment_margin = alignment_margin
         self.record = False
         self.alignment: torch.Tensor | None = None
+        self.drift: torch.Tensor | None = None
         self.last_weight: torch.Tensor | None = None
+        self.register_buffer("budget_multiplier", torch.zeros((), dtype=torch.float32))
+        self.register_buffer("running_drift", torch.zeros((), dtype=torch.float32))
+        self.reset_observations()
         # Running sum / count of the per-token weight seen in evaluation: the weight a merge uses
         # for dynamic interpolators.
         self.register_buffer("weight_sum", torch.zeros((), dtype=torch.float64))
@@ -141,10 +149,32 @@ class ControlBlock(_Block):
         h, w = self.interpolator(h_p, h_e, hidden_states)
         if self.record:
             # h_p is the target: the loss moves the copy toward the frozen layer, not the layers below.
+            target = h_p.detach()
             self.alignment = (None if self.alignment_loss == "none"
-                              else alignment_per_token(self.alignment_loss, h_p.detach(), h_e, self.alignment_margin))
+                              else alignment_per_token(self.alignment_loss, target, h_e, self.alignment_margin))
+            self.drift = (self.alignment.detach() if self.alignment_loss == "nmse"
+                          else nmse_alignment(target, h_e.detach()))
             self.last_weight = w.detach()
         return _like(out_p, h)
+
+    # -------------------------------------------------------------- observations (training only)
+    def reset_observations(self, step: bool = True, window: bool = True) -> None:
+        """Clear what was observed since the last optimizer step (`step`) / the last log (`window`)."""
+        if step:
+            self.step_alignment_sum, self.step_tokens = 0.0, 0.0
+        if window:
+            self.window = {"drift": 0.0, "w": 0.0, "w_std": 0.0, "n": 0}
+
+    def observe(self, alignment_mean: torch.Tensor | None, drift_mean: torch.Tensor, tokens: torch.Tensor,
+                w_mean: torch.Tensor, w_std: torch.Tensor) -> None:
+        """Add one training micro-batch's layer means (detached tensors; no device sync here)."""
+        if alignment_mean is not None:
+            self.step_alignment_sum = self.step_alignment_sum + alignment_mean * tokens
+            self.step_tokens = self.step_tokens + tokens
+        self.window["drift"] = self.window["drift"] + drift_mean
+        self.window["w"] = self.window["w"] + w_mean
+        self.window["w_std"] = self.window["w_std"] + w_std
+        self.window["n"] += 1
 
     def merge_weight(self) -> float:
         """The w used to fold the copy into the frozen layer: the mean measured in evaluation for

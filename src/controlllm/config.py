@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -12,6 +13,19 @@ CONFIG_NAME = "control_config.json"
 EXPAND_TYPES = ("concat", "stack", "hybrid")
 INTERPOLATIONS = ("lerp", "dlerp", "dlerp_in", "slerp")
 ALIGNMENT_LOSSES = ("mse", "nmse", "cosine", "none")
+LAYER_PLACEMENTS = ("even", "group_end")
+# Drift measures a budget can constrain: both are scale-free (the same number means the same relative
+# drift on every model); plain 'mse' grows with the model's hidden-state scale.
+BUDGET_LOSSES = ("nmse", "cosine")
+
+# Values that fields added after the first release take when a saved config predates them, so an old
+# delta rebuilds exactly the model it was trained as.
+LEGACY_DEFAULTS = {"layer_placement": "group_end", "gate_norm": False}
+
+
+def _check_finite(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"ControlConfig.{name}={value!r} must be a finite number")
 
 
 def _allowed(field_name: str, value, allowed) -> ValueError:
@@ -22,10 +36,16 @@ def _allowed(field_name: str, value, allowed) -> ValueError:
 class ControlConfig:
     """Configuration of a Control LLM expansion (Wei et al. 2025, arXiv 2501.10979).
 
-    Exactly one of `num_expanded_layers` / `expanded_layers` selects the layers. With N decoder
-    layers and k = `num_expanded_layers`, layer i is expanded when (i + 1) % (N // k) == 0 (the last
-    layer of each group of N // k); when N is not divisible by k only the first k such layers are
-    taken, so the count is always exactly k.
+    Layers: `expanded_layers` lists them explicitly; otherwise `num_expanded_layers` = k of the N
+    decoder layers (default N // 4, the paper's 8 of 32) are spread evenly over the whole depth:
+    layer round((j + 1) N / k) - 1 for j = 0..k-1, rounding halves up (N = 32, k = 8: 3, 7, ..., 31;
+    the top layer is always included). `layer_placement="group_end"` is the rule of earlier
+    releases, (i + 1) % (N // k) == 0, first k; configs saved before the field existed use it.
+
+    Alignment: the term added to the LM loss is `alignment_weight` x the alignment loss (averaged
+    over real tokens and layers), unless `alignment_budget` is set: then each expanded layer gets its
+    own multiplier, adapted during training (dual ascent) so that the layer's running drift stays at
+    or below the budget. See `controlllm.budget`.
     """
 
     expand_type: str = field(
@@ -35,10 +55,15 @@ class ControlConfig:
                   "'hybrid' (alternates stack and concat over the chosen blocks, starting with stack)."},
     )
     num_expanded_layers: int | None = field(
-        default=8, metadata={"help": "How many layers to expand, evenly spaced. Not together with `expanded_layers`."}
+        default=None, metadata={"help": "How many layers to expand, spread evenly over the depth (default: N // 4). "
+                                "Not together with `expanded_layers`."}
     )
     expanded_layers: list[int] | None = field(
         default=None, metadata={"help": "Explicit layer indices to expand (0-based). Not together with `num_expanded_layers`."}
+    )
+    layer_placement: str = field(
+        default="even", metadata={"help": "How `num_expanded_layers` are placed: 'even' (round((j + 1) N / k) - 1, "
+                                  "reaching the top layer) or 'group_end' (the rule of earlier releases)."}
     )
     interpolation: str = field(
         default="lerp",
@@ -49,18 +74,33 @@ class ControlConfig:
         default=0.0, metadata={"help": "Initial logit f of the interpolation weight; w = sigmoid(f) (0.0 -> 0.5)."}
     )
     train_interpolation: bool = field(
-        default=True, metadata={"help": "Whether the interpolator's parameters are trained."}
+        default=False, metadata={"help": "Whether the interpolator's parameters are trained (default: w stays fixed)."}
+    )
+    gate_norm: bool = field(
+        default=True, metadata={"help": "dlerp/dlerp_in: normalise the gate's input per token (RMS, over sqrt(dim)) so "
+                                "one optimizer step moves the gate logit by O(lr), whatever the hidden-state scale."}
     )
     alignment_loss: str = field(
-        default="mse", metadata={"help": "Alignment (divergence) loss between branches: 'mse' (mean squared difference, "
-                  "as the paper), 'nmse' (squared difference over the frozen branch's squared norm: scale-free), "
-                  "'cosine' or 'none'."}
+        default="nmse", metadata={"help": "Alignment (divergence) loss between branches: 'nmse' (squared difference over "
+                  "the frozen branch's squared norm: scale-free), 'mse' (mean squared difference, as the paper; grows "
+                  "with the model's hidden-state scale), 'cosine' or 'none'."}
     )
     alignment_weight: float = field(
-        default=1.0, metadata={"help": "Factor alpha of the alignment loss added to the LM loss."}
+        default=1.0, metadata={"help": "Factor alpha of the alignment loss added to the LM loss (ignored when "
+                               "`alignment_budget` is set)."}
     )
     alignment_margin: float = field(
         default=0.0, metadata={"help": "Margin of the cosine alignment loss: relu(1 - margin - cos)."}
+    )
+    alignment_budget: float | None = field(
+        default=None, metadata={"help": "Drift budget per expanded layer, in units of the alignment loss ('nmse': "
+                                "relative squared drift, e.g. 0.01 = 10% RMS deviation). A per-layer multiplier "
+                                "replaces `alignment_weight` and is adapted to keep each layer's running drift at or "
+                                "below it. None: the fixed weight."}
+    )
+    alignment_budget_lr: float = field(
+        default=0.5, metadata={"help": "Step of the budget multipliers' dual ascent per optimizer step, per unit of "
+                               "relative violation (drift / budget - 1)."}
     )
 
     def __post_init__(self):
@@ -70,9 +110,11 @@ class ControlConfig:
             raise _allowed("interpolation", self.interpolation, INTERPOLATIONS)
         if self.alignment_loss not in ALIGNMENT_LOSSES:
             raise _allowed("alignment_loss", self.alignment_loss, ALIGNMENT_LOSSES)
-        if (self.num_expanded_layers is None) == (self.expanded_layers is None):
+        if self.layer_placement not in LAYER_PLACEMENTS:
+            raise _allowed("layer_placement", self.layer_placement, LAYER_PLACEMENTS)
+        if self.num_expanded_layers is not None and self.expanded_layers is not None:
             raise ValueError(
-                "ControlConfig needs exactly one of `num_expanded_layers` (a count, evenly spaced) and "
+                "ControlConfig takes at most one of `num_expanded_layers` (a count, evenly spaced) and "
                 f"`expanded_layers` (explicit indices); got num_expanded_layers={self.num_expanded_layers!r}, "
                 f"expanded_layers={self.expanded_layers!r}"
             )
@@ -83,6 +125,8 @@ class ControlConfig:
                     f"ControlConfig.num_expanded_layers={self.num_expanded_layers!r} must be a positive integer"
                 )
         if self.expanded_layers is not None:
+            if isinstance(self.expanded_layers, (str, bytes)) or not hasattr(self.expanded_layers, "__iter__"):
+                raise TypeError(f"ControlConfig.expanded_layers={self.expanded_layers!r} must be a list of layer indices")
             layers = list(self.expanded_layers)
             if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
                 raise ValueError(
@@ -92,14 +136,26 @@ class ControlConfig:
             if len(set(layers)) != len(layers):
                 raise ValueError(f"ControlConfig.expanded_layers={self.expanded_layers!r} contains duplicates")
             self.expanded_layers = sorted(layers)
-        for name in ("alignment_weight", "alignment_margin", "interpolation_init"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-                raise ValueError(f"ControlConfig.{name}={value!r} must be a finite number")
+        for name in ("train_interpolation", "gate_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"ControlConfig.{name}={getattr(self, name)!r} must be True or False")
+        for name in ("alignment_weight", "alignment_margin", "interpolation_init", "alignment_budget_lr"):
+            _check_finite(name, getattr(self, name))
         if self.alignment_weight < 0:
             raise ValueError(f"ControlConfig.alignment_weight={self.alignment_weight!r} must be >= 0")
         if not 0.0 <= self.alignment_margin < 2.0:
             raise ValueError(f"ControlConfig.alignment_margin={self.alignment_margin!r} must be in [0, 2)")
+        if self.alignment_budget_lr <= 0:
+            raise ValueError(f"ControlConfig.alignment_budget_lr={self.alignment_budget_lr!r} must be > 0")
+        if self.alignment_budget is not None:
+            _check_finite("alignment_budget", self.alignment_budget)
+            if self.alignment_budget <= 0:
+                raise ValueError(f"ControlConfig.alignment_budget={self.alignment_budget!r} must be > 0 (or None)")
+            if self.alignment_loss not in BUDGET_LOSSES:
+                raise ValueError(
+                    f"ControlConfig.alignment_budget={self.alignment_budget!r} needs a scale-free alignment_loss, one "
+                    f"of {', '.join(map(repr, BUDGET_LOSSES))}; got alignment_loss={self.alignment_loss!r}"
+                )
 
     def resolve_layers(self, num_layers: int) -> list[int]:
         """The sorted indices of the layers to expand in a model with `num_layers` decoder layers."""
@@ -111,24 +167,36 @@ class ControlConfig:
                     f"model with {num_layers} decoder layers (allowed: 0..{num_layers - 1})"
                 )
             return list(self.expanded_layers)
-        k = self.num_expanded_layers
+        k = self.num_expanded_layers if self.num_expanded_layers is not None else max(1, num_layers // 4)
         if k > num_layers:
             raise ValueError(
                 f"ControlConfig.num_expanded_layers={k} is more than the model's {num_layers} decoder layers "
                 f"(allowed: 1..{num_layers})"
             )
-        split = num_layers // k
-        return [i for i in range(num_layers) if (i + 1) % split == 0][:k]
+        if self.layer_placement == "group_end":
+            split = num_layers // k
+            return [i for i in range(num_layers) if (i + 1) % split == 0][:k]
+        # (j + 1) N / k rounded half up, in integers: floor(((j + 1) 2N + k) / 2k). Distinct for k <= N.
+        return [((j + 1) * 2 * num_layers + k) // (2 * k) - 1 for j in range(k)]
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ControlConfig":
+        """A named recipe (see `PRESETS`), with any field overridden by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown Control preset {name!r}; allowed: {', '.join(map(repr, PRESETS))}")
+        return cls(**{**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ControlConfig":
+        """The config saved as `data`; fields it predates take their earlier behaviour (`LEGACY_DEFAULTS`)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"Unknown ControlConfig fields {unknown}; allowed: {sorted(known)}")
+        data = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k not in data}, **data}
         return cls(**data)
 
     def save_pretrained(self, directory: str | os.PathLike, extra: dict | None = None) -> None:
@@ -154,3 +222,18 @@ def read_config_file(directory: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"No {CONFIG_NAME} in {str(directory)!r}: not a saved Control LLM model")
     with open(path) as f:
         return json.load(f)
+
+
+# Named recipes. The paper's two (Wei et al. 2025, with their release's defaults) and the one this
+# library recommends; k = N // 4 expanded layers in each (the paper's 8 of 32) unless overridden.
+PRESETS: dict[str, dict] = {
+    # Continued pre-training in the paper: dlerp + cosine alignment, alpha 1, trainable gate.
+    "paper-cpt": dict(interpolation="dlerp", alignment_loss="cosine", alignment_weight=1.0, train_interpolation=True,
+                      gate_norm=False),
+    # Continued SFT in the paper: lerp + mse, alpha 1, w = 0.5 frozen.
+    "paper-csft": dict(interpolation="lerp", alignment_loss="mse", alignment_weight=1.0, train_interpolation=False),
+    # The library's recommendation (benchmarks/results/retention.md): lerp with w = 0.5 fixed and the
+    # scale-free nmse alignment under a per-layer drift budget.
+    "recommended": dict(interpolation="lerp", alignment_loss="nmse", train_interpolation=False,
+                        alignment_budget=0.01),
+}

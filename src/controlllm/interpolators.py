@@ -82,22 +82,48 @@ class Slerp(Lerp):
         return slerp(h_p, h_e, w), w
 
 
+def gate_features(features: torch.Tensor, normalize: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The input of a per-token gate: with `normalize`, each token's vector scaled to unit RMS and
+    divided by sqrt(dim) (unit norm), computed in fp32.
+
+    Unnormalised hidden states have norms in the hundreds on real models, so a zero-initialised gate
+    under Adam (every weight moves by about lr per step) shifts its logit by lr x sum |h_i| per step,
+    several units at lr 1e-3: the gate saturates at 0 or 1 within a few steps. On unit-norm input the
+    shift is at most lr x sqrt(dim).
+    """
+    if not normalize:
+        return features.to(dtype)
+    f = features.float()
+    f = f * torch.rsqrt(f.pow(2).sum(dim=-1, keepdim=True).clamp_min(1e-12))
+    return f.to(dtype)
+
+
 class DLerp(Interpolator):
-    """Dynamic lerp: w = sigmoid(W [h_p ; h_e] + b) per token, W: 2H -> 1 (zero-initialised), b = f."""
+    """Dynamic lerp: w = sigmoid(W [h_p ; h_e] + b) per token, W: 2H -> 1 (zero-initialised), b = f.
+
+    With `normalize` (the default) the gate reads [h_p ; h_e] scaled to unit norm per token
+    (`gate_features`); without it, the raw hidden states as in the reference release.
+    """
 
     dynamic = True
 
-    def __init__(self, hidden_size: int, init: float = 0.0):
+    def __init__(self, hidden_size: int, init: float = 0.0, normalize: bool = True):
         super().__init__()
-        self.gate = nn.Linear(2 * hidden_size, 1)
-        nn.init.zeros_(self.gate.weight)
-        nn.init.constant_(self.gate.bias, float(init))
+        self.normalize = normalize
+        self.gate = self._zero_gate(2 * hidden_size, init)
+
+    @staticmethod
+    def _zero_gate(in_features: int, init: float) -> nn.Linear:
+        gate = nn.Linear(in_features, 1)
+        nn.init.zeros_(gate.weight)
+        nn.init.constant_(gate.bias, float(init))
+        return gate
 
     def nominal_weight(self) -> float:
         return float(torch.sigmoid(self.gate.bias.detach()[0]))
 
     def forward(self, h_p, h_e, x=None):
-        features = torch.cat([h_p, h_e], dim=-1).to(self.gate.weight.dtype)
+        features = gate_features(torch.cat([h_p, h_e], dim=-1), self.normalize, self.gate.weight.dtype)
         w = torch.sigmoid(self.gate(features))
         return lerp(h_p, h_e, w), w
 
@@ -105,25 +131,25 @@ class DLerp(Interpolator):
 class DLerpIn(DLerp):
     """Dynamic lerp from the block input: w = sigmoid(W x + b) per token, W: H -> 1."""
 
-    def __init__(self, hidden_size: int, init: float = 0.0):
-        super().__init__(hidden_size, init)
-        self.gate = nn.Linear(hidden_size, 1)
-        nn.init.zeros_(self.gate.weight)
-        nn.init.constant_(self.gate.bias, float(init))
+    def __init__(self, hidden_size: int, init: float = 0.0, normalize: bool = True):
+        nn.Module.__init__(self)
+        self.normalize = normalize
+        self.gate = self._zero_gate(hidden_size, init)
 
     def forward(self, h_p, h_e, x=None):
-        w = torch.sigmoid(self.gate(x.to(self.gate.weight.dtype)))
+        w = torch.sigmoid(self.gate(gate_features(x, self.normalize, self.gate.weight.dtype)))
         return lerp(h_p, h_e, w), w
 
 
-def build_interpolator(name: str, hidden_size: int, init: float = 0.0) -> Interpolator:
-    """The interpolator called `name` ('lerp', 'dlerp', 'dlerp_in', 'slerp')."""
+def build_interpolator(name: str, hidden_size: int, init: float = 0.0, gate_norm: bool = True) -> Interpolator:
+    """The interpolator called `name` ('lerp', 'dlerp', 'dlerp_in', 'slerp'); `gate_norm` applies to
+    the per-token gates."""
     if name == "lerp":
         return Lerp(init)
     if name == "slerp":
         return Slerp(init)
     if name == "dlerp":
-        return DLerp(hidden_size, init)
+        return DLerp(hidden_size, init, gate_norm)
     if name == "dlerp_in":
-        return DLerpIn(hidden_size, init)
+        return DLerpIn(hidden_size, init, gate_norm)
     raise ValueError(f"Unknown interpolation {name!r}; allowed: 'lerp', 'dlerp', 'dlerp_in', 'slerp'")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -13,12 +14,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .alignment import masked_mean
+from .alignment import masked_layer_means
 from .block import ControlBlock, StackBlock, _Block
 from .config import ControlConfig, read_config_file
 from .surgery import decoder_layers, hidden_size_of, install_blocks, remove_blocks
 
 WEIGHTS_NAME = "control_model.safetensors"
+# Buffers of the blocks saved with the delta, and those a delta saved by an earlier release may lack.
+STATE_BUFFERS = (".weight_sum", ".weight_count", ".budget_multiplier", ".running_drift")
+OPTIONAL_BUFFERS = (".budget_multiplier", ".running_drift")
 BASE_SUBFOLDER = "base"
 
 
@@ -85,6 +89,7 @@ class ControlModel(nn.Module):
         self.base_model = base_model
         self.control_config = config
         self._blocks = install_blocks(base_model, config)
+        self._checked_alignment_scale = False
 
     def __getattr__(self, name: str):
         try:
@@ -173,21 +178,85 @@ class ControlModel(nn.Module):
         if attention_mask is not None and attention_mask.dim() == 2 and tokens is not None:
             mask = attention_mask[:, -tokens.shape[1]:]  # with a cache, the mask also covers past tokens
         self._update_weight_statistics(blocks, mask)
-        per_layer = [b.alignment for b in blocks if b.alignment is not None]
-        for b in blocks:
-            b.alignment = None  # the block keeps no graph alive between steps
-        if per_layer:
-            align = masked_mean(per_layer, mask)
-            result.alignment_loss = align
-            if out.loss is not None and self.control_config.alignment_weight:
-                term = self.control_config.alignment_weight * align
+        scored = [b for b in blocks if b.alignment is not None]
+        layer_align = masked_layer_means([b.alignment for b in scored], mask) if scored else None
+        if blocks and self.training and torch.is_grad_enabled():
+            self._observe(blocks, scored, layer_align, mask)
+        if scored:
+            result.alignment_loss = layer_align.mean()
+            term = self._alignment_term(scored, layer_align)
+            if out.loss is not None and term is not None:
                 if num_items is not None and labels is not None:
                     # The Trainer sums micro-batch losses normalised by the tokens of the whole
                     # accumulated batch; weight this micro-batch's mean by its share of them.
                     share = (labels[..., 1:] != -100).sum().to(term.device) / torch.as_tensor(num_items).to(term.device)
                     term = term * share
+                self._warn_if_alignment_dominates(out.loss, term)
                 result.loss = out.loss + term.to(out.loss.dtype)
+        for b in blocks:
+            b.alignment = b.drift = None  # the blocks keep no graph alive between steps
         return result if return_dict else result.to_tuple()
+
+    def _alignment_term(self, scored: list[ControlBlock], layer_align: torch.Tensor) -> torch.Tensor | None:
+        """What the alignment adds to the loss: alignment_weight x the layer mean, or, under a drift
+        budget, the mean over layers of multiplier_l x alignment_l / budget."""
+        config = self.control_config
+        if config.alignment_budget is None:
+            return config.alignment_weight * layer_align.mean() if config.alignment_weight else None
+        multipliers = torch.stack([b.budget_multiplier for b in scored]).to(layer_align.device, layer_align.dtype)
+        return (multipliers * layer_align).mean() / config.alignment_budget
+
+    def _observe(self, blocks, scored, layer_align, mask) -> None:
+        """Hand each block this training micro-batch's layer means (for the budget and the logs)."""
+        with torch.no_grad():
+            drift_blocks = [b for b in blocks if b.drift is not None]
+            if not drift_blocks:  # e.g. under disable_control()
+                return
+            layer_drift = masked_layer_means([b.drift for b in drift_blocks], mask)
+            tokens = (mask.sum() if mask is not None else torch.tensor(float(drift_blocks[0].drift.numel()))).float()
+            align_of = {id(b): layer_align[j].detach() for j, b in enumerate(scored)} if scored else {}
+            for j, b in enumerate(drift_blocks):
+                w = b.last_weight.float()
+                if w.dim() > 0 and mask is not None and w.shape[:-1] == mask.shape:
+                    m = mask.to(w.dtype).unsqueeze(-1)
+                    n = m.sum().clamp_min(1.0)
+                    w_mean = (w * m).sum() / n
+                    w_std = (((w - w_mean) ** 2) * m).sum().div(n).sqrt()
+                else:
+                    w_mean, w_std = w.mean(), (w.std(correction=0) if w.numel() > 1 else torch.zeros((), device=w.device))
+                b.observe(align_of.get(id(b)), layer_drift[j], tokens.to(layer_drift.device), w_mean, w_std)
+
+    def _warn_if_alignment_dominates(self, lm_loss: torch.Tensor, term: torch.Tensor) -> None:
+        """Once, on the first training step: a fixed-weight alignment term 10x the LM loss stops learning."""
+        if not self.training or self._checked_alignment_scale or self.control_config.alignment_budget is not None:
+            return
+        self._checked_alignment_scale = True
+        ratio = float(term.detach()) / max(float(lm_loss.detach()), 1e-12)
+        if ratio > 10:
+            warnings.warn(
+                f"The alignment term ({float(term.detach()):.4g}, alignment_loss={self.control_config.alignment_loss!r} "
+                f"x weight {self.control_config.alignment_weight}) is {ratio:.0f}x the LM loss "
+                f"({float(lm_loss.detach()):.4g}): the copies will learn little or nothing. Use the scale-free "
+                "alignment_loss='nmse' with an alignment_budget (e.g. 0.01), or a smaller alignment_weight.",
+                stacklevel=3,
+            )
+
+    def layer_statistics(self, reset: bool = True) -> dict[str, float]:
+        """Per expanded layer i, averaged over the training micro-batches since the last call:
+        `w/{i}` (mean interpolation weight), `w_std/{i}` (its spread over tokens), `drift/{i}`
+        (nmse between the branches), and `multiplier/{i}` under a drift budget (its current value)."""
+        stats = {}
+        for i, b in sorted(self.control_blocks.items()):
+            n = b.window["n"]
+            if n:
+                stats[f"w/{i}"] = float(b.window["w"]) / n
+                stats[f"w_std/{i}"] = float(b.window["w_std"]) / n
+                stats[f"drift/{i}"] = float(b.window["drift"]) / n
+            if self.control_config.alignment_budget is not None:
+                stats[f"multiplier/{i}"] = float(b.budget_multiplier)
+            if reset:
+                b.reset_observations(step=False, window=True)
+        return stats
 
     def _update_weight_statistics(self, blocks: list[ControlBlock], mask: torch.Tensor | None) -> None:
         if self.training:
@@ -236,7 +305,7 @@ class ControlModel(nn.Module):
         names they have inside the base model."""
         state = {}
         for name, tensor in self.base_model.state_dict(keep_vars=False).items():
-            if ".expanded_layer." in name or ".interpolator." in name or name.endswith((".weight_sum", ".weight_count")):
+            if ".expanded_layer." in name or ".interpolator." in name or name.endswith(STATE_BUFFERS):
                 state[name] = tensor.detach().contiguous()
         return state
 
@@ -316,7 +385,8 @@ class ControlModel(nn.Module):
     def load_trainable_state(self, state: dict[str, torch.Tensor], source="state dict") -> None:
         """Copy a trained delta into the blocks, checking names and shapes."""
         own = self.trainable_state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        missing = sorted(k for k in set(own) - set(state) if not k.endswith(OPTIONAL_BUFFERS))
+        unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
             raise ValueError(
                 f"The Control delta from {str(source)!r} does not match this model: missing {missing[:5]}"

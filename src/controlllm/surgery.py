@@ -70,7 +70,7 @@ def install_blocks(model: nn.Module, config: ControlConfig) -> dict[int, _Block]
         if kind == "stack":
             block = StackBlock(layers[index], index, slot, plan)
         else:
-            interpolator = build_interpolator(config.interpolation, hidden, config.interpolation_init)
+            interpolator = build_interpolator(config.interpolation, hidden, config.interpolation_init, config.gate_norm)
             interpolator.requires_grad_(config.train_interpolation)
             block = ControlBlock(layers[index], index, slot, plan, interpolator,
                                  config.alignment_loss, config.alignment_margin)

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from .budget import DriftBudgetCallback
 from .config import ControlConfig
 from .model import WEIGHTS_NAME, ControlModel, get_control_model
 from .surgery import decoder_layers
@@ -52,14 +53,25 @@ class TrainConfig:
     lr: float = field(default=1e-4, metadata={"help": "Peak learning rate (linear warmup, cosine decay)."})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps used for warmup."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    preset: str | None = field(default=None, metadata={
+        "help": "Control recipe to start from: 'recommended', 'paper-cpt' or 'paper-csft' (flags below override it; "
+                "default: ControlConfig's defaults)."})
     num_expanded_layers: int | None = field(default=None, metadata={"help": "Layers to expand (control/stack/freeze); default N // 4."})
     expanded_layers: list[int] | None = field(default=None, metadata={"help": "Explicit layer indices instead of a count."})
-    interpolation: str = field(default="lerp", metadata={"help": "'lerp', 'dlerp', 'dlerp_in' or 'slerp'."})
-    interpolation_init: float = field(default=0.0, metadata={"help": "Initial interpolation logit (0 -> w = 0.5)."})
-    train_interpolation: bool = field(default=True, metadata={"help": "Train the interpolation weights."})
-    alignment_loss: str = field(default="mse", metadata={
-        "help": "'mse' (as the paper), 'nmse' (scale-free: over the frozen branch's squared norm), 'cosine' or 'none'."})
-    alignment_weight: float = field(default=1.0, metadata={"help": "Weight of the alignment loss."})
+    layer_placement: str | None = field(default=None, metadata={"help": "'even' (over the whole depth) or 'group_end'."})
+    interpolation: str | None = field(default=None, metadata={"help": "'lerp', 'dlerp', 'dlerp_in' or 'slerp'."})
+    interpolation_init: float | None = field(default=None, metadata={"help": "Initial interpolation logit (0 -> w = 0.5)."})
+    train_interpolation: bool | None = field(default=None, metadata={"help": "Train the interpolation weights."})
+    gate_norm: bool | None = field(default=None, metadata={"help": "Normalise the dlerp gate's input per token."})
+    interpolation_lr: float | None = field(default=None, metadata={
+        "help": "Learning rate of the interpolators' parameters (default: --lr)."})
+    alignment_loss: str | None = field(default=None, metadata={
+        "help": "'nmse' (scale-free: over the frozen branch's squared norm), 'mse' (as the paper), 'cosine' or 'none'."})
+    alignment_weight: float | None = field(default=None, metadata={"help": "Weight of the alignment loss (no budget)."})
+    alignment_margin: float | None = field(default=None, metadata={"help": "Margin of the cosine alignment loss."})
+    alignment_budget: float | None = field(default=None, metadata={
+        "help": "Per-layer drift budget (nmse units, e.g. 0.01); replaces the fixed weight by adapted multipliers."})
+    alignment_budget_lr: float | None = field(default=None, metadata={"help": "Dual-ascent step of the budget multipliers."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (method lora)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (method lora)."})
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: only at the end)."})
@@ -83,28 +95,36 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
+        for name in ("lr", "interpolation_lr"):
+            value = getattr(self, name)
+            if name == "lr" or value is not None:
+                if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                    raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}")
         if self.num_expanded_layers is not None and self.expanded_layers is not None:
             raise ValueError("give either --num-expanded-layers or --expanded-layers, not both")
         # Validate the Control options early (named errors before anything loads).
         self.control_config(num_layers=None)
 
     def control_config(self, num_layers: int | None) -> ControlConfig:
-        """The ControlConfig of this run for a model with `num_layers` layers (N // 4 by default)."""
-        count = self.num_expanded_layers
-        if self.expanded_layers is None and count is None:
-            count = max(1, (num_layers or 4) // 4)
-        return ControlConfig(
-            expand_type="stack" if self.method == "stack" else "concat",
-            num_expanded_layers=None if self.expanded_layers is not None else count,
-            expanded_layers=self.expanded_layers,
-            interpolation=self.interpolation,
-            interpolation_init=self.interpolation_init,
-            train_interpolation=self.train_interpolation,
-            alignment_loss=self.alignment_loss,
-            alignment_weight=self.alignment_weight,
-        )
+        """The ControlConfig of this run for a model with `num_layers` layers: the preset (or
+        ControlConfig's defaults), overridden by every Control flag that was given."""
+        from .config import PRESETS
+
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"--preset {self.preset!r} is not supported; allowed: {', '.join(PRESETS)}")
+        values = dict(PRESETS[self.preset]) if self.preset else {}
+        for name in CONTROL_FIELDS:
+            if getattr(self, name) is not None:
+                values[name] = getattr(self, name)
+        if self.expanded_layers is None and self.num_expanded_layers is None:
+            values["num_expanded_layers"] = max(1, (num_layers or 4) // 4)
+        return ControlConfig(expand_type="stack" if self.method == "stack" else "concat", **values)
+
+
+# TrainConfig fields passed on to ControlConfig when given.
+CONTROL_FIELDS = ("num_expanded_layers", "expanded_layers", "layer_placement", "interpolation", "interpolation_init",
+                  "train_interpolation", "gate_norm", "alignment_loss", "alignment_weight", "alignment_margin",
+                  "alignment_budget", "alignment_budget_lr")
 
 
 # ----------------------------------------------------------------------------- models
@@ -153,10 +173,27 @@ class ControlTrainer(Trainer):
     non-finite losses, checkpoints written under a temporary name and renamed, and Control deltas
     saved/loaded as deltas."""
 
-    def __init__(self, *args, save_total_limit_atomic: int = 2, **kwargs):
+    def __init__(self, *args, save_total_limit_atomic: int = 2, interpolation_lr: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._sums = {"lm_loss": 0.0, "alignment_loss": 0.0, "n": 0}
         self._keep = save_total_limit_atomic
+        self._interpolation_lr = interpolation_lr
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer; with `interpolation_lr`, the interpolators' parameters form their
+        own group with that learning rate (the schedule scales both groups alike)."""
+        if self._interpolation_lr is None or self.optimizer is not None:
+            return super().create_optimizer()
+        model = _unwrap(self.model)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        gates = [p for n, p in named if ".interpolator." in n]
+        rest = [p for n, p in named if ".interpolator." not in n]
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+        groups = [{"params": rest, "weight_decay": self.args.weight_decay}]
+        if gates:
+            groups.append({"params": gates, "weight_decay": 0.0, "lr": self._interpolation_lr})
+        self.optimizer = optimizer_cls(groups, **kwargs)
+        return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
@@ -184,6 +221,7 @@ class ControlTrainer(Trainer):
                 logs["alignment_loss"] = round(self._sums["alignment_loss"] / n, 6)
                 weights = model.interpolation_weights()
                 logs["w_mean"] = round(sum(weights.values()) / len(weights), 4)
+                logs.update({k: round(v, 6) for k, v in model.layer_statistics(reset=True).items()})
             self._sums = {"lm_loss": 0.0, "alignment_loss": 0.0, "n": 0}
         if "eval_loss" in logs:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
@@ -360,8 +398,9 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
         eval_dataset=eval_set,
         data_collator=DataCollator.from_tokenizer(tokenizer),
         processing_class=tokenizer,
-        callbacks=[MetricsFile(os.path.join(cfg.output, METRICS), resume_step)],
+        callbacks=[MetricsFile(os.path.join(cfg.output, METRICS), resume_step), DriftBudgetCallback()],
         save_total_limit_atomic=cfg.save_total_limit,
+        interpolation_lr=cfg.interpolation_lr,
     )
     if not cfg.progress:
         trainer.remove_callback(PrinterCallback)  # quiet: metrics.jsonl still has every record
