@@ -61,7 +61,8 @@ def load_model(path: str | os.PathLike | None = None, base: str | None = None, d
     if kind == "full":
         model, tokenizer = load_pretrained(folder, dtype=dtype)
         return model, tokenizer, kind
-    base_model, tokenizer = load_pretrained(run_base(folder, base), dtype=dtype)
+    # The base of a run may itself be a run (a multi-stage run): it is loaded and folded first.
+    base_model, tokenizer, _ = load_as_base(run_base(folder, base), dtype=dtype)
     if kind == "control":
         from .model import ControlModel
 
@@ -71,3 +72,33 @@ def load_model(path: str | os.PathLike | None = None, base: str | None = None, d
 
         model = PeftModel.from_pretrained(base_model, folder)
     return model, tokenizer, kind
+
+
+def load_as_base(path: str | os.PathLike | None = None, dtype=None):
+    """(model, tokenizer, kind) with the model a plain transformers model: a model folder or .gguf
+    as it is, a finished run folded into plain weights (a Control delta merged with
+    `merge_and_unload`, a LoRA adapter merged, full weights as they are).
+
+    This is how a later stage of a multi-stage run starts from an earlier stage's result: the
+    earlier stage's copies are folded into the weights the new stage freezes.
+    """
+    model, tokenizer, kind = load_model(path, dtype=dtype)
+    if kind in ("control", "lora"):
+        model = model.merge_and_unload()
+    return model, tokenizer, kind
+
+
+def run_stages(path: str | os.PathLike | None) -> tuple[str | None, list[dict]]:
+    """(the original base model, the stages before) of a run that starts from `path`: ([], path)
+    for a model folder or None; the run's recorded lineage for a finished run folder."""
+    if describe(path) == "base":
+        return (None if path is None else os.fspath(path)), []
+    config_path = os.path.join(resolve_run_folder(path), "run_config.json")
+    with open(config_path) as f:
+        saved = json.load(f)
+    lineage = saved.get("lineage")
+    if lineage:
+        return lineage["base_model"], list(lineage["stages"])
+    # A run written before lineage was recorded: one stage on top of its own base.
+    keys = ("output", "method", "task", "data", "max_steps", "lr", "preset")
+    return saved.get("model"), [{k: saved.get(k) for k in keys}]

@@ -108,10 +108,9 @@ def _base_reference(model, kind: str, args):
                 return model(input_ids=input_ids, attention_mask=attention_mask).logits
         return without_adapter
     if kind == "full":
-        from .assets import load_pretrained
-        from .checkpoints import resolve_run_folder, run_base
+        from .checkpoints import load_as_base, resolve_run_folder, run_base
 
-        base, _ = load_pretrained(run_base(resolve_run_folder(args.model), args.base))
+        base, _, _ = load_as_base(run_base(resolve_run_folder(args.model), args.base))
         return base.eval()
     raise ValueError("kl: tasks need a trained model (a run folder) to compare with its base; got a base model")
 

@@ -329,7 +329,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     very end, so a run that failed never looks finished. `model`/`tokenizer` may be passed
     instead of `cfg.model` (tests, notebooks).
     """
-    from .assets import load_pretrained
+    from .checkpoints import load_as_base
     from .data import DataCollator, DataError, build_cpt_dataset, build_sft_dataset, read_chat_records, read_text_records
 
     if cfg.data is None:
@@ -348,7 +348,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
     if model is None:
-        model, tokenizer = load_pretrained(cfg.model)
+        # A model folder, a .gguf, or a finished run (multi-stage: its result, folded, is the new base).
+        model, tokenizer, _ = load_as_base(cfg.model)
     train_set = build(train_records, tokenizer, cfg.seq_len)
     eval_set = build(eval_records, tokenizer, cfg.seq_len) if eval_records is not None else None
     if eval_set is not None and cfg.max_eval_samples and len(eval_set) > cfg.max_eval_samples:
@@ -363,7 +364,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     shutil.rmtree(os.path.join(cfg.output, STAGING), ignore_errors=True)
     resume_from = get_last_checkpoint(cfg.output) if cfg.resume else None
     with open(os.path.join(cfg.output, RUN_CONFIG), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+        json.dump(run_record(cfg), f, indent=2)
 
     args = TrainingArguments(
         output_dir=cfg.output,
@@ -419,6 +420,16 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     return TrainResult(cfg.output, final_dir, metrics, seconds, trainable, total, unwrapped)
 
 
+def run_record(cfg: TrainConfig) -> dict:
+    """What run_config.json holds: the run's settings and its lineage (the original base model and
+    every stage in order, this one last)."""
+    from .checkpoints import run_stages
+
+    base_model, stages = run_stages(cfg.model)
+    this = {k: getattr(cfg, k) for k in ("output", "method", "task", "data", "max_steps", "lr", "preset")}
+    return {**dataclasses.asdict(cfg), "lineage": {"base_model": base_model, "stages": [*stages, this]}}
+
+
 def _write_final(trainer: ControlTrainer, tokenizer, cfg: TrainConfig, final_dir: str, metrics: dict) -> None:
     tmp = final_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -426,7 +437,7 @@ def _write_final(trainer: ControlTrainer, tokenizer, cfg: TrainConfig, final_dir
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
-        json.dump({**dataclasses.asdict(cfg), "final_metrics": metrics}, f, indent=2)
+        json.dump({**run_record(cfg), "final_metrics": metrics}, f, indent=2)
     if os.path.isdir(final_dir):
         shutil.rmtree(final_dir)
     os.replace(tmp, final_dir)
