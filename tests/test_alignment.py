@@ -56,3 +56,31 @@ def test_masked_mean_ignores_padding():
     # layer 1: (1 + 3 + 5) / 3 = 3, layer 2: (2 + 4 + 6) / 3 = 4 -> 3.5
     assert torch.allclose(masked_mean([layer1, layer2], mask), torch.tensor(3.5))
     assert torch.allclose(masked_mean([layer1], None), layer1.mean())
+
+
+def test_warns_when_a_fixed_alignment_term_dwarfs_the_lm_loss():
+    import warnings
+
+    from controlllm import ControlConfig, get_control_model
+
+    from conftest import make_model, perturb_trainable
+
+    def first_step_warnings(**config):
+        model = make_model("llama")
+        with torch.no_grad():  # MLP outputs ~1000x larger, as on models with a few huge hidden dimensions
+            for layer in model.model.layers:
+                layer.mlp.down_proj.weight.mul_(1000.0)
+        control = get_control_model(model, ControlConfig(expanded_layers=[1, 3], **config))
+        control.train()
+        ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            control(input_ids=ids, labels=ids)  # step 0: the copies are exact, the term is zero
+            perturb_trainable(control, scale=0.05)  # as a first optimizer step would
+            for _ in range(3):
+                control(input_ids=ids, labels=ids)
+        return [str(w.message) for w in caught if "alignment term" in str(w.message)]
+
+    found = first_step_warnings(alignment_loss="mse")
+    assert len(found) == 1 and "'nmse'" in found[0] and "alignment_budget" in found[0]  # once, naming the fix
+    assert first_step_warnings(alignment_loss="nmse") == []

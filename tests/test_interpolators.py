@@ -1,4 +1,5 @@
 import torch
+import pytest
 
 from controlllm.interpolators import DLerp, DLerpIn, Lerp, Slerp, build_interpolator, lerp, slerp
 
@@ -69,3 +70,29 @@ def test_dynamic_weight_per_token_and_init():
     assert w.shape == (2, 3, 1)
     assert torch.allclose(w, torch.sigmoid(torch.tensor(1.0)).expand(2, 3, 1))
     assert abs(interp.nominal_weight() - float(torch.sigmoid(torch.tensor(1.0)))) < 1e-7
+
+
+@pytest.mark.parametrize("cls", [DLerp, DLerpIn])
+def test_normalised_gate_moves_by_order_lr_whatever_the_hidden_scale(cls):
+    # One Adam step on a zero-initialised gate: with raw input the logit shift grows with the
+    # hidden-state scale (real models: norms in the hundreds, so the gate saturates in a few
+    # steps); with the normalised input it is at most lr x sqrt(dim).
+    hidden, lr = 64, 1e-3
+    shifts = {}
+    for normalize in (False, True):
+        for scale in (1.0, 100.0):
+            torch.manual_seed(0)
+            gate = cls(hidden, normalize=normalize)
+            h_p, h_e = scale * torch.randn(2, 8, hidden), scale * torch.randn(2, 8, hidden)
+            x = scale * torch.randn(2, 8, hidden)
+            opt = torch.optim.Adam(gate.parameters(), lr=lr)
+            h, w = gate(h_p, h_e, x)
+            (h * torch.randn_like(h)).sum().backward()
+            opt.step()
+            with torch.no_grad():
+                _, w_after = gate(h_p, h_e, x)
+                logit = lambda v: torch.log(v / (1 - v))
+                shifts[normalize, scale] = float((logit(w_after) - logit(w)).abs().max())
+    dim = 2 * hidden if cls is DLerp else hidden
+    assert shifts[True, 1.0] <= 2 * lr * dim ** 0.5 and shifts[True, 100.0] <= 2 * lr * dim ** 0.5
+    assert shifts[False, 100.0] > 50 * shifts[True, 100.0]

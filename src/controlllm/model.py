@@ -20,6 +20,8 @@ from .config import ControlConfig, read_config_file
 from .surgery import decoder_layers, hidden_size_of, install_blocks, remove_blocks
 
 WEIGHTS_NAME = "control_model.safetensors"
+# Training forwards in which a fixed alignment term that dwarfs the LM loss is warned about.
+ALIGNMENT_CHECKS = 20
 # Buffers of the blocks saved with the delta, and those a delta saved by an earlier release may lack.
 STATE_BUFFERS = (".weight_sum", ".weight_count", ".budget_multiplier", ".running_drift")
 OPTIONAL_BUFFERS = (".budget_multiplier", ".running_drift")
@@ -89,7 +91,7 @@ class ControlModel(nn.Module):
         self.base_model = base_model
         self.control_config = config
         self._blocks = install_blocks(base_model, config)
-        self._checked_alignment_scale = False
+        self._alignment_checks_left = ALIGNMENT_CHECKS
 
     def __getattr__(self, name: str):
         try:
@@ -227,18 +229,21 @@ class ControlModel(nn.Module):
                 b.observe(align_of.get(id(b)), layer_drift[j], tokens.to(layer_drift.device), w_mean, w_std)
 
     def _warn_if_alignment_dominates(self, lm_loss: torch.Tensor, term: torch.Tensor) -> None:
-        """Once, on the first training step: a fixed-weight alignment term 10x the LM loss stops learning."""
-        if not self.training or self._checked_alignment_scale or self.control_config.alignment_budget is not None:
+        """Once, within the first training steps: a fixed-weight alignment term 10x the LM loss stops learning.
+
+        (At step 0 the term is exactly zero, so the first ALIGNMENT_CHECKS training forwards are checked.)"""
+        if not self.training or self._alignment_checks_left <= 0 or self.control_config.alignment_budget is not None:
             return
-        self._checked_alignment_scale = True
+        self._alignment_checks_left -= 1
         ratio = float(term.detach()) / max(float(lm_loss.detach()), 1e-12)
         if ratio > 10:
+            self._alignment_checks_left = 0
             warnings.warn(
                 f"The alignment term ({float(term.detach()):.4g}, alignment_loss={self.control_config.alignment_loss!r} "
                 f"x weight {self.control_config.alignment_weight}) is {ratio:.0f}x the LM loss "
                 f"({float(lm_loss.detach()):.4g}): the copies will learn little or nothing. Use the scale-free "
                 "alignment_loss='nmse' with an alignment_budget (e.g. 0.01), or a smaller alignment_weight.",
-                stacklevel=3,
+                stacklevel=2,
             )
 
     def layer_statistics(self, reset: bool = True) -> dict[str, float]:
