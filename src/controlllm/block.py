@@ -22,6 +22,31 @@ from .interpolators import Interpolator
 OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "out_proj", "dense_4h_to_h", "fc2", "c_proj")
 
 
+# Post-norm decoder layers (Gemma 2/3, OLMo 2) normalise each sub-block's output before the
+# residual add; they are recognised by their norm after the MLP, and both of these norms are
+# output norms there (in Llama-like layers `post_attention_layernorm` is the MLP's input norm).
+POST_NORM_MARKER = "post_feedforward_layernorm"
+POST_SUBLAYER_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
+
+
+def _silence_norm(norm: nn.Module, what: str) -> None:
+    """Set a norm's scale so that it outputs exactly zero: weight 0 for `weight * x_hat`, or -1
+    for Gemma's `(1 + weight) * x_hat`, found by probing the module."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"Stack expansion needs a scale parameter `weight` on {what} to start the copy as the identity")
+    probe = torch.randn(2, weight.shape[-1], generator=torch.Generator().manual_seed(0)).to(weight)
+    with torch.no_grad():
+        bias = getattr(norm, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.zero_()
+        for value in (0.0, -1.0):
+            weight.fill_(value)
+            if not norm(probe).any():
+                return
+    raise ValueError(f"Stack expansion cannot make {what} ({type(norm).__name__}) output zero with a constant scale")
+
+
 def renumber_layer(layer: nn.Module, old_index: int, new_index: int) -> None:
     """Point every sub-module that addresses the KV cache as layer `old_index` to `new_index`."""
     for module in layer.modules():
@@ -157,14 +182,23 @@ class ControlBlock(_Block):
 class StackBlock(_Block):
     """Stack expansion (LLaMA-Pro): the trainable copy runs after the frozen layer.
 
-    The copy's output projections (weights and biases) are zeroed, so with the residual
-    connections it is exactly the identity at initialisation.
+    The copy starts as exactly the identity: each sub-block adds zero to the residual stream.
+    Pre-norm layers (Llama, Qwen, Mistral, Phi3, ...) get their output projections (weights and
+    biases) zeroed, as LLaMA-Pro does. Post-norm layers (Gemma 2/3, OLMo 2: a norm on each
+    sub-block's output before the residual add) get that norm's scale set to output zero instead,
+    and keep their projections: a zeroed projection feeding a norm would be rescaled to full size
+    by the norm after the first small update.
     """
 
     def __init__(self, base_layer: nn.Module, index: int, slot: int, plan: CachePlan):
         super().__init__(base_layer, index, slot, plan)
+        layer = self.expanded_layer
+        if isinstance(getattr(layer, POST_NORM_MARKER, None), nn.Module):
+            for name in POST_SUBLAYER_NORMS:
+                _silence_norm(getattr(layer, name), f"{type(base_layer).__name__}.{name}")
+            return
         zeroed = 0
-        for name, module in self.expanded_layer.named_modules():
+        for name, module in layer.named_modules():
             if name.rsplit(".", 1)[-1] in OUTPUT_PROJECTIONS and isinstance(module, nn.Linear):
                 with torch.no_grad():
                     module.weight.zero_()
