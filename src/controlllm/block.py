@@ -151,10 +151,10 @@ class ControlBlock(_Block):
         self.record = False
         self.alignment: torch.Tensor | None = None
         self.last_weight: torch.Tensor | None = None
-        # Running sum / count of the per-token weight seen in evaluation: the weight a merge uses
-        # for dynamic interpolators.
-        self.register_buffer("weight_sum", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("weight_count", torch.zeros((), dtype=torch.float64))
+        # The weight a merge folds a dynamic interpolator with, measured only when asked
+        # (`ControlModel.measure_merge_weights`); plain Python numbers, so dtype casts keep them exact.
+        self.measured_weight: float | None = None
+        self.measured_on: str | None = None
 
     def forward(self, hidden_states, *args, **kwargs):
         if not self.enabled:
@@ -172,11 +172,20 @@ class ControlBlock(_Block):
         return _like(out_p, h)
 
     def merge_weight(self) -> float:
-        """The w used to fold the copy into the frozen layer: the mean measured in evaluation for
-        dynamic interpolators (when any was measured), else the interpolator's own weight."""
-        if self.interpolator.dynamic and self.weight_count > 0:
-            return float(self.weight_sum / self.weight_count)
+        """The w used to fold the copy into the frozen layer: for dynamic interpolators the mean
+        measured by `ControlModel.measure_merge_weights` (when measured), else the interpolator's
+        own weight (sigmoid of its logit or bias)."""
+        if self.interpolator.dynamic and self.measured_weight is not None:
+            return self.measured_weight
         return self.interpolator.nominal_weight()
+
+    def merge_weight_source(self) -> str:
+        """Where `merge_weight()` comes from, in words (for the merged model's metadata)."""
+        if self.interpolator.dynamic and self.measured_weight is not None:
+            return f"measured: mean per-token weight on {self.measured_on}"
+        if self.interpolator.dynamic:
+            return "sigmoid(b) of the gate: no weight was measured"
+        return "sigmoid(f) of the interpolation logit"
 
 
 class StackBlock(_Block):
