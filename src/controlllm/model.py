@@ -28,8 +28,9 @@ class ControlModelOutput(CausalLMOutputWithPast):
     """The base model's output plus the alignment loss.
 
     `loss` = LM loss + alignment_weight * alignment_loss when labels are given; `lm_loss` is the LM
-    loss alone and `alignment_loss` the (unweighted) alignment loss, averaged over real tokens and
-    expanded layers.
+    loss alone and `alignment_loss` the (unweighted) alignment loss, averaged over expanded layers
+    and over the positions the LM loss is computed on (with labels; the real tokens without), so
+    that under gradient accumulation both terms are normalised by the same token count.
     """
 
     lm_loss: torch.FloatTensor | None = None
@@ -180,17 +181,32 @@ class ControlModel(nn.Module):
         for b in blocks:
             b.alignment = None  # the block keeps no graph alive between steps
         if per_layer:
-            align = masked_mean(per_layer, mask)
+            align_mask = self._alignment_mask(labels, mask)
+            align = masked_mean(per_layer, align_mask)
             result.alignment_loss = align
             if out.loss is not None and self.control_config.alignment_weight:
                 term = self.control_config.alignment_weight * align
                 if num_items is not None and labels is not None:
-                    # The Trainer sums micro-batch losses normalised by the tokens of the whole
-                    # accumulated batch; weight this micro-batch's mean by its share of them.
-                    share = (labels[..., 1:] != -100).sum().to(term.device) / torch.as_tensor(num_items).to(term.device)
+                    # The Trainer sums micro-batch losses normalised by the label tokens of the whole
+                    # accumulated batch; the alignment is averaged over the same positions, so this
+                    # micro-batch's share of them makes the sum the whole batch's alignment.
+                    share = align_mask.sum().to(term.device) / torch.as_tensor(num_items).to(term.device)
                     term = term * share
                 result.loss = out.loss + term.to(out.loss.dtype)
         return result if return_dict else result.to_tuple()
+
+    @staticmethod
+    def _alignment_mask(labels: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The positions the alignment loss is averaged over. With labels: the real tokens the LM
+        loss is computed on (whose next token has a label), the count the Trainer normalises by
+        under gradient accumulation; without labels: the real tokens."""
+        if labels is None or labels.dim() != 2:
+            return mask
+        predicts = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+        predicts[:, :-1] = labels[:, 1:] != -100
+        if mask is not None and mask.shape == predicts.shape:
+            predicts &= mask.bool()
+        return predicts
 
     def _update_weight_statistics(self, blocks: list[ControlBlock], mask: torch.Tensor | None) -> None:
         # Only while `measure_merge_weights` runs: any other forward leaves the model as it was.
