@@ -470,7 +470,8 @@ def test_shared_context_scores_equal_separate_requests(arch, tokenizer):
 
     if arch == "control":
         model = get_control_model(make_model("llama", vocab_size=len(tokenizer), max_position_embeddings=256),
-                                  ControlConfig(num_expanded_layers=None, expanded_layers=[1, 2], interpolation="dlerp"))
+                                  ControlConfig(num_expanded_layers=None, expanded_layers=[1, 2], interpolation="dlerp",
+                                                train_interpolation=True))
         perturb_trainable(model)
     else:  # gemma2's sliding window is set above the row length so packing is allowed
         model = make_model(arch, vocab_size=len(tokenizer), max_position_embeddings=256,

@@ -7,6 +7,8 @@ from conftest import batch, clone, make_model, perturb_trainable
 
 
 def wrap(model, **kwargs):
+    # Interpolators trained (so perturbing the trainable parameters moves the gates too).
+    kwargs.setdefault("train_interpolation", True)
     return get_control_model(model, ControlConfig(num_expanded_layers=None, expanded_layers=[0, 2], **kwargs))
 
 
@@ -50,19 +52,114 @@ def test_merge_fidelity_measures_the_gap():
     assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, before)  # model untouched
 
 
-def test_dynamic_merge_uses_weight_measured_in_eval():
-    model = wrap(make_model("llama"), interpolation="dlerp")
+def masked_mean_weight(model, layer, ids, mask):
+    """The mean over real tokens of layer `layer`'s per-token weight, in float64."""
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    w = model.blocks[layer].last_weight.squeeze(-1).double()
+    return float(w[mask.bool()].sum() / mask.sum())
+
+
+@pytest.mark.parametrize("interpolation", ["dlerp", "dlerp_in"])
+def test_checking_a_merge_does_not_change_it(interpolation):
+    model = wrap(make_model("llama"), interpolation=interpolation)
     perturb_trainable(model, scale=0.3)
-    block = model.blocks[0]
-    assert block.merge_weight() == pytest.approx(block.interpolator.nominal_weight())
+    before = model.merge_weights()
     ids, mask = batch(left_pad=3)
     model.eval()
     model(input_ids=ids, attention_mask=mask)
-    expected = float((block.last_weight.squeeze(-1).double() * mask).sum() / mask.sum())
-    assert block.merge_weight() == pytest.approx(expected)
+    merge_fidelity(model, ids, mask)
+    assert model.merge_weights() == before  # evaluation and the fidelity check measure nothing
+    assert all(v["weight"] == model.blocks[i].interpolator.nominal_weight() for i, v in before.items())
+
+
+def test_measure_merge_weights_is_the_masked_mean_of_the_named_data_only():
+    model = wrap(make_model("llama"), interpolation="dlerp")
+    perturb_trainable(model, scale=0.3)
     model.train()
-    model(input_ids=ids, attention_mask=mask)
-    assert block.merge_weight() == pytest.approx(expected)  # training does not move the statistic
+    a, b = batch(left_pad=3, seed=1), batch(left_pad=5, seed=2)
+    expected = {layer: masked_mean_weight(model, layer, *b) for layer in (0, 2)}
+    model.train()
+    model.measure_merge_weights([{"input_ids": a[0], "attention_mask": a[1]}])
+    measured = model.measure_merge_weights([{"input_ids": b[0], "attention_mask": b[1]}], source="b.txt")
+    assert model.training  # the mode is restored
+    assert measured == pytest.approx(expected, abs=1e-12)  # a new measurement starts afresh
+    assert model.blocks[0].merge_weight() == measured[0]
+    assert model.merge_weights()[0]["source"] == "measured: mean per-token weight on b.txt (19 tokens)"
+    e = model.blocks[0].expanded_layer.mlp.up_proj.weight.detach().clone()
+    p = model.blocks[0].base_layer.mlp.up_proj.weight.detach().clone()
+    merged = model.merge_and_unload()
+    assert torch.allclose(merged.model.layers[0].mlp.up_proj.weight, p + measured[0] * (e - p))
+
+
+def test_measured_weight_is_exact_in_bfloat16():
+    model = wrap(make_model("llama"), interpolation="dlerp_in")
+    perturb_trainable(model, scale=0.3)
+    model.to(torch.bfloat16)
+    batches = [dict(zip(("input_ids", "attention_mask"), batch(bsz=4, seq=40, left_pad=4, seed=s))) for s in range(3)]
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert tokens > 400  # bf16 cannot count past 256 in steps of one
+    sums = {0: 0.0, 2: 0.0}
+    for b in batches:
+        for layer in sums:
+            sums[layer] += masked_mean_weight(model, layer, b["input_ids"], b["attention_mask"]) * float(b["attention_mask"].sum())
+    measured = model.measure_merge_weights(batches, source="three batches")
+    assert measured == pytest.approx({layer: s / tokens for layer, s in sums.items()}, abs=1e-12)
+    assert f"({tokens} tokens)" in model.merge_weights()[0]["source"]
+    model.to(torch.float32).to(torch.bfloat16)
+    assert model.blocks[0].merge_weight() == measured[0]  # dtype casts leave it exact
+
+
+def test_delta_with_legacy_gate_statistics_still_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from controlllm import ControlModel
+
+    base = make_model("llama")
+    model = wrap(clone(base), interpolation="dlerp")
+    perturb_trainable(model)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "control_model.safetensors"
+    tensors = load_file(path)
+    for layer in (0, 2):
+        tensors[f"model.layers.{layer}.weight_sum"] = torch.tensor(40.0, dtype=torch.float64)
+        tensors[f"model.layers.{layer}.weight_count"] = torch.tensor(50.0, dtype=torch.float64)
+    save_file(tensors, path, metadata={"format": "pt"})
+    loaded = ControlModel.from_pretrained(clone(base), tmp_path)
+    ids, mask = batch(left_pad=2)
+    assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits)
+    assert loaded.blocks[0].merge_weight() == loaded.blocks[0].interpolator.nominal_weight()
+
+
+def test_cli_merge_folds_with_weights_measured_on_calibration_data(tmp_path, tiny_model_dir, text_file, capsys):
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from controlllm.cli import run
+
+    model = wrap(AutoModelForCausalLM.from_pretrained(tiny_model_dir), interpolation="dlerp")
+    perturb_trainable(model, scale=0.3)
+    model.save_pretrained(tmp_path / "delta")
+    folded = {}
+    for check in ("Hello there.", "Paris is the capital of France, and Madrid is the capital of Spain."):
+        out = tmp_path / f"merged{len(folded)}"
+        code = run(["merge", "--model", str(tmp_path / "delta"), "--base", str(tiny_model_dir), "--output", str(out),
+                    "--check-text", check, "--calibration-data", str(text_file)])
+        assert code == 0
+        report = json.loads(capsys.readouterr().out)
+        folded[check] = load_file(out / "model.safetensors")
+        recorded = json.loads((out / "merge_weights.json").read_text())
+    first, second = folded.values()
+    assert all(torch.equal(first[k], second[k]) for k in first)  # the check text does not change the merge
+    assert recorded["calibration_data"] == str(text_file)
+    layers = recorded["layers"]
+    assert sorted(layers) == ["0", "2"] and all(v["source"].startswith(f"measured: mean per-token weight on {text_file}")
+                                                for v in layers.values())
+    assert all(v["weight"] == pytest.approx(report["merge_weights"][k], abs=1e-6) for k, v in layers.items())
+    assert all(v["weight"] != pytest.approx(0.5, abs=1e-6) for v in layers.values())  # not sigmoid(b)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

@@ -13,6 +13,8 @@ INTERPOLATIONS = ["lerp", "dlerp", "dlerp_in", "slerp"]
 
 
 def control(model, layers=(0, 2), **kwargs):
+    # Interpolators trained (so perturbing the trainable parameters moves the gates too).
+    kwargs.setdefault("train_interpolation", True)
     return get_control_model(model, ControlConfig(num_expanded_layers=None, expanded_layers=list(layers), **kwargs))
 
 
@@ -161,14 +163,19 @@ def test_alignment_loss_added_in_forward_fp32_and_masked():
     blocks = model.control_blocks
     for b in blocks.values():
         hooks.append(b.register_forward_hook(lambda m, a, o: per_layer.append(m.alignment.clone())))
-    model(input_ids=ids, attention_mask=mask)
+    unlabelled = model(input_ids=ids, attention_mask=mask)
     for h in hooks:
         h.remove()
     manual = torch.stack([(t * mask).sum() / mask.sum() for t in per_layer]).mean()
+    assert torch.allclose(manual, unlabelled.alignment_loss)
+    # With labels: over the real tokens that predict a label (the LM loss's positions).
+    predicts = mask.clone()
+    predicts[:, -1] = 0
+    manual = torch.stack([(t * predicts).sum() / predicts.sum() for t in per_layer]).mean()
     assert torch.allclose(manual, out.alignment_loss)
     # Logits for the last position only (as generate's prefill asks) leave the padding mask intact.
     last = model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
-    assert last.logits.shape[1] == 1 and torch.allclose(last.alignment_loss, out.alignment_loss)
+    assert last.logits.shape[1] == 1 and torch.allclose(last.alignment_loss, unlabelled.alignment_loss)
 
 
 def test_no_alignment_work_in_generation_and_none_loss():
@@ -268,3 +275,37 @@ def test_return_dict_false_gives_a_tuple():
     ids, mask = batch()
     out = model(input_ids=ids, attention_mask=mask, labels=ids, return_dict=False)
     assert isinstance(out, tuple) and torch.equal(out[0], model(input_ids=ids, attention_mask=mask, labels=ids).loss)
+
+
+@pytest.mark.parametrize("alignment_loss", ["mse", "cosine"])
+def test_alignment_under_accumulation_sums_to_the_whole_batch_on_uneven_sft_answers(alignment_loss):
+    """The alignment is averaged over the positions the LM loss is computed on, so micro-batches
+    weighted by their share of the Trainer's token count add up to the whole batch's alignment."""
+    from controlllm.data import DataCollator, build_sft_dataset
+
+    from conftest import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    chats = [[{"role": "user", "content": f"What is {a} plus {a}?"},
+              {"role": "assistant", "content": " ".join([f"{2 * a}"] * (1 + 6 * (a >= 2)))}] for a in range(4)]
+    examples = [build_sft_dataset(chats, tokenizer, 64)[i] for i in range(4)]
+    collate = DataCollator.from_tokenizer(tokenizer)
+    model = control(make_model("llama", vocab_size=len(tokenizer)), alignment_loss=alignment_loss, alignment_weight=2.0)
+    perturb_trainable(model, scale=0.2)
+    model.eval()
+
+    def term(batch, num_items=None):
+        kwargs = {} if num_items is None else {"num_items_in_batch": num_items}
+        with torch.no_grad():
+            out = model(**batch, **kwargs)
+        return out.loss - out.lm_loss, out
+
+    whole = collate(examples)
+    num_items = int((whole["labels"][:, 1:] != -100).sum())
+    full_term, full = term(whole)
+    assert full_term == pytest.approx(2.0 * float(full.alignment_loss), rel=1e-6)
+    micro = [term(collate(examples[i:i + 2]), num_items) for i in (0, 2)]
+    answers = [int((collate(examples[i:i + 2])["labels"] != -100).sum()) for i in (0, 2)]
+    assert answers[0] * 2 < answers[1]  # uneven answers: one micro-batch has far more labels
+    assert sum(t for t, _ in micro) == pytest.approx(float(full_term), rel=1e-5)
+    assert sum(o.lm_loss for _, o in micro) == pytest.approx(float(full.lm_loss), rel=1e-5)

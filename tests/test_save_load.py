@@ -14,6 +14,7 @@ from conftest import batch, clone, make_model, perturb_trainable
 def trained(arch="llama", **kwargs):
     base = make_model(arch)
     pristine = clone(base)
+    kwargs.setdefault("train_interpolation", True)  # so perturbing the trainable parameters moves the gates too
     config = ControlConfig(num_expanded_layers=None, expanded_layers=[1, 3], **kwargs)
     model = get_control_model(base, config)
     perturb_trainable(model)

@@ -60,7 +60,7 @@ def test_control_run_keeps_frozen_weights_bit_identical(tmp_path, text_file):
     model, tokenizer = tiny()
     original = {k: v.clone() for k, v in model.state_dict().items()}
     result = train(TrainConfig(data=str(text_file), output=str(tmp_path / "run"), interpolation="dlerp",
-                               alignment_loss="cosine", **FAST), model=model, tokenizer=tokenizer)
+                               alignment_loss="cosine", train_interpolation=True, **FAST), model=model, tokenizer=tokenizer)
     control = result.model
     assert isinstance(control, ControlModel)
     state = control.base_model.state_dict()
@@ -166,3 +166,19 @@ def test_real_smollm2_takes_a_few_control_steps(tmp_path, text_file):
                    tokenizer=tokenizer)
     assert sorted(result.model.blocks) == [14, 29]
     assert os.path.isfile(os.path.join(result.final, "control_model.safetensors"))
+
+
+def test_logged_losses_do_not_depend_on_gradient_accumulation(tmp_path, chat_file):
+    logged = {}
+    for accum in (1, 2):
+        model, tokenizer = tiny()
+        run = tmp_path / f"ga{accum}"
+        train(TrainConfig(data=str(chat_file), output=str(run), task="sft", max_steps=2, batch_size=4 // accum,
+                          grad_accum=accum, seq_len=32, save_steps=10, logging_steps=1, progress=False, lr=1e-4),
+              model=model, tokenizer=tokenizer)
+        logged[accum] = [json.loads(l) for l in open(run / "metrics.jsonl") if "lm_loss" in l]
+    for one, two in zip(logged[1], logged[2]):
+        assert two["lm_loss"] == pytest.approx(one["lm_loss"], abs=2e-4)
+        assert two["alignment_loss"] == pytest.approx(one["alignment_loss"], rel=1e-2, abs=1e-6)
+        assert two["loss"] == pytest.approx(one["loss"], abs=2e-4)  # the Trainer's own total, for reference
+    assert len(logged[1]) == len(logged[2]) == 2

@@ -22,6 +22,31 @@ from .interpolators import Interpolator
 OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "out_proj", "dense_4h_to_h", "fc2", "c_proj")
 
 
+# Post-norm decoder layers (Gemma 2/3, OLMo 2) normalise each sub-block's output before the
+# residual add; they are recognised by their norm after the MLP, and both of these norms are
+# output norms there (in Llama-like layers `post_attention_layernorm` is the MLP's input norm).
+POST_NORM_MARKER = "post_feedforward_layernorm"
+POST_SUBLAYER_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
+
+
+def _silence_norm(norm: nn.Module, what: str) -> None:
+    """Set a norm's scale so that it outputs exactly zero: weight 0 for `weight * x_hat`, or -1
+    for Gemma's `(1 + weight) * x_hat`, found by probing the module."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"Stack expansion needs a scale parameter `weight` on {what} to start the copy as the identity")
+    probe = torch.randn(2, weight.shape[-1], generator=torch.Generator().manual_seed(0)).to(weight)
+    with torch.no_grad():
+        bias = getattr(norm, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.zero_()
+        for value in (0.0, -1.0):
+            weight.fill_(value)
+            if not norm(probe).any():
+                return
+    raise ValueError(f"Stack expansion cannot make {what} ({type(norm).__name__}) output zero with a constant scale")
+
+
 def renumber_layer(layer: nn.Module, old_index: int, new_index: int) -> None:
     """Point every sub-module that addresses the KV cache as layer `old_index` to `new_index`."""
     for module in layer.modules():
@@ -134,10 +159,10 @@ class ControlBlock(_Block):
         self.register_buffer("budget_multiplier", torch.zeros((), dtype=torch.float32))
         self.register_buffer("running_drift", torch.zeros((), dtype=torch.float32))
         self.reset_observations()
-        # Running sum / count of the per-token weight seen in evaluation: the weight a merge uses
-        # for dynamic interpolators.
-        self.register_buffer("weight_sum", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("weight_count", torch.zeros((), dtype=torch.float64))
+        # The weight a merge folds a dynamic interpolator with, measured only when asked
+        # (`ControlModel.measure_merge_weights`); plain Python numbers, so dtype casts keep them exact.
+        self.measured_weight: float | None = None
+        self.measured_on: str | None = None
 
     def forward(self, hidden_states, *args, **kwargs):
         if not self.enabled:
@@ -177,24 +202,42 @@ class ControlBlock(_Block):
         self.window["n"] += 1
 
     def merge_weight(self) -> float:
-        """The w used to fold the copy into the frozen layer: the mean measured in evaluation for
-        dynamic interpolators (when any was measured), else the interpolator's own weight."""
-        if self.interpolator.dynamic and self.weight_count > 0:
-            return float(self.weight_sum / self.weight_count)
+        """The w used to fold the copy into the frozen layer: for dynamic interpolators the mean
+        measured by `ControlModel.measure_merge_weights` (when measured), else the interpolator's
+        own weight (sigmoid of its logit or bias)."""
+        if self.interpolator.dynamic and self.measured_weight is not None:
+            return self.measured_weight
         return self.interpolator.nominal_weight()
+
+    def merge_weight_source(self) -> str:
+        """Where `merge_weight()` comes from, in words (for the merged model's metadata)."""
+        if self.interpolator.dynamic and self.measured_weight is not None:
+            return f"measured: mean per-token weight on {self.measured_on}"
+        if self.interpolator.dynamic:
+            return "sigmoid(b) of the gate: no weight was measured"
+        return "sigmoid(f) of the interpolation logit"
 
 
 class StackBlock(_Block):
     """Stack expansion (LLaMA-Pro): the trainable copy runs after the frozen layer.
 
-    The copy's output projections (weights and biases) are zeroed, so with the residual
-    connections it is exactly the identity at initialisation.
+    The copy starts as exactly the identity: each sub-block adds zero to the residual stream.
+    Pre-norm layers (Llama, Qwen, Mistral, Phi3, ...) get their output projections (weights and
+    biases) zeroed, as LLaMA-Pro does. Post-norm layers (Gemma 2/3, OLMo 2: a norm on each
+    sub-block's output before the residual add) get that norm's scale set to output zero instead,
+    and keep their projections: a zeroed projection feeding a norm would be rescaled to full size
+    by the norm after the first small update.
     """
 
     def __init__(self, base_layer: nn.Module, index: int, slot: int, plan: CachePlan):
         super().__init__(base_layer, index, slot, plan)
+        layer = self.expanded_layer
+        if isinstance(getattr(layer, POST_NORM_MARKER, None), nn.Module):
+            for name in POST_SUBLAYER_NORMS:
+                _silence_norm(getattr(layer, name), f"{type(base_layer).__name__}.{name}")
+            return
         zeroed = 0
-        for name, module in self.expanded_layer.named_modules():
+        for name, module in layer.named_modules():
             if name.rsplit(".", 1)[-1] in OUTPUT_PROJECTIONS and isinstance(module, nn.Linear):
                 with torch.no_grad():
                     module.weight.zero_()

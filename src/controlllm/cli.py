@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 
 EXIT_USAGE = 2
+MERGE_WEIGHTS = "merge_weights.json"
 
 
 def _int_list(text: str) -> list[int]:
@@ -64,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--check-text", default="The quick brown fox jumps over the lazy dog.",
                    help="text on which the merge's fidelity (KL) is reported")
+    p.add_argument("--calibration-data", default=None,
+                   help="data (the run's format: text for cpt, chats for sft) on which the mean weight of dlerp/dlerp_in "
+                        "interpolators is measured for the fold (default: the run's --eval-data); recorded in "
+                        "merge_weights.json")
 
     p = sub.add_parser("eval", help="score a model on benchmarks, held-out text and divergence from its base")
     p.add_argument("--model", default=None, help="run folder, model folder or .gguf (default: the base model)")
@@ -115,6 +121,33 @@ def _base_reference(model, kind: str, args):
     raise ValueError("kl: tasks need a trained model (a run folder) to compare with its base; got a base model")
 
 
+def _measure_merge_weights(model, tokenizer, args) -> str | None:
+    """Measure the fold weight of dynamic interpolators on --calibration-data or the run's eval data;
+    returns the data used (None when nothing was measured: the fold then uses sigmoid(b))."""
+    from .checkpoints import resolve_run_folder
+    from .merge import calibration_batches
+
+    if not any(b.interpolator.dynamic for b in model.control_blocks.values()):
+        return None
+    run_config = os.path.join(resolve_run_folder(args.model), "run_config.json")
+    run = {}
+    if os.path.isfile(run_config):
+        with open(run_config) as f:
+            run = json.load(f)
+    path = args.calibration_data or run.get("eval_data")
+    if path is None:
+        print("controlllm: note: no --calibration-data and no eval data in the run: dlerp/dlerp_in layers are folded "
+              "with sigmoid(b)", file=sys.stderr)
+        return None
+    if not os.path.isfile(path):
+        flag = "--calibration-data" if args.calibration_data else "the run's eval data (pass --calibration-data)"
+        raise FileNotFoundError(f"{flag}: {path!r} does not exist or is not a file")
+    batches = calibration_batches(path, tokenizer, task=run.get("task", "cpt"), seq_len=run.get("seq_len", 256),
+                                  max_sequences=run.get("max_eval_samples", 64))
+    model.measure_merge_weights(batches, source=path)
+    return path
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
@@ -155,12 +188,17 @@ def run(argv: list[str] | None = None) -> int:
         model, tokenizer, kind = load_model(args.model, base=args.base)
         if kind != "control":
             raise ValueError(f"--model {args.model!r} holds a {kind} model; merge needs a Control delta")
+        calibration = _measure_merge_weights(model, tokenizer, args)
+        weights = {"calibration_data": calibration, "layers": model.merge_weights()}
         enc = tokenizer(args.check_text, return_tensors="pt")
-        report = merge_fidelity(model, enc["input_ids"], enc["attention_mask"])
+        report = merge_fidelity(model, enc["input_ids"], enc["attention_mask"])  # measures, changes nothing
         merged = model.merge_and_unload()
         merged.save_pretrained(args.output)
         tokenizer.save_pretrained(args.output)
-        print(json.dumps({"output": args.output, **report}, indent=2))
+        with open(os.path.join(args.output, MERGE_WEIGHTS), "w") as f:
+            json.dump(weights, f, indent=2)
+        print(json.dumps({"output": args.output, **report,
+                          "merge_weights": {i: round(v["weight"], 6) for i, v in weights["layers"].items()}}, indent=2))
         return 0
     if args.command == "eval":
         from .checkpoints import load_model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from torch import nn
@@ -85,3 +86,23 @@ def merge_fidelity(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         "max_abs_logit_diff": float((reference - candidate).abs().max()),
         "top1_agreement": float(agree.mean()),
     }
+
+
+def calibration_batches(path: str | os.PathLike, tokenizer, task: str = "cpt", seq_len: int = 256,
+                        batch_size: int = 8, max_sequences: int | None = 64) -> list[dict]:
+    """Batches (input_ids, attention_mask) from a training-format file, for
+    `ControlModel.measure_merge_weights`: text (.txt / .jsonl) packed into `seq_len` blocks for
+    task 'cpt', chats (.jsonl) for 'sft'; the first `max_sequences` sequences."""
+    from .data import DataCollator, build_cpt_dataset, build_sft_dataset, read_chat_records, read_text_records
+
+    if task == "sft":
+        dataset = build_sft_dataset(read_chat_records(path), tokenizer, seq_len)
+    else:
+        dataset = build_cpt_dataset(read_text_records(path), tokenizer, seq_len)
+    examples = [dataset[i] for i in range(len(dataset) if max_sequences is None else min(len(dataset), max_sequences))]
+    collate = DataCollator.from_tokenizer(tokenizer)
+    batches = []
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size])
+        batches.append({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+    return batches

@@ -23,9 +23,10 @@ WEIGHTS_NAME = "control_model.safetensors"
 # Training forwards in which a fixed alignment term that dwarfs the LM loss is warned about.
 ALIGNMENT_CHECKS = 20
 # Buffers of the blocks saved with the delta, and those a delta saved by an earlier release may lack.
-STATE_BUFFERS = (".weight_sum", ".weight_count", ".budget_multiplier", ".running_drift")
+STATE_BUFFERS = (".budget_multiplier", ".running_drift")
 OPTIONAL_BUFFERS = (".budget_multiplier", ".running_drift")
 BASE_SUBFOLDER = "base"
+LEGACY_STATISTICS = (".weight_sum", ".weight_count")
 
 
 @dataclass
@@ -33,8 +34,9 @@ class ControlModelOutput(CausalLMOutputWithPast):
     """The base model's output plus the alignment loss.
 
     `loss` = LM loss + alignment_weight * alignment_loss when labels are given; `lm_loss` is the LM
-    loss alone and `alignment_loss` the (unweighted) alignment loss, averaged over real tokens and
-    expanded layers.
+    loss alone and `alignment_loss` the (unweighted) alignment loss, averaged over expanded layers
+    and over the positions the LM loss is computed on (with labels; the real tokens without), so
+    that under gradient accumulation both terms are normalised by the same token count.
     """
 
     lm_loss: torch.FloatTensor | None = None
@@ -82,6 +84,8 @@ class ControlModel(nn.Module):
     generate, attributes are forwarded), adds the alignment loss inside `forward`, and saves only
     what was trained.
     """
+
+    _weight_totals: dict | None = None  # {layer: [sum, count]} while measure_merge_weights runs
 
     def __init__(self, base_model: nn.Module, config: ControlConfig):
         super().__init__()
@@ -181,17 +185,19 @@ class ControlModel(nn.Module):
             mask = attention_mask[:, -tokens.shape[1]:]  # with a cache, the mask also covers past tokens
         self._update_weight_statistics(blocks, mask)
         scored = [b for b in blocks if b.alignment is not None]
-        layer_align = masked_layer_means([b.alignment for b in scored], mask) if scored else None
+        align_mask = self._alignment_mask(labels, mask)
+        layer_align = masked_layer_means([b.alignment for b in scored], align_mask) if scored else None
         if blocks and self.training and torch.is_grad_enabled():
-            self._observe(blocks, scored, layer_align, mask)
+            self._observe(blocks, scored, layer_align, align_mask)
         if scored:
             result.alignment_loss = layer_align.mean()
             term = self._alignment_term(scored, layer_align)
             if out.loss is not None and term is not None:
                 if num_items is not None and labels is not None:
-                    # The Trainer sums micro-batch losses normalised by the tokens of the whole
-                    # accumulated batch; weight this micro-batch's mean by its share of them.
-                    share = (labels[..., 1:] != -100).sum().to(term.device) / torch.as_tensor(num_items).to(term.device)
+                    # The Trainer sums micro-batch losses normalised by the label tokens of the whole
+                    # accumulated batch; the alignment is averaged over the same positions, so this
+                    # micro-batch's share of them makes the sum the whole batch's alignment.
+                    share = align_mask.sum().to(term.device) / torch.as_tensor(num_items).to(term.device)
                     term = term * share
                 self._warn_if_alignment_dominates(out.loss, term)
                 result.loss = out.loss + term.to(out.loss.dtype)
@@ -263,8 +269,23 @@ class ControlModel(nn.Module):
                 b.reset_observations(step=False, window=True)
         return stats
 
+    @staticmethod
+    def _alignment_mask(labels: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The positions the alignment loss is averaged over. With labels: the real tokens the LM
+        loss is computed on (whose next token has a label), the count the Trainer normalises by
+        under gradient accumulation; without labels: the real tokens."""
+        if labels is None or labels.dim() != 2:
+            return mask
+        predicts = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+        predicts[:, :-1] = labels[:, 1:] != -100
+        if mask is not None and mask.shape == predicts.shape:
+            predicts &= mask.bool()
+        return predicts
+
     def _update_weight_statistics(self, blocks: list[ControlBlock], mask: torch.Tensor | None) -> None:
-        if self.training:
+        # Only while `measure_merge_weights` runs: any other forward leaves the model as it was.
+        totals = self._weight_totals
+        if totals is None:
             return
         with torch.no_grad():
             for block in blocks:
@@ -273,12 +294,50 @@ class ControlModel(nn.Module):
                     continue
                 w = w.squeeze(-1).double()
                 if mask is not None and mask.shape == w.shape:
-                    m = mask.to(w.dtype)
-                    block.weight_sum += (w * m).sum()
-                    block.weight_count += m.sum()
+                    m = mask.bool()
+                    total, count = float(w[m].sum()), int(m.sum())
                 else:
-                    block.weight_sum += w.sum()
-                    block.weight_count += w.numel()
+                    total, count = float(w.sum()), w.numel()
+                entry = totals.setdefault(block.layer_index, [0.0, 0])
+                entry[0] += total
+                entry[1] += count
+
+    @torch.no_grad()
+    def measure_merge_weights(self, batches, source: str = "the given batches") -> dict[int, float]:
+        """Measure the weight each dynamic interpolator (dlerp, dlerp_in) is folded with by `merge_and_unload`.
+
+        Runs `batches` (mappings with `input_ids` and optionally `attention_mask`) through the model
+        in evaluation mode and takes, per layer, the mean per-token weight over the real tokens of
+        all of them (sums in float64, counts as integers). The statistics start with this call and
+        end with it: a new call replaces the previous result, and no other forward measures
+        anything. `source` describes the data in the merged model's metadata. Returns {layer: w}.
+        """
+        dynamic = {i: b for i, b in self.control_blocks.items() if b.interpolator.dynamic}
+        if not dynamic:
+            return {}
+        was_training = self.training
+        self.eval()
+        self._weight_totals = {}
+        try:
+            for batch in batches:
+                self(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+            totals = self._weight_totals
+        finally:
+            self._weight_totals = None
+            self.train(was_training)
+        counts = {i: totals.get(i, [0.0, 0])[1] for i in dynamic}
+        if not all(counts.values()):
+            raise ValueError(f"measure_merge_weights got no tokens from {source}; pass at least one non-empty batch")
+        for i, block in dynamic.items():
+            block.measured_weight = totals[i][0] / counts[i]
+            block.measured_on = f"{source} ({counts[i]} tokens)"
+        return {i: block.measured_weight for i, block in dynamic.items()}
+
+    def merge_weights(self) -> dict[int, dict]:
+        """{layer: {"interpolation", "weight", "source"}}: the w `merge_and_unload` folds each concat
+        layer with, and where it comes from."""
+        return {i: {"interpolation": self.control_config.interpolation, "weight": b.merge_weight(),
+                    "source": b.merge_weight_source()} for i, b in sorted(self.control_blocks.items())}
 
     @contextmanager
     def _hidden_state_capture(self, wanted):
@@ -306,8 +365,8 @@ class ControlModel(nn.Module):
 
     # ------------------------------------------------------------- save/load
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """What training changes: the copies, the interpolators and their statistics, keyed by the
-        names they have inside the base model."""
+        """What training changes: the copies and the interpolators, keyed by the names they have
+        inside the base model."""
         state = {}
         for name, tensor in self.base_model.state_dict(keep_vars=False).items():
             if ".expanded_layer." in name or ".interpolator." in name or name.endswith(STATE_BUFFERS):
@@ -389,6 +448,9 @@ class ControlModel(nn.Module):
 
     def load_trainable_state(self, state: dict[str, torch.Tensor], source="state dict") -> None:
         """Copy a trained delta into the blocks, checking names and shapes."""
+        # Deltas saved before merge weights were measured on request hold running gate statistics
+        # of every evaluation pass; they define no weight, so they are dropped.
+        state = {k: v for k, v in state.items() if not k.endswith(LEGACY_STATISTICS)}
         own = self.trainable_state_dict()
         missing = sorted(k for k in set(own) - set(state) if not k.endswith(OPTIONAL_BUFFERS))
         unexpected = sorted(set(state) - set(own))
@@ -424,8 +486,8 @@ class ControlModel(nn.Module):
     def merge_and_unload(self) -> nn.Module:
         """Fold every trained copy into its frozen layer and return a plain model of the base class.
 
-        concat: W = W_p + w (W_e - W_p) per tensor, with w = `merge_weight()` of the block (for dlerp
-        and dlerp_in: the mean weight measured in evaluation mode, else sigmoid(b); slerp merges
+        concat: W = W_p + w (W_e - W_p) per tensor, with w from `merge_weights()` (for dlerp and
+        dlerp_in: the mean weight measured by `measure_merge_weights`, else sigmoid(b); slerp merges
         linearly with its w). Exact for an untrained model, an approximation after training:
         measure it with `controlllm.merge.merge_fidelity`. stack: the copies become ordinary layers
         inserted after their originals (the merged model is deeper than the base).

@@ -175,7 +175,7 @@ class ControlTrainer(Trainer):
 
     def __init__(self, *args, save_total_limit_atomic: int = 2, interpolation_lr: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._sums = {"lm_loss": 0.0, "alignment_loss": 0.0, "n": 0}
+        self._sums = {"lm_loss": 0.0, "alignment_loss": 0.0, "n": 0, "tokens": 0}
         self._keep = save_total_limit_atomic
         self._interpolation_lr = interpolation_lr
 
@@ -196,6 +196,8 @@ class ControlTrainer(Trainer):
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        tokens = int((labels[..., 1:] != -100).sum()) if labels is not None else 0
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if not torch.isfinite(loss.detach()).all():
             raise TrainingError(
@@ -205,24 +207,40 @@ class ControlTrainer(Trainer):
         lm_loss = getattr(outputs, "lm_loss", None) if not isinstance(outputs, dict) else outputs.get("lm_loss")
         align = getattr(outputs, "alignment_loss", None) if not isinstance(outputs, dict) else outputs.get("alignment_loss")
         if model.training:
-            self._sums["lm_loss"] += float((lm_loss if lm_loss is not None else loss).detach())
-            self._sums["alignment_loss"] += float(align.detach()) if align is not None else 0.0
+            # Sums over label tokens, so the logged losses are per-token means whatever the
+            # accumulation and the number of ranks: the model divides its LM loss by the Trainer's
+            # token count of the whole accumulated (and gathered) batch when it gets one, and
+            # averages the alignment over this micro-batch's label positions.
+            if lm_loss is None:  # a plain model: its own loss, before the Trainer scales it for the ranks
+                lm_loss = outputs.get("loss") if isinstance(outputs, dict) else outputs[0]
+            lm = float(lm_loss.detach())
+            self._sums["lm_loss"] += lm * (float(num_items_in_batch) if num_items_in_batch is not None else tokens)
+            self._sums["alignment_loss"] += float(align.detach()) * tokens if align is not None else 0.0
             self._sums["n"] += 1
+            self._sums["tokens"] += tokens
         elif lm_loss is not None:
-            loss = lm_loss  # evaluation reports the LM loss alone, so perplexity means perplexity
+            # Evaluation reports the LM loss alone, so perplexity means perplexity, scaled as the
+            # Trainer scales the loss it replaces.
+            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                lm_loss = lm_loss * self.accelerator.num_processes
+            loss = lm_loss
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, start_time=None):
         if "loss" in logs and self._sums["n"]:
             n = self._sums["n"]
-            logs["lm_loss"] = round(self._sums["lm_loss"] / n, 4)
+            lm_sum, align_sum, tokens = self.accelerator.reduce(torch.tensor(
+                [self._sums["lm_loss"], self._sums["alignment_loss"], self._sums["tokens"]], dtype=torch.float64,
+                device=self.args.device), reduction="sum").tolist()  # every rank's tokens
+            tokens = max(tokens, 1.0)
+            logs["lm_loss"] = round(lm_sum / tokens, 4)
             model = _unwrap(self.model)
             if isinstance(model, ControlModel) and model.control_blocks:
-                logs["alignment_loss"] = round(self._sums["alignment_loss"] / n, 6)
+                logs["alignment_loss"] = round(align_sum / tokens, 6)
                 weights = model.interpolation_weights()
                 logs["w_mean"] = round(sum(weights.values()) / len(weights), 4)
                 logs.update({k: round(v, 6) for k, v in model.layer_statistics(reset=True).items()})
-            self._sums = {"lm_loss": 0.0, "alignment_loss": 0.0, "n": 0}
+            self._sums = {"lm_loss": 0.0, "alignment_loss": 0.0, "n": 0, "tokens": 0}
         if "eval_loss" in logs:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
         super().log(logs, start_time)
