@@ -157,12 +157,13 @@ def gpu_settings() -> Settings:
 
 
 def quick_settings() -> Settings:
-    """Every code path (checkpoints, replay, LoRA, Control and its merged model, both stages) in minutes."""
+    """Every code path (checkpoints, LoRA, Control and its merged model, both stages) in minutes; the
+    replay variant differs from full only in its data file, which every plan writes."""
     return Settings(
         plan="quick", mc_items=4, english_texts=4, text_chars=240, spanish_val=4, spanish_test=4,
         cpt_steps=4, cpt_batch=2, cpt_seq=32, sft_steps=3, sft_batch=4, stage2_steps=4, arith_train=64,
         arith_val=4, arith_test=4, answer_tokens=10,
-        cpt_variants={"full": CPT_VARIANTS["full"], "full-replay": CPT_VARIANTS["full-replay"],
+        cpt_variants={"full": CPT_VARIANTS["full"],
                       "lora-r16": CPT_VARIANTS["lora-r16"], "control-nmse-8": CONTROL_NMSE,
                       "control-recommended": CPT_VARIANTS["control-recommended"]},
         seq_variants={"full": SEQ_VARIANTS["full"], "control-nmse-8": CONTROL_NMSE},
