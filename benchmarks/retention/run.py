@@ -1,17 +1,24 @@
-"""Learning vs forgetting on SmolLM2-135M-Instruct: Control LLM against the usual ways to fine-tune.
+"""Learning vs forgetting on SmolLM2-135M-Instruct, along each run's training trajectory.
 
-Two experiments mirror the paper: CPT (continued pre-training on Spanish, a new language) and
-CSFT (continued SFT on 2-3 digit addition/subtraction, a new skill). Every method sees the same
-data in the same order for the same number of steps; each method's learning rate is chosen on the
-new skill's validation split only, never on the retention benchmarks.
+Two experiments:
+- cpt: continued pre-training on Spanish (a new language), long enough that full fine-tuning
+  forgets; every method is scored at log-spaced checkpoints of one run (one cosine schedule).
+- seq: sequential skills. Stage 1 teaches arithmetic (continued SFT), stage 2 continues from
+  stage 1's result on Spanish; stage 1's skill is scored along stage 2 (backward transfer).
 
-    .venv/bin/python benchmarks/retention/run.py            # the full benchmark (about 2 hours, 2 cores)
-    .venv/bin/python benchmarks/retention/run.py --quick    # a smoke run of every code path (< 10 min)
+At every checkpoint: the new skill (Spanish held-out bits/char), drift (KL to the base model and
+English bits/char on held-out English), and in seq the stage-1 skill (exact match). At the last
+checkpoint of a cpt run also the multiple-choice suite (ARC-Easy, PIQA, HellaSwag). Every Control
+run's merged model (`merge_and_unload`, what a user deploys) is scored on the same probes.
 
-Runs live under runs/retention/<mode>/ (one folder per experiment, method and learning rate, with
-its result.json); a rerun skips finished runs, so an interrupted benchmark resumes where it
-stopped. Results are rewritten after every run: benchmarks/results/retention.{md,json} and one
-learning-vs-forgetting plot per experiment (for --quick, under runs/retention/quick/report/).
+    .venv/bin/python benchmarks/retention/run.py                  # plan 'fast': about 100 min on 2 cores
+    .venv/bin/python benchmarks/retention/run.py --plan full      # issue 11's sizes: about 4 hours
+    .venv/bin/python benchmarks/retention/run.py --quick          # smoke run of every code path
+    benchmarks/retention/gpu.sh                                   # the GPU-scale variant (bf16)
+
+Runs live under runs/retention/<plan>/<experiment>/<variant>/ (result.json each); a rerun skips
+finished runs. The report (benchmarks/results/retention.{md,json}, one PNG per experiment) is
+rewritten after every finished run (for --quick, under runs/retention/quick/report/).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -37,109 +45,190 @@ sys.path.insert(0, HERE)
 
 import retention_report as report  # noqa: E402
 import retention_tasks as tasks  # noqa: E402
-from controlllm.assets import load_pretrained  # noqa: E402
+from controlllm.assets import AssetError, load_pretrained  # noqa: E402
 from controlllm.train import TrainConfig, TrainingError, train  # noqa: E402
 
 SEED = 42
-EXPERIMENTS = ("cpt", "csft")
+EXPERIMENTS = ("cpt", "seq")
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
-# Method variants: TrainConfig overrides. The lerp variants keep w = 0.5 fixed and the dlerp
-# variants learn it, as the paper's CSFT and CPT recipes do.
-CONTROL_LERP = dict(method="control", interpolation="lerp", alignment_loss="mse", train_interpolation=False)
-CONTROL_DLERP = dict(method="control", interpolation="dlerp", alignment_loss="cosine", train_interpolation=True)
-VARIANTS = {
-    "full": dict(method="full"),
-    "lora-r16": dict(method="lora", lora_r=16, lora_alpha=32),
-    "stack-8": dict(method="stack", num_expanded_layers=8),
-    "freeze-8": dict(method="freeze", num_expanded_layers=8),
-    "control-lerp-mse-8": dict(CONTROL_LERP, num_expanded_layers=8),
-    # The paper's MSE on this model's raw hidden states reaches several times the LM loss at
-    # weight 1; 'nmse' divides it by the frozen branch's squared norm (scale-free).
-    "control-lerp-nmse-8": dict(CONTROL_LERP, num_expanded_layers=8, alignment_loss="nmse"),
-    # The same 8 copies moved up by 6 layers so the last layer is among them, as in the paper's
-    # 8 of 32 (the library's even spacing takes 2, 5, ..., 23 of 30).
-    "control-lerp-nmse-8top": dict(CONTROL_LERP, expanded_layers=[8, 11, 14, 17, 20, 23, 26, 29], alignment_loss="nmse"),
-    "control-dlerp-cos-8": dict(CONTROL_DLERP, num_expanded_layers=8),
-    "control-lerp-mse-15": dict(CONTROL_LERP, num_expanded_layers=15),
-    "control-dlerp-cos-15": dict(CONTROL_DLERP, num_expanded_layers=15),
+
+@dataclass
+class Variant:
+    """One method of the plan: TrainConfig overrides, the learning rate(s), and whether general
+    English is mixed into the training data (replay)."""
+
+    overrides: dict
+    lr: float  # cpt; in seq the stage-2 (Spanish) learning rate
+    stage1_lr: float | None = None  # seq only: the arithmetic stage
+    replay: bool = False
+
+    def missing_fields(self) -> list[str]:
+        """TrainConfig fields this variant needs that the installed library does not have."""
+        return sorted(set(self.overrides) - CONFIG_FIELDS)
+
+
+# Learning rates are those the previous round of this benchmark chose on the new skill's
+# validation split only (Spanish validation loss for CPT, validation exact match for arithmetic),
+# per method; full fine-tuning also runs at a 10x gentler rate. Budgets are fixed before any run:
+# 0.01 (nmse units) is the drift the unconstrained nmse recipe reached in a few dozen steps, 0.001
+# a tenth of it.
+LORA = dict(method="lora", lora_r=16, lora_alpha=32)
+CPT_VARIANTS = {
+    "full": Variant(dict(method="full"), 3e-4),
+    "full-gentle": Variant(dict(method="full"), 3e-5),
+    "full-replay": Variant(dict(method="full"), 3e-4, replay=True),
+    "lora-r16": Variant(LORA, 3e-3),
+    "freeze-8": Variant(dict(method="freeze", num_expanded_layers=8), 1e-3),
+    "stack-8": Variant(dict(method="stack", num_expanded_layers=8), 1e-3),
+    "control-paper-cpt": Variant(dict(method="control", preset="paper-cpt"), 1e-3),
+    "control-paper-csft": Variant(dict(method="control", preset="paper-csft"), 1e-3),
+    "control-recommended": Variant(dict(method="control", preset="recommended"), 3e-3),
+    "control-budget-0.01": Variant(dict(method="control", preset="recommended", alignment_budget=0.01), 3e-3),
+    "control-budget-0.001": Variant(dict(method="control", preset="recommended", alignment_budget=0.001), 3e-3),
 }
+SEQ_VARIANTS = {
+    "full": Variant(dict(method="full"), 3e-4, stage1_lr=1e-4),
+    "lora-r16": Variant(LORA, 3e-3, stage1_lr=1e-3),
+    "freeze-8": Variant(dict(method="freeze", num_expanded_layers=8), 1e-3, stage1_lr=3e-4),
+    "stack-8": Variant(dict(method="stack", num_expanded_layers=8), 1e-3, stage1_lr=3e-4),
+    "control-recommended": Variant(dict(method="control", preset="recommended"), 3e-3, stage1_lr=1e-3),
+}
+# Control with explicit fields (no preset): lerp, w = 0.5 fixed, scale-free nmse alignment.
+CONTROL_NMSE = Variant(dict(method="control", num_expanded_layers=8, interpolation="lerp", train_interpolation=False,
+                            alignment_loss="nmse"), 3e-3, stage1_lr=1e-3)
 
 
 @dataclass
 class Settings:
-    """Sizes of one benchmark mode. The full mode is sized for about 2 hours on 2 CPU cores,
-    running the two experiments side by side, one core each."""
+    """Sizes of one plan."""
 
-    mode: str
-    threads: int = 1  # per experiment process
-    # retention suite (shared by both experiments; the base model is scored once). With about 10%
-    # of answers flipping, 300 items per benchmark put the paired standard error of the 4-benchmark
-    # average near 1 point, so a 2-point change stands out of the noise.
-    mc_items: int = 40
-    english_texts: int = 24
+    plan: str
+    threads: int = 1  # torch threads per worker process
+    workers: int = 2  # processes side by side
+    bf16: bool = False
+    # retention suite
+    mc_items: int = 200
+    english_texts: int = 32
     text_chars: int = 500
-    # CPT
-    cpt_steps: int = 20
+    # Spanish (cpt, and stage 2 of seq)
+    spanish_val: int = 16
+    spanish_test: int = 32
+    cpt_steps: int = 200
     cpt_batch: int = 4
     cpt_seq: int = 128
-    cpt_val_blocks: int = 16
-    spanish_val: int = 16
-    spanish_test: int = 24
-    translation_pairs: int = 16
-    translation_tokens: int = 40
-    # CSFT
-    sft_steps: int = 26
+    replay_share: float = 0.1  # of the training characters, for the replay variant
+    # seq
+    sft_steps: int = 40
     sft_batch: int = 8
-    arith_train: int = 2000
+    stage2_steps: int = 48
+    arith_train: int = 3000
     arith_val: int = 48
     arith_test: int = 80
-    basic_arith: int = 80
-    answer_tokens: int = 64
-    # per experiment: variant -> list of learning rates, or the name of a variant (earlier in the
-    # list) whose validation-chosen learning rate it reuses
-    variants: dict = field(default_factory=dict)
+    answer_tokens: int = 24
+    cpt_variants: dict = field(default_factory=lambda: dict(CPT_VARIANTS))
+    seq_variants: dict = field(default_factory=lambda: dict(SEQ_VARIANTS))
+
+    def variants(self, experiment: str) -> dict:
+        return self.cpt_variants if experiment == "cpt" else self.seq_variants
+
+
+def checkpoint_steps(total: int) -> list[int]:
+    """Log-spaced checkpoints of one run: total/8, total/4, total/2, total."""
+    return sorted({max(1, total // 8), max(1, total // 4), max(1, total // 2), total})
 
 
 def full_settings() -> Settings:
-    # Every method gets a two-value learning-rate grid around where it learns at this budget
-    # (full fine-tuning needs the smallest; LoRA and the expanded copies larger ones).
-    plan = {
-        "full": [1e-4, 3e-4],
-        "lora-r16": [1e-3, 3e-3],
-        "freeze-8": [3e-4, 1e-3],
-        "stack-8": [3e-4, 1e-3],
-        "control-lerp-mse-8": [1e-3, 3e-3],
-        "control-lerp-nmse-8": [1e-3, 3e-3],
-        "control-lerp-nmse-8top": [1e-3, 3e-3],
-        "control-dlerp-cos-8": [1e-3, 3e-3],
-        "control-dlerp-cos-15": [1e-3, 3e-3],
-    }
-    # The layer-choice check (-8top) runs in CPT only, to fit the time.
-    csft = {k: v for k, v in plan.items() if k != "control-lerp-nmse-8top"}
-    return Settings(mode="full", mc_items=300, variants={"cpt": dict(plan), "csft": csft})
+    """Everything issue 11 asks at its minimum sizes: 10x the previous round's 10,240 CPT tokens."""
+    return Settings(plan="full")
+
+
+def fast_settings() -> Settings:
+    """The same methods and measurements at the budget that fits 100 minutes on 2 cores."""
+    return Settings(plan="fast", mc_items=100, english_texts=24, spanish_test=24, cpt_steps=32,
+                    sft_steps=26, stage2_steps=24, arith_test=48)
+
+
+def gpu_settings() -> Settings:
+    """One GPU, bf16: 20x the full plan's tokens per CPT run (2,048,000), every item of the MC suite."""
+    return Settings(plan="gpu", workers=1, bf16=True, mc_items=1000, english_texts=64, spanish_test=64,
+                    spanish_val=32, cpt_steps=1000, cpt_batch=16, sft_steps=200, stage2_steps=240,
+                    arith_train=8000, arith_test=200)
 
 
 def quick_settings() -> Settings:
-    """Every code path (grids, reused learning rates, light and heavy scores, the report) in minutes."""
+    """Every code path (checkpoints, LoRA, Control and its merged model, both stages) in minutes; the
+    replay variant differs from full only in its data file, which every plan writes."""
     return Settings(
-        mode="quick", mc_items=4, english_texts=4, text_chars=300,
-        cpt_steps=2, cpt_batch=2, cpt_seq=64, cpt_val_blocks=4, spanish_val=4, spanish_test=4, translation_pairs=2,
-        translation_tokens=8, sft_steps=2, sft_batch=4, arith_train=64, arith_val=4, arith_test=6,
-        basic_arith=4, answer_tokens=12,
-        variants={"cpt": {"full": [3e-4], "control-dlerp-cos-8": [1e-3, 3e-3], "stack-8": "control-dlerp-cos-8"},
-                  "csft": {"full": [3e-4], "control-lerp-nmse-8": [3e-3], "lora-r16": [3e-3]}},
+        plan="quick", mc_items=4, english_texts=4, text_chars=240, spanish_val=4, spanish_test=4,
+        cpt_steps=4, cpt_batch=2, cpt_seq=32, sft_steps=3, sft_batch=4, stage2_steps=4, arith_train=64,
+        arith_val=4, arith_test=4, answer_tokens=10,
+        cpt_variants={"full": CPT_VARIANTS["full"],
+                      "lora-r16": CPT_VARIANTS["lora-r16"], "control-nmse-8": CONTROL_NMSE,
+                      "control-recommended": CPT_VARIANTS["control-recommended"]},
+        seq_variants={"full": SEQ_VARIANTS["full"], "control-nmse-8": CONTROL_NMSE},
     )
 
 
-# ---------------------------------------------------------------------------------------- setup
-class Bench:
-    """Data, shared evaluation sets, the base model's cached scores and the run loop.
+PLANS = {"full": full_settings, "fast": fast_settings, "gpu": gpu_settings, "quick": quick_settings}
 
-    Every run gets the light evaluation (new-skill validation and test score, English held-out
-    loss and KL to the base model); the run each variant keeps (its validation-chosen learning
-    rate) also gets the heavy one (the multiple-choice retention suite and the second new-skill
-    metric). Scores are cached in each run's result.json.
-    """
+
+# ------------------------------------------------------------------------------ checkpoints
+class CheckpointPruner:
+    """Deletes the checkpoints a run writes at steps it will not score, as soon as they appear
+    (a full fine-tuning checkpoint with its optimizer state is 1.6 GB)."""
+
+    def __init__(self, run_dir: str, keep: set[int]):
+        self.run_dir, self.keep = run_dir, keep
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.prune()
+
+    def _loop(self):
+        while not self._stop.wait(5.0):
+            self.prune()
+
+    def prune(self):
+        for name in os.listdir(self.run_dir) if os.path.isdir(self.run_dir) else []:
+            step = name[len("checkpoint-"):]
+            if name.startswith("checkpoint-") and step.isdigit() and int(step) not in self.keep:
+                shutil.rmtree(os.path.join(self.run_dir, name), ignore_errors=True)
+
+
+def load_checkpoint_state(model, method: str, checkpoint: str) -> None:
+    """Load a checkpoint's trained weights into `model`, the finished run's own model object (so
+    the loader does not need to know what the run started from)."""
+    from safetensors.torch import load_file
+
+    from controlllm.model import WEIGHTS_NAME, ControlModel
+
+    if isinstance(model, ControlModel):
+        model.load_trainable_state(load_file(os.path.join(checkpoint, WEIGHTS_NAME)), source=checkpoint)
+    elif method == "lora":
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(os.path.join(checkpoint, "adapter_model.safetensors")))
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{checkpoint}: unexpected LoRA keys {result.unexpected_keys[:3]}")
+    else:
+        state = load_file(os.path.join(checkpoint, "model.safetensors"))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+        if unexpected or set(missing) - tied:
+            raise ValueError(f"{checkpoint}: missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}")
+
+
+# ------------------------------------------------------------------------------------ bench
+class Bench:
+    """Data, evaluation sets, the base model's cached scores and the run loop of one worker."""
 
     def __init__(self, settings: Settings, runs_dir: str):
         self.s = settings
@@ -147,116 +236,99 @@ class Bench:
         os.makedirs(os.path.join(self.runs, "data"), exist_ok=True)
         _, self.tokenizer = load_pretrained(None)
         self.suite = tasks.RetentionSuite.build(settings.mc_items, settings.english_texts, settings.text_chars)
-        self.reference = None  # a frozen base copy: the KL reference for methods without disable_control()
-        self._prepare_cpt()
-        self._prepare_csft()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._reference = None
+        self._prepare_spanish()
+        self._prepare_arithmetic()
 
-    def _prepare_cpt(self):
+    def _prepare_spanish(self):
         s = self.s
-        data = tasks.spanish_data(s.text_chars, s.spanish_val, s.spanish_test, s.translation_pairs)
+        data = tasks.spanish_data(s.text_chars, s.spanish_val, s.spanish_test)
         self.cpt_train = os.path.join(self.runs, "data", "cpt_train.txt")
-        self.cpt_val = os.path.join(self.runs, "data", "cpt_val.txt")
-        # One document per paragraph block: a blank line inside a fortune must not split it.
+        self.cpt_replay = os.path.join(self.runs, "data", "cpt_train_replay.txt")
+        chars = sum(map(len, data["train"]))
+        # Replay: general English making up `replay_share` of the training characters, interleaved.
+        replay = tasks.replay_texts(int(chars * s.replay_share / (1 - s.replay_share)))
+        mixed = list(data["train"])
+        every = max(1, len(mixed) // max(len(replay), 1))
+        for k, text in enumerate(replay):
+            mixed.insert(min(len(mixed), (k + 1) * every + k), text)
         _write_if_changed(self.cpt_train, "\n\n".join(d.replace("\n\n", "\n") for d in data["train"]))
-        _write_if_changed(self.cpt_val, "\n\n".join(d.replace("\n\n", "\n") for d in data["val"]))
-        self.spanish_test = data["test"]
-        self.spanish_sources = data["test_sources"]
-        self.translation = tasks.translation_items(data)
-        self.cpt_info = {"train_documents": len(data["train"]), "train_characters": sum(map(len, data["train"])),
-                         "val_texts": len(data["val"]), "test_texts": len(data["test"]),
-                         "translation_pairs": len(self.translation)}
+        _write_if_changed(self.cpt_replay, "\n\n".join(d.replace("\n\n", "\n") for d in mixed))
+        self.spanish_val, self.spanish_test, self.spanish_sources = data["val"], data["test"], data["test_sources"]
+        self.spanish_info = {"train_documents": len(data["train"]), "train_characters": chars,
+                             "replay_texts": len(replay), "replay_characters": sum(map(len, replay)),
+                             "val_texts": len(data["val"]), "test_texts": len(data["test"])}
 
-    def _prepare_csft(self):
-        from controlllm.data import build_sft_dataset
-
+    def _prepare_arithmetic(self):
         s = self.s
         test = tasks.arithmetic_items(s.arith_test, seed=1)
         val = tasks.arithmetic_items(s.arith_val, seed=2, exclude={it["key"] for it in test})
         train_items = tasks.arithmetic_items(s.arith_train, seed=3, exclude={it["key"] for it in test + val})
-        self.sft_train = os.path.join(self.runs, "data", "csft_train.jsonl")
-        self.sft_val = os.path.join(self.runs, "data", "csft_val.jsonl")
+        self.sft_train = os.path.join(self.runs, "data", "arith_train.jsonl")
+        self.sft_val = os.path.join(self.runs, "data", "arith_val.jsonl")
         for path, items in ((self.sft_train, train_items), (self.sft_val, val)):
             _write_if_changed(path, "".join(json.dumps({"prompt": it["prompt"], "response": it["response"]}) + "\n"
                                             for it in items))
         self.arith_val = tasks.arithmetic_gen_items(self.tokenizer, val)
         self.arith_test = tasks.arithmetic_gen_items(self.tokenizer, test)
-        self.basic_arith = tasks.basic_arithmetic_items(self.tokenizer, s.basic_arith)
-        records = [[{"role": "user", "content": it["prompt"]}, {"role": "assistant", "content": it["response"]}]
-                   for it in train_items[:200]]
-        lengths = [len(x["input_ids"]) for x in build_sft_dataset(records, self.tokenizer, 128).examples]
-        self.sft_mean_tokens = sum(lengths) / len(lengths)
-        self.csft_info = {"mean_tokens_per_item": round(self.sft_mean_tokens, 1), "train_items": len(train_items),
-                          "val_items": len(val), "test_items": len(test),
-                          "basic_arithmetic_items": len(self.basic_arith), "example": train_items[0]}
+        self.arith_info = {"train_items": len(train_items), "val_items": len(val), "test_items": len(test),
+                           "example": train_items[0]}
 
-    # ------------------------------------------------------------------------------ evaluation
-    def reference_fn(self, model):
-        if model is None:
-            return None
-        if hasattr(model, "disable_control"):
-            def base(ids, mask):
-                with model.disable_control():
-                    return model(input_ids=ids, attention_mask=mask).logits
-            return base
-        if self.reference is None:
-            self.reference, _ = load_pretrained(None)
-            self.reference.eval()
-        return lambda ids, mask: self.reference(input_ids=ids, attention_mask=mask).logits
+    # ------------------------------------------------------------------------ evaluation
+    def reference(self):
+        """KL reference: the base model, kept in memory (also in seq, where a run starts from stage 1)."""
+        if self._reference is None:
+            self._reference, _ = load_pretrained(None)
+            self._reference.to(self.device).eval()
+        ref = self._reference
+        return lambda ids, mask: ref(input_ids=ids, attention_mask=mask).logits
 
-    def light(self, experiment: str, model, is_base: bool = False) -> dict:
-        """Validation score, main new-skill test score, English held-out loss and KL to base."""
-        s, tok, out, timing = self.s, self.tokenizer, {}, {}
+    def probes(self, model, experiment: str, mc: bool = False, val: bool = False, is_base: bool = False) -> dict:
+        """Scores of one model: Spanish test bits/char, English bits/char and KL to the base; in seq
+        the arithmetic exact match; with `val` the Spanish validation texts; with `mc` the MC suite."""
+        out, seconds, tok = {}, {}, self.tokenizer
+        model.to(self.device)
         start = time.time()
-        if experiment == "csft":
-            out["val"] = {"arith_val": tasks.exact_match_scores(model, tok, self.arith_val, s.answer_tokens)}
-            out["test"] = {"arith_test": tasks.exact_match_scores(model, tok, self.arith_test, s.answer_tokens)}
-        else:  # CPT validation is the trainer's eval loss on the validation file
-            scores = tasks.per_text_scores(model, tok, self.spanish_test, batch_size=8)
-            out["test"] = {"spanish": {"bpc": tasks.bpc(scores), "nll": scores["nll"], "chars": scores["chars"],
-                                       "sources": self.spanish_sources}}
-        timing["skill"] = time.time() - start
+        sp = tasks.per_text_scores(model, tok, self.spanish_test, batch_size=8)
+        out["spanish"] = {"bpc": tasks.bpc(sp), "nll": sp["nll"], "chars": sp["chars"]}
+        if val:
+            v = tasks.per_text_scores(model, tok, self.spanish_val, batch_size=8)
+            out["spanish_val"] = {"bpc": tasks.bpc(v)}
+        seconds["spanish"] = time.time() - start
         start = time.time()
-        out["english"] = self.suite.evaluate_english(model, tok, reference=None if is_base else self.reference_fn(model))
-        timing["english"] = time.time() - start
-        out["light_seconds"] = {k: round(v, 1) for k, v in timing.items()}
+        out["english"] = self.suite.evaluate_english(model, tok, reference=None if is_base else self.reference())
+        seconds["english"] = time.time() - start
+        if experiment == "seq":
+            start = time.time()
+            out["arith"] = tasks.exact_match_scores(model, tok, self.arith_test, self.s.answer_tokens)
+            seconds["arith"] = time.time() - start
+        if mc:
+            start = time.time()
+            out["mc"] = self.suite.evaluate_mc(model, tok)
+            seconds["mc"] = time.time() - start
+        out["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
         return out
 
-    def skill_extra(self, experiment: str, model) -> dict:
-        """The second new-skill metric (translation chrF or basic_arithmetic)."""
-        s, tok = self.s, self.tokenizer
-        if experiment == "csft":
-            return {"basic_arithmetic": tasks.exact_match_scores(model, tok, self.basic_arith, s.answer_tokens)}
-        return {"translation": tasks.translation_scores(model, tok, self.translation, s.translation_tokens)}
-
-    def heavy(self, experiment: str, model) -> dict:
-        """The multiple-choice retention suite and the second new-skill metric."""
-        start = time.time()
-        extra = self.skill_extra(experiment, model)
-        skill_seconds = time.time() - start
-        start = time.time()
-        mc = self.suite.evaluate_mc(model, self.tokenizer)
-        return {"test_extra": extra, "retention": mc,
-                "heavy_seconds": {"skill": round(skill_seconds, 1), "mc": round(time.time() - start, 1)}}
-
     def base_scores(self, keys) -> None:
-        """Score the base model on `keys` ("retention", "cpt", "csft") unless cached; each key is
-        cached in its own file (runs/.../base-<key>.json), so processes never write the same file."""
+        """Score the base model on `keys` ('mc', 'cpt', 'seq') unless cached (one file each)."""
         todo = [k for k in keys if (_read_json(self.base_path(k)) or {}).get("fingerprint") != self.fingerprint()]
         if not todo:
             return
         model, _ = load_pretrained(None)
-        model.eval()
+        model.to(self.device).eval()
         for key in todo:
             start = time.time()
-            if key == "retention":
-                scores = self.suite.evaluate_mc(model, self.tokenizer)
+            if key == "mc":
+                scores = {"mc": self.suite.evaluate_mc(model, self.tokenizer)}
             else:
-                light = self.light(key, model, is_base=True)
-                scores = {"val": light.get("val"), "test": {**light["test"], **self.skill_extra(key, model)},
-                          "english": light["english"]}
+                scores = self.probes(model, key, val=True, is_base=True)
+                if key == "seq":
+                    scores["arith_val"] = tasks.exact_match_scores(model, self.tokenizer, self.arith_val,
+                                                                   self.s.answer_tokens)
             seconds = round(time.time() - start, 1)
             _write_json(self.base_path(key), {"fingerprint": self.fingerprint(), "scores": scores, "seconds": seconds})
-            print(f"  base model: {key} scored in {seconds:.0f} s", flush=True)
+            print(f"[{time.strftime('%H:%M:%S')}] base model: {key} scored in {seconds:.0f} s", flush=True)
         del model
         gc.collect()
 
@@ -264,9 +336,8 @@ class Bench:
         return os.path.join(self.runs, f"base-{key}.json")
 
     def base(self) -> dict:
-        """The cached base-model scores: {"retention": ..., "cpt": ..., "csft": ..., "seconds": {...}}."""
         out = {"seconds": {}}
-        for key in ("retention",) + EXPERIMENTS:
+        for key in ("mc", "cpt", "seq"):
             cached = _read_json(self.base_path(key))
             if cached and cached.get("fingerprint") == self.fingerprint():
                 out[key] = cached["scores"]
@@ -274,139 +345,163 @@ class Bench:
         return out
 
     def fingerprint(self) -> dict:
-        """What the cached base scores depend on: the evaluation sets."""
+        keys = ("mc_items", "english_texts", "text_chars", "spanish_val", "spanish_test", "arith_val", "arith_test",
+                "answer_tokens")
+        return {k: getattr(self.s, k) for k in keys}
+
+    # ------------------------------------------------------------------------------ runs
+    def folder(self, experiment: str, name: str) -> str:
+        return os.path.join(self.runs, experiment, name)
+
+    def config(self, variant: Variant, task: str, lr: float, output: str, steps: int, save_steps: int,
+               model: str | None = None) -> TrainConfig:
         s = self.s
-        keys = ("mc_items", "english_texts", "text_chars", "spanish_val", "spanish_test", "translation_pairs",
-                "translation_tokens", "arith_val", "arith_test", "basic_arith", "answer_tokens")
-        return {k: getattr(s, k) for k in keys}
+        common = dict(output=output, lr=lr, seed=SEED, progress=False, logging_steps=max(1, steps // 20),
+                      threads=s.threads, bf16=s.bf16, max_steps=steps, save_steps=save_steps,
+                      save_total_limit=steps // save_steps + 1, model=model, **variant.overrides)
+        if task == "cpt":
+            data = self.cpt_replay if variant.replay else self.cpt_train
+            return TrainConfig(data=data, task="cpt", batch_size=s.cpt_batch, seq_len=s.cpt_seq, **common)
+        return TrainConfig(data=self.sft_train, task="sft", batch_size=s.sft_batch, seq_len=128, **common)
 
-    # ----------------------------------------------------------------------------------- runs
-    def folder(self, experiment: str, variant: str, lr: float) -> str:
-        return os.path.join(self.runs, experiment, variant, f"lr{lr:g}")
-
-    def train_config(self, experiment: str, variant: str, lr: float, folder: str) -> TrainConfig:
-        s = self.s
-        common = dict(output=os.path.join(folder, "train"), lr=lr, seed=SEED, progress=False, logging_steps=4,
-                      save_total_limit=1, threads=s.threads, **VARIANTS[variant])
-        if experiment == "cpt":
-            return TrainConfig(data=self.cpt_train, eval_data=self.cpt_val, task="cpt", max_steps=s.cpt_steps,
-                               save_steps=s.cpt_steps, batch_size=s.cpt_batch, seq_len=s.cpt_seq,
-                               max_eval_samples=s.cpt_val_blocks, **common)
-        return TrainConfig(data=self.sft_train, eval_data=self.sft_val, task="sft", max_steps=s.sft_steps,
-                           save_steps=s.sft_steps, batch_size=s.sft_batch, seq_len=128, max_eval_samples=None,
-                           **common)
-
-    def run(self, experiment: str, variant: str, lr: float, heavy: bool, keep_model: bool = False):
-        """Train one (experiment, variant, lr) and score it; returns (result, model or None).
-
-        A finished run (result.json, with the heavy scores when asked for) is read, not rerun."""
-        folder = self.folder(experiment, variant, lr)
-        path = os.path.join(folder, "result.json")
-        cfg = self.train_config(experiment, variant, lr, folder)
-        done = _read_json(path)
-        # A finished run counts only when it was made with today's settings (a changed plan reruns it).
-        current = done and done.get("config") == json.loads(json.dumps(dataclasses.asdict(cfg))) and all(
-            len(r["correct"]) == self.s.mc_items for r in (done.get("retention") or {}).values())
-        if current and (done.get("retention") or done.get("failed") or not heavy):
-            return done, None
-        shutil.rmtree(folder, ignore_errors=True)
-        os.makedirs(folder)
-        print(f"[{time.strftime('%H:%M:%S')}] {experiment} {variant} lr={lr:g}: training", flush=True)
-        model, tokenizer = load_pretrained(None)
-        try:
-            result = train(cfg, model=model, tokenizer=tokenizer)
-        except TrainingError as error:  # e.g. a non-finite loss at too high a learning rate
-            out = {"experiment": experiment, "variant": variant, "lr": lr, "failed": str(error),
-                   "config": dataclasses.asdict(cfg)}
-            _write_json(path, out)
-            shutil.rmtree(os.path.join(folder, "train"), ignore_errors=True)
-            print(f"[{time.strftime('%H:%M:%S')}]   failed: {error}", flush=True)
-            return out, None
+    def train_scored(self, cfg: TrainConfig, experiment: str, steps: list[int], start_model=None,
+                     mc_last: bool = False) -> tuple[dict, object]:
+        """Train one run, then score the checkpoints at `steps`; returns (record, trained model)."""
+        shutil.rmtree(cfg.output, ignore_errors=True)
+        kwargs = {}
+        if cfg.model is None or start_model is not None:
+            model, tokenizer = start_model if start_model is not None else load_pretrained(None)
+            kwargs = dict(model=model, tokenizer=tokenizer)
+        with CheckpointPruner(cfg.output, set(steps)):
+            result = train(cfg, **kwargs)
         trained = result.model
         trained.eval()
-        tokens = _trained_tokens(cfg, self.sft_mean_tokens)
-        out = {"experiment": experiment, "variant": variant, "lr": lr, "config": dataclasses.asdict(cfg),
-               "train_seconds": round(result.seconds, 1), "trained_tokens": tokens,
-               "trainable_parameters": result.trainable_parameters, "total_parameters": result.total_parameters,
-               "val_loss": result.metrics.get("eval_loss"),
-               "train_log": _read_jsonl(os.path.join(folder, "train", "metrics.jsonl"))}
+        record = {"config": _jsonable(dataclasses.asdict(cfg)), "train_seconds": round(result.seconds, 1),
+                  "trainable_parameters": result.trainable_parameters, "total_parameters": result.total_parameters,
+                  "train_log": _read_jsonl(os.path.join(cfg.output, "metrics.jsonl")), "checkpoints": []}
+        tokens_per_step = (cfg.batch_size * cfg.seq_len if cfg.task == "cpt" else None)
+        # Earlier checkpoints first (loaded into the trained model object), the last one as trained.
+        for step in steps[:-1]:
+            load_checkpoint_state(trained, cfg.method, os.path.join(cfg.output, f"checkpoint-{step}"))
+            record["checkpoints"].append({"step": step, **self.probes(trained, experiment)})
+        load_checkpoint_state(trained, cfg.method, os.path.join(cfg.output, f"checkpoint-{steps[-1]}"))
+        record["checkpoints"].append({"step": steps[-1], **self.probes(trained, experiment, mc=mc_last, val=True)})
+        for c in record["checkpoints"]:
+            c["tokens"] = c["step"] * tokens_per_step if tokens_per_step else None
         if hasattr(trained, "interpolation_weights"):
-            out["interpolation_weights"] = {str(k): round(float(v), 4) for k, v in trained.interpolation_weights().items()}
-        start = time.time()
-        out.update(self.light(experiment, trained))
-        if heavy:
-            self._add_heavy(out, trained)
-        out["eval_seconds"] = round(time.time() - start, 1)
-        _write_json(path, out)
-        # Weights are not needed once scored (a full model is 0.5 GB, its checkpoint 1.6 GB).
-        shutil.rmtree(os.path.join(folder, "train"), ignore_errors=True)
-        print(f"[{time.strftime('%H:%M:%S')}]   trained {result.seconds:.0f} s ({tokens / result.seconds:.0f} tok/s), "
-              f"scored {out['eval_seconds']:.0f} s; {report.headline(out)}", flush=True)
-        del model, result
-        gc.collect()  # the trainer and its optimizer state
-        if keep_model:
-            return out, trained
-        del trained
+            record["interpolation_weights"] = {str(k): round(float(v), 4)
+                                               for k, v in trained.interpolation_weights().items()}
+        del result
         gc.collect()
-        return out, None
+        return record, trained
 
-    def _add_heavy(self, out: dict, model) -> None:
-        extra = self.heavy(out["experiment"], model)
-        out["test"].update(extra.pop("test_extra"))
-        out.update(extra)
+    def run_cpt(self, name: str, variant: Variant) -> dict:
+        s = self.s
+        folder = self.folder("cpt", name)
+        steps = checkpoint_steps(s.cpt_steps)
+        cfg = self.config(variant, "cpt", variant.lr, os.path.join(folder, "train"), s.cpt_steps, steps[0])
+        done = _read_json(os.path.join(folder, "result.json"))
+        if done and done.get("config") == _jsonable(dataclasses.asdict(cfg)):
+            return done
+        print(f"[{time.strftime('%H:%M:%S')}] cpt {name} lr={variant.lr:g}: training {s.cpt_steps} steps", flush=True)
+        record, trained = self.train_scored(cfg, "cpt", steps, mc_last=True)
+        out = {"experiment": "cpt", "variant": name, "lr": variant.lr, "replay": variant.replay, **record}
+        self._merged(out, trained, "cpt", mc=True)
+        return self._finish(folder, out, cfg)
 
-    def add_heavy(self, result: dict, model) -> dict:
-        """Score a kept model on the heavy suite and update its result.json."""
-        start = time.time()
-        self._add_heavy(result, model)
-        result["eval_seconds"] = round(result["eval_seconds"] + time.time() - start, 1)
-        _write_json(os.path.join(self.folder(result["experiment"], result["variant"], result["lr"]), "result.json"), result)
-        print(f"[{time.strftime('%H:%M:%S')}]   {result['experiment']} {result['variant']} lr={result['lr']:g} chosen; "
-              f"{report.headline(result)}", flush=True)
-        return result
-
-    def run_variant(self, experiment: str, variant: str, chosen_lrs: dict, read_only: bool = False) -> list[dict]:
-        """Every learning rate of a variant (light scores), then the heavy scores for the chosen one.
-        With `read_only`, only finished runs are read back (to learn their chosen learning rate)."""
-        grid = self.s.variants[experiment][variant]
-        if isinstance(grid, str) and grid not in chosen_lrs:
-            return []
-        lrs = [chosen_lrs[grid]] if isinstance(grid, str) else list(grid)
-        if read_only:
-            done = [_read_json(os.path.join(self.folder(experiment, variant, lr), "result.json")) for lr in lrs]
-            if all(done) and any(d.get("retention") for d in done):
-                chosen_lrs[variant] = report.choose(experiment, done)["lr"]
-            return []
-        results, kept = [], {}
-        for lr in lrs:
-            result, model = self.run(experiment, variant, lr, heavy=len(lrs) == 1, keep_model=len(lrs) > 1)
-            results.append(result)
-            kept[lr] = model
-        if all(r.get("failed") for r in results):
-            return results
-        chosen = report.choose(experiment, results)
-        if not chosen.get("retention"):
-            if kept.get(chosen["lr"]) is not None:
-                self.add_heavy(chosen, kept[chosen["lr"]])
-            else:  # resumed after the model was gone: train it again (same seed, same result)
-                result, _ = self.run(experiment, variant, chosen["lr"], heavy=True)
-                chosen.update(result)
-        kept.clear()
+    def run_seq(self, name: str, variant: Variant) -> dict:
+        s = self.s
+        folder = self.folder("seq", name)
+        stage1_dir, stage2_dir = os.path.join(folder, "stage1"), os.path.join(folder, "stage2")
+        cfg1 = self.config(variant, "sft", variant.stage1_lr, stage1_dir, s.sft_steps, s.sft_steps)
+        steps = checkpoint_steps(s.stage2_steps)
+        cfg2 = self.config(variant, "cpt", variant.lr, stage2_dir, s.stage2_steps, steps[0], model=stage1_dir)
+        done = _read_json(os.path.join(folder, "result.json"))
+        if done and done.get("config") == _jsonable(dataclasses.asdict(cfg2)):
+            return done
+        print(f"[{time.strftime('%H:%M:%S')}] seq {name}: stage 1 (arithmetic) lr={variant.stage1_lr:g}, "
+              f"{s.sft_steps} steps", flush=True)
+        stage1, model1 = self.train_scored(cfg1, "seq", [s.sft_steps])
+        stage1["val"] = tasks.exact_match_scores(model1, self.tokenizer, self.arith_val, s.answer_tokens)
+        print(f"[{time.strftime('%H:%M:%S')}]   stage 1: {report.headline('seq', stage1['checkpoints'][-1])}",
+              flush=True)
+        del model1
         gc.collect()
-        chosen_lrs[variant] = chosen["lr"]
-        return results
+        print(f"[{time.strftime('%H:%M:%S')}] seq {name}: stage 2 (Spanish) lr={variant.lr:g}, {s.stage2_steps} steps",
+              flush=True)
+        planned = cfg2
+        try:  # the library's multi-stage training: a new run from stage 1's run folder
+            record, trained = self.train_scored(cfg2, "seq", steps)
+            start = "library multi-stage (TrainConfig.model = stage 1's run folder)"
+        except (AssetError, OSError, ValueError) as error:
+            print(f"[{time.strftime('%H:%M:%S')}]   this library cannot start a run from a run folder ({error}); "
+                  "stage 2 starts from stage 1's model, merged into a plain model", flush=True)
+            cfg2 = dataclasses.replace(cfg2, model=None)
+            record, trained = self.train_scored(cfg2, "seq", steps, start_model=self.stage1_model(variant, stage1_dir))
+            start = "stage 1's model merged into a plain model (merge_and_unload for LoRA and Control)"
+        out = {"experiment": "seq", "variant": name, "lr": variant.lr, "stage1_lr": variant.stage1_lr,
+               "stage1": stage1, "stage2_start": start, **record}
+        self._merged(out, trained, "seq", mc=False)
+        shutil.rmtree(stage1_dir, ignore_errors=True)
+        return self._finish(folder, out, planned)
+
+    def stage1_model(self, variant: Variant, stage1_dir: str):
+        """Stage 1's finished model as a plain transformers model (and the tokenizer)."""
+        final = os.path.join(stage1_dir, "final")
+        method = variant.overrides["method"]
+        if method in ("full", "freeze"):
+            return load_pretrained(final)
+        base, tokenizer = load_pretrained(None)
+        if method == "lora":
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(base, final).merge_and_unload(), tokenizer
+        from controlllm.model import ControlModel
+
+        return ControlModel.from_pretrained(base, final).merge_and_unload(), tokenizer
+
+    def _merged(self, out: dict, trained, experiment: str, mc: bool) -> None:
+        """For Control and stack runs, the merged model's probes at the last checkpoint."""
+        if hasattr(trained, "merge_and_unload") and out["config"]["method"] in ("control", "stack"):
+            merged = trained.merge_and_unload()
+            merged.eval()
+            out["merged"] = {"step": out["checkpoints"][-1]["step"], **self.probes(merged, experiment, mc=mc, val=True)}
+
+    def _finish(self, folder: str, out: dict, cfg: TrainConfig) -> dict:
+        out["config"] = _jsonable(dataclasses.asdict(cfg))
+        _write_json(os.path.join(folder, "result.json"), out)
+        shutil.rmtree(cfg.output, ignore_errors=True)  # weights are not needed once scored
+        last = out["checkpoints"][-1]
+        print(f"[{time.strftime('%H:%M:%S')}]   {out['experiment']} {out['variant']} done: trained "
+              f"{out['train_seconds']:.0f} s; {report.headline(out['experiment'], last)}", flush=True)
+        gc.collect()
+        return out
+
+    def run(self, experiment: str, name: str) -> dict | None:
+        variant = self.s.variants(experiment)[name]
+        missing = variant.missing_fields()
+        if missing:
+            print(f"[{time.strftime('%H:%M:%S')}] {experiment} {name}: skipped; this library's TrainConfig has no "
+                  f"{', '.join(missing)}", flush=True)
+            return None
+        folder = self.folder(experiment, name)
+        os.makedirs(folder, exist_ok=True)
+        try:
+            return self.run_cpt(name, variant) if experiment == "cpt" else self.run_seq(name, variant)
+        except TrainingError as error:  # e.g. a non-finite loss
+            out = {"experiment": experiment, "variant": name, "lr": variant.lr, "failed": str(error)}
+            _write_json(os.path.join(folder, "result.json"), out)
+            print(f"[{time.strftime('%H:%M:%S')}]   failed: {error}", flush=True)
+            return out
 
 
-def _trained_tokens(cfg: TrainConfig, sft_mean_tokens: float) -> int:
-    if cfg.task == "cpt":
-        return cfg.max_steps * cfg.batch_size * cfg.seq_len
-    # SFT sequences are short and padded per batch: count the mean real length.
-    return int(round(cfg.max_steps * cfg.batch_size * sft_mean_tokens))
+# ------------------------------------------------------------------------------ helpers
+def _jsonable(data):
+    return json.loads(json.dumps(data))
 
 
 def _write_if_changed(path: str, text: str) -> None:
-    """Write a data file atomically, and only when its content differs (another process may be
-    reading it)."""
+    """Write a data file atomically, and only when its content differs (another process may read it)."""
     try:
         with open(path, encoding="utf-8") as f:
             if f.read() == text:
@@ -445,22 +540,51 @@ def _write_json(path: str, data) -> None:
 def collect(bench: Bench) -> dict:
     """Every finished run on disk, per experiment and variant, in the plan's order."""
     out = {}
-    for experiment, variants in bench.s.variants.items():
-        for variant in variants:
-            root = os.path.join(bench.runs, experiment, variant)
-            found = []
-            for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-                result = _read_json(os.path.join(root, name, "result.json"))
-                if result:
-                    found.append(result)
-            if found:
-                out.setdefault(experiment, {})[variant] = sorted(found, key=lambda r: r["lr"])
+    for experiment in EXPERIMENTS:
+        for name in bench.s.variants(experiment):
+            result = _read_json(os.path.join(bench.folder(experiment, name), "result.json"))
+            if result:
+                out.setdefault(experiment, {})[name] = result
     return out
+
+
+# Seconds per training token of one single-threaded process with another beside it, and seconds per
+# scored checkpoint, measured in the previous round of this benchmark on this machine (its run
+# records: 62-66 tokens/s full, 76-83 LoRA, 99-105 freeze, 77-78 stack, 76-86 Control on 8 layers;
+# MC 0.33 s per item and task; Spanish + English probes 45 s for 24 + 24 texts).
+SPEED = {"full": 64, "lora": 78, "freeze": 100, "stack": 77, "control": 80}
+
+
+def estimate_seconds(settings: Settings, experiment: str, name: str) -> float:
+    """Process seconds one job takes (training + scoring), for balancing and the plan's estimate."""
+    s, v = settings, settings.variants(experiment)[name]
+    speed = SPEED[v.overrides["method"]]
+    light = (0.9 * s.spanish_test + 1.1 * s.english_texts) * s.text_chars / 500 + 3
+    val = 0.9 * s.spanish_val * s.text_chars / 500
+    mc = 0.33 * s.mc_items * len(tasks.MC_TASKS)
+    merged = v.overrides["method"] in ("control", "stack")
+    if experiment == "cpt":
+        train_s = s.cpt_steps * s.cpt_batch * s.cpt_seq / speed
+        score = 4 * light + val + mc + (light + val + mc if merged else 0)
+        return train_s + score + 30
+    arith = 0.35 * s.arith_test
+    train_s = s.sft_steps * s.sft_batch * 57 / speed + s.stage2_steps * s.cpt_batch * s.cpt_seq / speed
+    score = 2 * (light + arith) + 4 * (light + arith) + 2 * val + (light + arith + val if merged else 0)
+    return train_s + score + 60
+
+
+def assign(settings: Settings, jobs: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """Split jobs over the workers, longest first onto the least loaded (makespan near the mean)."""
+    loads = [[0.0, []] for _ in range(settings.workers)]
+    for job in sorted(jobs, key=lambda j: -estimate_seconds(settings, *j)):
+        slot = min(loads, key=lambda x: x[0])
+        slot[0] += estimate_seconds(settings, *job)
+        slot[1].append(job)
+    return [slot[1] for slot in loads]
 
 
 def environment(settings: Settings, command: str) -> dict:
     import peft
-    import transformers
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -468,45 +592,60 @@ def environment(settings: Settings, command: str) -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"command": command, "machine": f"{cpu}, {os.cpu_count()} CPU cores",
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "seed": SEED, "settings": dataclasses.asdict(settings)}
+    if torch.cuda.is_available():
+        cpu += f"; GPU {torch.cuda.get_device_name(0)}"
+    settings_dict = {k: v for k, v in dataclasses.asdict(settings).items() if not k.endswith("_variants")}
+    plan = {exp: {name: {"lr": v.lr, "stage1_lr": v.stage1_lr, "replay": v.replay, **v.overrides}
+                  for name, v in settings.variants(exp).items()} for exp in EXPERIMENTS}
+    return {"command": command, "machine": f"{cpu}, {os.cpu_count()} CPU cores", "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "seed": SEED, "settings": settings_dict, "plan": plan, "checkpoints": {
+                "cpt": checkpoint_steps(settings.cpt_steps), "seq": checkpoint_steps(settings.stage2_steps)}}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--plan", choices=[p for p in PLANS if p != "quick"], default="fast",
+                        help="sizes: fast (fits 100 min on 2 cores), full (issue 11's minimum sizes, about 4 h), gpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks every code path in minutes")
-    parser.add_argument("--runs", default=None, help="run folder (default runs/retention/<mode>)")
+    parser.add_argument("--runs", default=None, help="run folder (default runs/retention/<plan>)")
     parser.add_argument("--results", default=None,
-                        help="where the report goes (default benchmarks/results, or <runs>/report with --quick)")
-    parser.add_argument("--experiments", default=",".join(EXPERIMENTS), help="comma-separated subset of: cpt,csft")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per experiment process (default 1)")
-    parser.add_argument("--serial", action="store_true", help="run the experiments one after the other, in this process")
+                        help="where the report goes (default benchmarks/results; runs/.../report for --quick)")
+    parser.add_argument("--experiments", default=",".join(EXPERIMENTS), help="comma-separated subset of: cpt,seq")
+    parser.add_argument("--variants", default=None, help="comma-separated subset of the plan's variants")
+    parser.add_argument("--workers", type=int, default=None, help="processes side by side (default: the plan's)")
+    parser.add_argument("--estimate", action="store_true", help="print the plan's estimated time and stop")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from finished runs and stop")
-    parser.add_argument("--variants", default=None, help="comma-separated subset of the plan's variants to run")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--score-retention", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # 'cpt:full,seq:lora-r16,...'
     args = parser.parse_args(argv)
-    settings = quick_settings() if args.quick else full_settings()
-    # One thread per experiment process side by side; a serial run gets every core.
-    settings.threads = args.threads or (min(os.cpu_count() or 1, 2) if args.serial else 1)
+    settings = PLANS["quick" if args.quick else args.plan]()
+    if args.workers:
+        settings.workers = args.workers
     experiments = [e for e in args.experiments.split(",") if e]
     for experiment in experiments:
         if experiment not in EXPERIMENTS:
             parser.error(f"unknown experiment {experiment!r}; allowed: {', '.join(EXPERIMENTS)}")
+    wanted = None if args.variants is None else set(args.variants.split(","))
+    jobs = [(e, n) for e in experiments for n in settings.variants(e) if wanted is None or n in wanted]
+    if args.estimate:
+        plan = assign(settings, jobs)
+        for k, part in enumerate(plan):
+            total = sum(estimate_seconds(settings, *j) for j in part)
+            print(f"worker {k}: {total / 60:.0f} min: " + ", ".join(f"{e}:{n}" for e, n in part))
+        print(f"estimated wall time: {max(sum(estimate_seconds(settings, *j) for j in p) for p in plan) / 60 + 4:.0f} "
+              "min (+4 min base-model scoring and start-up)")
+        return 0
     torch.set_num_threads(settings.threads)
-    transformers.utils.logging.disable_progress_bar()  # keep the log to one line per run
-    runs = os.path.abspath(args.runs or os.path.join(ROOT, "runs", "retention", settings.mode))
+    transformers.utils.logging.disable_progress_bar()
+    runs = os.path.abspath(args.runs or os.path.join(ROOT, "runs", "retention", settings.plan))
     results = os.path.abspath(args.results or (os.path.join(runs, "report") if args.quick
                                                else os.path.join(ROOT, "benchmarks", "results")))
     os.makedirs(results, exist_ok=True)
-    command = "python benchmarks/retention/run.py" + (" --quick" if args.quick else "")
+    command = "python benchmarks/retention/run.py" + (" --quick" if args.quick else f" --plan {settings.plan}")
     started = time.time()
-    print(f"[{time.strftime('%H:%M:%S')}] retention benchmark ({settings.mode}, {', '.join(experiments)}): "
-          "preparing data", flush=True)
     bench = Bench(settings, runs)
-    info = {"environment": environment(settings, command), "data": {"cpt": bench.cpt_info, "csft": bench.csft_info}}
-
+    info = {"environment": environment(settings, command),
+            "data": {"spanish": bench.spanish_info, "arithmetic": bench.arith_info}}
     invocation = os.path.join(runs, "invocation.json")
 
     def publish(elapsed=None):
@@ -516,38 +655,37 @@ def main(argv=None) -> int:
     if args.report_only:
         publish((_read_json(invocation) or {}).get("seconds", 0.0))
         return 0
-    if args.worker or args.serial or len(experiments) == 1:
-        for experiment in experiments:
-            # The first experiment also scores the base model on the shared retention suite.
-            first = args.score_retention if args.worker else experiment == experiments[0]
-            bench.base_scores((["retention"] if first else []) + [experiment])
-            chosen_lrs: dict = {}
-            for variant in settings.variants[experiment]:
-                selected = args.variants is None or variant in args.variants.split(",")
-                bench.run_variant(experiment, variant, chosen_lrs, read_only=not selected)
-                if selected:
-                    publish()
+    if args.worker is not None or settings.workers == 1:
+        mine = [tuple(j.split(":", 1)) for j in args.worker.split(",") if j] if args.worker else jobs
+        index = int(os.environ.get("RETENTION_WORKER", "0"))
+        # Worker 0 scores the base model on the MC suite, worker 1 on the probes (cached on disk).
+        keys = (["mc", "cpt", "seq"] if settings.workers == 1 else (["mc"] if index == 0 else ["cpt", "seq"]))
+        bench.base_scores(keys)
+        for experiment, name in mine:
+            bench.run(experiment, name)
+            publish()
+        if args.worker is not None:
+            return 0
     else:
-        # One process per experiment, side by side: on a small CPU two single-threaded processes
-        # get more done than one process with two threads (tokenising, generation loops and small
-        # matrix products do not parallelise well).
+        print(f"[{time.strftime('%H:%M:%S')}] retention benchmark ({settings.plan}): {len(jobs)} runs on "
+              f"{settings.workers} workers", flush=True)
         procs = []
-        for experiment in experiments:
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--experiments", experiment,
-                   "--runs", runs, "--results", results, "--threads", str(settings.threads)]
-            cmd += ["--variants", args.variants] if args.variants else []
-            cmd += (["--quick"] if args.quick else []) + (["--score-retention"] if experiment == experiments[0] else [])
-            procs.append((experiment, subprocess.Popen(cmd)))
-        failed = [e for e, p in procs if p.wait() != 0]
+        for k, part in enumerate(assign(settings, jobs)):
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", ",".join(f"{e}:{n}" for e, n in part),
+                   "--runs", runs, "--results", results, "--workers", str(settings.workers)]
+            cmd += ["--quick"] if args.quick else ["--plan", settings.plan]
+            procs.append(subprocess.Popen(cmd, env={**os.environ, "RETENTION_WORKER": str(k)}))
+        failed = [k for k, p in enumerate(procs) if p.wait() != 0]
+        # A worker that finished early may have skipped the base scores the other was writing.
+        bench.base_scores(["mc", "cpt", "seq"])
         if failed:
             publish()
-            print(f"experiment(s) {', '.join(failed)} failed; see the output above", file=sys.stderr)
+            print(f"worker(s) {failed} failed; see the output above", file=sys.stderr)
             return 1
-    if not args.worker:
-        _write_json(invocation, {"seconds": round(time.time() - started, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
-        publish()
-        print(f"[{time.strftime('%H:%M:%S')}] done in {(time.time() - started) / 60:.1f} min; report in {results}",
-              flush=True)
+    _write_json(invocation, {"seconds": round(time.time() - started, 1),
+                             "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+    publish()
+    print(f"[{time.strftime('%H:%M:%S')}] done in {(time.time() - started) / 60:.1f} min; report in {results}", flush=True)
     return 0
 
 
