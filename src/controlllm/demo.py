@@ -100,7 +100,7 @@ def run_demo(output: str = "runs/demo", max_steps: int | None = None, quick: boo
     print(f"[3/4] Control LLM continued pre-training on Spanish: {steps} steps of 4 x 128 tokens")
     cfg = TrainConfig(data=data_path, output=os.path.join(output, "run"), task="cpt", method="control",
                       max_steps=steps, batch_size=4, seq_len=128, lr=5e-4, num_expanded_layers=8,
-                      interpolation="lerp", alignment_loss="mse", alignment_weight=1.0,
+                      preset="recommended",
                       save_steps=max(steps // 2, 1), logging_steps=5, resume=True)
     result = train(cfg, model=model, tokenizer=tokenizer)
     control = result.model
