@@ -47,11 +47,19 @@ def _atomic_save_file(tensors: dict, path: str, metadata: dict | None = None) ->
             os.remove(tmp)
 
 
-def _frozen_fingerprint(blocks: dict[int, _Block]) -> str:
-    """sha256 over the frozen weights of the expanded layers (names, shapes, dtypes and bytes)."""
+def is_trainable_key(name: str) -> bool:
+    """Whether a base-model state-dict key belongs to what Control training changes (copies,
+    interpolators and their statistics)."""
+    return ".expanded_layer." in name or ".interpolator." in name or name.endswith((".weight_sum", ".weight_count"))
+
+
+def _frozen_fingerprint(blocks: dict[int, _Block], states: dict[int, dict] | None = None) -> str:
+    """sha256 over the frozen weights of the expanded layers (names, shapes, dtypes and bytes);
+    `states` gives each layer's frozen state when the modules' own tensors are sharded."""
     digest = hashlib.sha256()
     for index in sorted(blocks):
-        for name, tensor in sorted(blocks[index].base_layer.state_dict().items()):
+        state = states[index] if states is not None else blocks[index].base_layer.state_dict()
+        for name, tensor in sorted(state.items()):
             t = tensor.detach().to("cpu").contiguous()
             digest.update(f"{index}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
             digest.update(t.view(torch.uint8).numpy().tobytes())
@@ -234,27 +242,38 @@ class ControlModel(nn.Module):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What training changes: the copies, the interpolators and their statistics, keyed by the
         names they have inside the base model."""
-        state = {}
-        for name, tensor in self.base_model.state_dict(keep_vars=False).items():
-            if ".expanded_layer." in name or ".interpolator." in name or name.endswith((".weight_sum", ".weight_count")):
-                state[name] = tensor.detach().contiguous()
-        return state
+        return {name: tensor.detach().contiguous() for name, tensor in self.base_model.state_dict(keep_vars=False).items()
+                if is_trainable_key(name)}
 
-    def save_pretrained(self, save_directory: str | os.PathLike, save_base: bool = False) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, save_base: bool = False,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write the trained delta (`control_model.safetensors`) and `control_config.json`.
 
         Files are written under temporary names and renamed, the config last. With `save_base=True`
         the frozen base model is saved too (in `base/`), so `ControlModel.from_pretrained(path)`
-        loads it all in one call.
+        loads it all in one call. `state_dict` is the model's whole state, keyed as in the base
+        model (a leading `base_model.` is dropped), for a sharded model (FSDP) whose own tensors
+        are only this rank's shards: gather it on every rank first, e.g. with
+        `torch.distributed.checkpoint.state_dict.get_model_state_dict(full_state_dict=True)`.
         """
         save_directory = os.fspath(save_directory)
         os.makedirs(save_directory, exist_ok=True)
         if save_base:
             self.save_base_model(os.path.join(save_directory, BASE_SUBFOLDER))
-        state = {k: v.to("cpu").clone() for k, v in self.trainable_state_dict().items()}
+        frozen = None
+        if state_dict is None:
+            state = {k: v.to("cpu").clone() for k, v in self.trainable_state_dict().items()}
+        else:
+            full = {k.removeprefix("base_model."): v for k, v in state_dict.items()}
+            state = {k: v.detach().to("cpu").contiguous().clone() for k, v in full.items() if is_trainable_key(k)}
+            names = {module: name for name, module in self.base_model.named_modules()}
+            frozen = {}
+            for index, block in self._blocks.items():
+                prefix = names[block.base_layer] + "."
+                frozen[index] = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
         _atomic_save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
         meta = _base_description(self.base_model)
-        meta["frozen_sha256"] = _frozen_fingerprint(self._blocks)
+        meta["frozen_sha256"] = _frozen_fingerprint(self._blocks, frozen)
         self.control_config.save_pretrained(save_directory, extra=meta)
 
     def save_base_model(self, directory: str | os.PathLike) -> None:

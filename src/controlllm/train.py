@@ -20,7 +20,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import ControlConfig
-from .model import WEIGHTS_NAME, ControlModel, get_control_model
+from .model import WEIGHTS_NAME, ControlModel, get_control_model, is_trainable_key
 from .surgery import decoder_layers
 
 METHODS = ("control", "full", "lora", "stack", "freeze")
@@ -140,11 +140,81 @@ def _unwrap(model):
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What a run trains, by name (for comparisons across runs and ranks)."""
+    """What a run trains, by name (for comparisons across runs and ranks). Under FSDP this gathers
+    the shards (call it on every rank); rank 0 gets the whole tensors, the other ranks {}."""
+    if is_sharded(model):
+        full = full_state_dict(model)
+        if isinstance(_unwrap(model), ControlModel):
+            return {k: v for k, v in full.items() if is_trainable_key(k)}
+        trained = {n.removeprefix("_orig_mod.") for n, p in _unwrap(model).named_parameters() if p.requires_grad}
+        return {k: v for k, v in full.items() if k in trained}
     model = _unwrap(model)
     if isinstance(model, ControlModel):
         return model.trainable_state_dict()
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ------------------------------------------------------------------------ sharded (FSDP)
+# FSDP leaves each rank only a shard of every parameter, so reading weights, saving and loading
+# go through torch's distributed state-dict API, which gathers (or scatters) on every rank.
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` (or a module inside it) is sharded by FSDP (FSDP1 wrapper or FSDP2 DTensors)."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in model.modules())
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state of a sharded model as CPU tensors on rank 0 ({} on the others), keyed as in
+    the base model of a ControlModel. A collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not isinstance(_unwrap(model), ControlModel):
+        return state
+    return {k.removeprefix("base_model."): v for k, v in state.items()}
+
+
+def load_full_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a whole (unsharded) Control delta into a ControlModel that FSDP shards. Every rank
+    passes the same `state`; each keeps its own shard. Names and shapes are checked first."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    control = _unwrap(model)
+    own = {k: v.shape for k, v in control.trainable_state_dict().items()}  # DTensor shapes are global
+    wrong = sorted(set(own) ^ set(state)) or [k for k in sorted(own) if tuple(own[k]) != tuple(state[k].shape)]
+    if wrong:
+        raise ValueError(f"The Control delta from {source!r} does not match this model: {wrong[:5]}")
+    result = set_model_state_dict(model, {"base_model." + k: v for k, v in state.items()},
+                                  options=StateDictOptions(full_state_dict=True, strict=False))
+    if result.unexpected_keys:
+        raise ValueError(f"The Control delta from {source!r} has keys this model lacks: {result.unexpected_keys[:5]}")
+
+
+def interpolation_weights(model: nn.Module) -> dict[int, float]:
+    """`ControlModel.interpolation_weights()` of a possibly sharded model. Under FSDP the
+    parameters are gathered first, so every rank must call it."""
+    control = _unwrap(model)
+    if not is_sharded(model):
+        return control.interpolation_weights()
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    groups = {name: m for name, m in model.named_modules() if isinstance(m, FSDPModule)}
+    if groups:  # FSDP2: gather only the groups that hold interpolators (their nearest FSDP ancestor)
+        owners = {}
+        for name, m in model.named_modules():
+            if name.endswith(".interpolator"):
+                owner = max((g for g in groups if g == "" or name.startswith(g + ".")), key=len)
+                owners[owner] = groups[owner]
+        for m in owners.values():
+            m.unshard()
+        try:
+            return control.interpolation_weights()
+        finally:
+            for m in owners.values():
+                m.reshard()
+    with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+        return control.interpolation_weights()
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -182,7 +252,7 @@ class ControlTrainer(Trainer):
             model = _unwrap(self.model)
             if isinstance(model, ControlModel) and model.control_blocks:
                 logs["alignment_loss"] = round(self._sums["alignment_loss"] / n, 6)
-                weights = model.interpolation_weights()
+                weights = interpolation_weights(self.model)
                 logs["w_mean"] = round(sum(weights.values()) / len(weights), 4)
             self._sums = {"lm_loss": 0.0, "alignment_loss": 0.0, "n": 0}
         if "eval_loss" in logs:
@@ -194,7 +264,8 @@ class ControlTrainer(Trainer):
         if isinstance(model, ControlModel):
             output_dir = output_dir or self.args.output_dir
             if self.args.should_save:
-                model.save_pretrained(output_dir)
+                # Under FSDP the Trainer passes the gathered full state: the model's own tensors are shards.
+                model.save_pretrained(output_dir, state_dict=state_dict)
                 if self.processing_class is not None:
                     self.processing_class.save_pretrained(output_dir)
             return
@@ -202,12 +273,17 @@ class ControlTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         target = _unwrap(model if model is not None else self.model)
-        if isinstance(target, ControlModel):
+        delta = os.path.join(resume_from_checkpoint, WEIGHTS_NAME)
+        if isinstance(target, ControlModel) and os.path.isfile(delta):
             from safetensors.torch import load_file
 
-            target.load_trainable_state(load_file(os.path.join(resume_from_checkpoint, WEIGHTS_NAME)),
-                                        source=resume_from_checkpoint)
+            wrapped = model if model is not None else self.model_wrapped
+            if is_sharded(wrapped):
+                load_full_trainable_state(wrapped, load_file(delta), source=resume_from_checkpoint)
+            else:
+                target.load_trainable_state(load_file(delta), source=resume_from_checkpoint)
             return
+        # Otherwise (a full model, or FSDP's sharded checkpoint files) the Trainer's own loader applies.
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _save_checkpoint(self, model, trial):
@@ -371,8 +447,9 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     if eval_set is not None:
         metrics = trainer.evaluate()
     seconds = time.time() - start
+    full_state = full_state_dict(trainer.model) if is_sharded(trainer.model) else None  # gathers on every rank
     if trainer.args.should_save:
-        _write_final(trainer, tokenizer, cfg, final_dir, metrics)
+        _write_final(trainer, tokenizer, cfg, final_dir, metrics, full_state)
     trainer.accelerator.wait_for_everyone()
     unwrapped = _unwrap(trainer.model)
     trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
@@ -380,11 +457,15 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     return TrainResult(cfg.output, final_dir, metrics, seconds, trainable, total, unwrapped)
 
 
-def _write_final(trainer: ControlTrainer, tokenizer, cfg: TrainConfig, final_dir: str, metrics: dict) -> None:
+def _write_final(trainer: ControlTrainer, tokenizer, cfg: TrainConfig, final_dir: str, metrics: dict,
+                 full_state: dict | None = None) -> None:
     tmp = final_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model = _unwrap(trainer.model)
-    model.save_pretrained(tmp)
+    if full_state is not None:
+        model.save_pretrained(tmp, state_dict=full_state)
+    else:
+        model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
         json.dump({**dataclasses.asdict(cfg), "final_metrics": metrics}, f, indent=2)
