@@ -230,11 +230,7 @@ class ControlTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if not torch.isfinite(loss.detach()).all():
-            raise TrainingError(
-                f"non-finite loss ({float(loss.detach())}) at step {self.state.global_step + 1}; stopping. "
-                "Lower --lr or check the data."
-            )
+        self._stop_on_non_finite(loss)
         lm_loss = getattr(outputs, "lm_loss", None) if not isinstance(outputs, dict) else outputs.get("lm_loss")
         align = getattr(outputs, "alignment_loss", None) if not isinstance(outputs, dict) else outputs.get("alignment_loss")
         if model.training:
@@ -244,6 +240,18 @@ class ControlTrainer(Trainer):
         elif lm_loss is not None:
             loss = lm_loss  # evaluation reports the LM loss alone, so perplexity means perplexity
         return (loss, outputs) if return_outputs else loss
+
+    def _stop_on_non_finite(self, loss: torch.Tensor) -> None:
+        # Every rank learns whether any rank's loss is non-finite, so all stop together with the same
+        # error instead of the healthy ranks waiting forever in the next collective.
+        bad = torch.zeros(self.args.world_size, device=loss.device)
+        bad[self.args.process_index] = float(not torch.isfinite(loss.detach()).all())
+        if self.args.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad)
+        if bad.any():
+            where = f" on rank {', '.join(str(r) for r in bad.nonzero().flatten().tolist())}" if self.args.world_size > 1 else ""
+            raise TrainingError(f"non-finite loss (nan or inf) at step {self.state.global_step + 1}{where}; stopping. "
+                                "Lower --lr or check the data.")
 
     def log(self, logs, start_time=None):
         if "loss" in logs and self._sums["n"]:
