@@ -25,6 +25,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from .errors import UserError
+
 #: Label value ignored by the cross-entropy loss.
 IGNORE_INDEX = -100
 
@@ -46,7 +48,7 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file or the records in it cannot be used for training."""
 
 

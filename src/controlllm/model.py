@@ -16,6 +16,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .alignment import masked_mean
 from .block import ControlBlock, StackBlock, _Block
 from .config import ControlConfig, read_config_file
+from .errors import CheckpointError
 from .surgery import decoder_layers, hidden_size_of, install_blocks, remove_blocks
 
 WEIGHTS_NAME = "control_model.safetensors"
@@ -45,6 +46,19 @@ def _atomic_save_file(tensors: dict, path: str, metadata: dict | None = None) ->
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def read_delta(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of `directory/control_model.safetensors`, with a clear error when the file is
+    missing, unreadable, truncated or not safetensors."""
+    from safetensors import SafetensorError
+
+    path = os.path.join(os.fspath(directory), WEIGHTS_NAME)
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"cannot read the Control delta {path}: {err} (the file is missing, "
+                              "unreadable, truncated or corrupt)") from err
 
 
 def is_trainable_key(name: str) -> bool:
@@ -308,13 +322,18 @@ class ControlModel(nn.Module):
             from transformers import AutoModelForCausalLM
 
             base_model = AutoModelForCausalLM.from_pretrained(base_model, **base_kwargs)
-        saved = read_config_file(model_id)
-        config = ControlConfig.from_dict(saved["control_config"])
+        try:
+            saved = read_config_file(model_id)
+            config = ControlConfig.from_dict(saved["control_config"])
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError) as err:  # unreadable or edited by hand
+            raise CheckpointError(f"cannot read the Control config in {str(model_id)!r}: {err}") from err
         expected = saved.get("base_model", {})
         actual = _base_description(base_model)
         for key, value in actual.items():
             if key in expected and expected[key] != value:
-                raise ValueError(
+                raise CheckpointError(
                     f"The Control delta in {str(model_id)!r} was trained on a base model with {key}={expected[key]!r}, "
                     f"but the given base model has {key}={value!r}"
                 )
@@ -324,12 +343,12 @@ class ControlModel(nn.Module):
             if found != expected["frozen_sha256"]:
                 layers = sorted(model._blocks)
                 model.unload()
-                raise ValueError(
+                raise CheckpointError(
                     f"The frozen weights of the expanded layers {layers} differ from those the Control "
                     f"delta in {str(model_id)!r} was trained on (sha256 {found[:12]} != {expected['frozen_sha256'][:12]}); "
                     "load it onto the same base model, or pass check_base_weights=False"
                 )
-        model.load_trainable_state(load_file(os.path.join(os.fspath(model_id), WEIGHTS_NAME)), source=model_id)
+        model.load_trainable_state(read_delta(model_id), source=model_id)
         return model
 
     def load_trainable_state(self, state: dict[str, torch.Tensor], source="state dict") -> None:
@@ -337,7 +356,7 @@ class ControlModel(nn.Module):
         own = self.trainable_state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
-            raise ValueError(
+            raise CheckpointError(
                 f"The Control delta from {str(source)!r} does not match this model: missing {missing[:5]}"
                 f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
             )
@@ -347,7 +366,7 @@ class ControlModel(nn.Module):
             for name, value in state.items():
                 target = params[name]
                 if target.shape != value.shape:
-                    raise ValueError(
+                    raise CheckpointError(
                         f"The Control delta from {str(source)!r} has {name} of shape {tuple(value.shape)}, "
                         f"the model expects {tuple(target.shape)}"
                     )

@@ -20,7 +20,8 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import ControlConfig
-from .model import WEIGHTS_NAME, ControlModel, get_control_model, is_trainable_key
+from .errors import UsageError, UserError
+from .model import WEIGHTS_NAME, ControlModel, get_control_model, is_trainable_key, read_delta
 from .surgery import decoder_layers
 
 METHODS = ("control", "full", "lora", "stack", "freeze")
@@ -31,7 +32,7 @@ FINAL = "final"
 STAGING = ".staging"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot continue (e.g. a non-finite loss); the message names the step."""
 
 
@@ -111,6 +112,11 @@ class TrainConfig:
 def prepare_model(base: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Make `base` trainable the way `cfg.method` says; returns the model to train."""
     num_layers = len(decoder_layers(base))
+    if cfg.method in ("control", "stack", "freeze"):
+        try:  # the flags are checked alone in TrainConfig; here against this model's depth
+            cfg.control_config(num_layers).resolve_layers(num_layers)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
     if cfg.method in ("control", "stack"):
         return get_control_model(base, cfg.control_config(num_layers))
     if cfg.method == "full":
@@ -283,13 +289,11 @@ class ControlTrainer(Trainer):
         target = _unwrap(model if model is not None else self.model)
         delta = os.path.join(resume_from_checkpoint, WEIGHTS_NAME)
         if isinstance(target, ControlModel) and os.path.isfile(delta):
-            from safetensors.torch import load_file
-
             wrapped = model if model is not None else self.model_wrapped
             if is_sharded(wrapped):
-                load_full_trainable_state(wrapped, load_file(delta), source=resume_from_checkpoint)
+                load_full_trainable_state(wrapped, read_delta(resume_from_checkpoint), source=resume_from_checkpoint)
             else:
-                target.load_trainable_state(load_file(delta), source=resume_from_checkpoint)
+                target.load_trainable_state(read_delta(resume_from_checkpoint), source=resume_from_checkpoint)
             return
         # Otherwise (a full model, or FSDP's sharded checkpoint files) the Trainer's own loader applies.
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -389,7 +393,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     eval_records = read(cfg.eval_data) if cfg.eval_data else None
     final_dir = os.path.join(cfg.output, FINAL)
     if os.path.isdir(final_dir) and not cfg.resume:
-        raise ValueError(f"{final_dir!r} already exists: this run has finished; choose another --output")
+        raise UsageError(f"{final_dir!r} already exists: this run has finished; choose another --output")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
