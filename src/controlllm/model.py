@@ -17,6 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .alignment import masked_layer_means
 from .block import ControlBlock, StackBlock, _Block
 from .config import ControlConfig, read_config_file
+from .errors import CheckpointError
 from .surgery import decoder_layers, hidden_size_of, install_blocks, remove_blocks
 
 WEIGHTS_NAME = "control_model.safetensors"
@@ -55,11 +56,32 @@ def _atomic_save_file(tensors: dict, path: str, metadata: dict | None = None) ->
             os.remove(tmp)
 
 
-def _frozen_fingerprint(blocks: dict[int, _Block]) -> str:
-    """sha256 over the frozen weights of the expanded layers (names, shapes, dtypes and bytes)."""
+def read_delta(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of `directory/control_model.safetensors`, with a clear error when the file is
+    missing, unreadable, truncated or not safetensors."""
+    from safetensors import SafetensorError
+
+    path = os.path.join(os.fspath(directory), WEIGHTS_NAME)
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"cannot read the Control delta {path}: {err} (the file is missing, "
+                              "unreadable, truncated or corrupt)") from err
+
+
+def is_trainable_key(name: str) -> bool:
+    """Whether a base-model state-dict key belongs to what Control training changes (copies,
+    interpolators and the drift budget's state)."""
+    return ".expanded_layer." in name or ".interpolator." in name or name.endswith(STATE_BUFFERS)
+
+
+def _frozen_fingerprint(blocks: dict[int, _Block], states: dict[int, dict] | None = None) -> str:
+    """sha256 over the frozen weights of the expanded layers (names, shapes, dtypes and bytes);
+    `states` gives each layer's frozen state when the modules' own tensors are sharded."""
     digest = hashlib.sha256()
     for index in sorted(blocks):
-        for name, tensor in sorted(blocks[index].base_layer.state_dict().items()):
+        state = states[index] if states is not None else blocks[index].base_layer.state_dict()
+        for name, tensor in sorted(state.items()):
             t = tensor.detach().to("cpu").contiguous()
             digest.update(f"{index}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
             digest.update(t.view(torch.uint8).numpy().tobytes())
@@ -365,29 +387,40 @@ class ControlModel(nn.Module):
 
     # ------------------------------------------------------------- save/load
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """What training changes: the copies and the interpolators, keyed by the names they have
-        inside the base model."""
-        state = {}
-        for name, tensor in self.base_model.state_dict(keep_vars=False).items():
-            if ".expanded_layer." in name or ".interpolator." in name or name.endswith(STATE_BUFFERS):
-                state[name] = tensor.detach().contiguous()
-        return state
+        """What training changes: the copies, the interpolators and the drift budget's state, keyed by
+        the names they have inside the base model."""
+        return {name: tensor.detach().contiguous() for name, tensor in self.base_model.state_dict(keep_vars=False).items()
+                if is_trainable_key(name)}
 
-    def save_pretrained(self, save_directory: str | os.PathLike, save_base: bool = False) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, save_base: bool = False,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write the trained delta (`control_model.safetensors`) and `control_config.json`.
 
         Files are written under temporary names and renamed, the config last. With `save_base=True`
         the frozen base model is saved too (in `base/`), so `ControlModel.from_pretrained(path)`
-        loads it all in one call.
+        loads it all in one call. `state_dict` is the model's whole state, keyed as in the base
+        model (a leading `base_model.` is dropped), for a sharded model (FSDP) whose own tensors
+        are only this rank's shards: gather it on every rank first, e.g. with
+        `torch.distributed.checkpoint.state_dict.get_model_state_dict(full_state_dict=True)`.
         """
         save_directory = os.fspath(save_directory)
         os.makedirs(save_directory, exist_ok=True)
         if save_base:
             self.save_base_model(os.path.join(save_directory, BASE_SUBFOLDER))
-        state = {k: v.to("cpu").clone() for k, v in self.trainable_state_dict().items()}
+        frozen = None
+        if state_dict is None:
+            state = {k: v.to("cpu").clone() for k, v in self.trainable_state_dict().items()}
+        else:
+            full = {k.removeprefix("base_model."): v for k, v in state_dict.items()}
+            state = {k: v.detach().to("cpu").contiguous().clone() for k, v in full.items() if is_trainable_key(k)}
+            names = {module: name for name, module in self.base_model.named_modules()}
+            frozen = {}
+            for index, block in self._blocks.items():
+                prefix = names[block.base_layer] + "."
+                frozen[index] = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
         _atomic_save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
         meta = _base_description(self.base_model)
-        meta["frozen_sha256"] = _frozen_fingerprint(self._blocks)
+        meta["frozen_sha256"] = _frozen_fingerprint(self._blocks, frozen)
         self.control_config.save_pretrained(save_directory, extra=meta)
 
     def save_base_model(self, directory: str | os.PathLike) -> None:
@@ -422,13 +455,18 @@ class ControlModel(nn.Module):
             from transformers import AutoModelForCausalLM
 
             base_model = AutoModelForCausalLM.from_pretrained(base_model, **base_kwargs)
-        saved = read_config_file(model_id)
-        config = ControlConfig.from_dict(saved["control_config"])
+        try:
+            saved = read_config_file(model_id)
+            config = ControlConfig.from_dict(saved["control_config"])
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError) as err:  # unreadable or edited by hand
+            raise CheckpointError(f"cannot read the Control config in {str(model_id)!r}: {err}") from err
         expected = saved.get("base_model", {})
         actual = _base_description(base_model)
         for key, value in actual.items():
             if key in expected and expected[key] != value:
-                raise ValueError(
+                raise CheckpointError(
                     f"The Control delta in {str(model_id)!r} was trained on a base model with {key}={expected[key]!r}, "
                     f"but the given base model has {key}={value!r}"
                 )
@@ -438,12 +476,12 @@ class ControlModel(nn.Module):
             if found != expected["frozen_sha256"]:
                 layers = sorted(model._blocks)
                 model.unload()
-                raise ValueError(
+                raise CheckpointError(
                     f"The frozen weights of the expanded layers {layers} differ from those the Control "
                     f"delta in {str(model_id)!r} was trained on (sha256 {found[:12]} != {expected['frozen_sha256'][:12]}); "
                     "load it onto the same base model, or pass check_base_weights=False"
                 )
-        model.load_trainable_state(load_file(os.path.join(os.fspath(model_id), WEIGHTS_NAME)), source=model_id)
+        model.load_trainable_state(read_delta(model_id), source=model_id)
         return model
 
     def load_trainable_state(self, state: dict[str, torch.Tensor], source="state dict") -> None:
@@ -455,7 +493,7 @@ class ControlModel(nn.Module):
         missing = sorted(k for k in set(own) - set(state) if not k.endswith(OPTIONAL_BUFFERS))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
-            raise ValueError(
+            raise CheckpointError(
                 f"The Control delta from {str(source)!r} does not match this model: missing {missing[:5]}"
                 f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
             )
@@ -465,7 +503,7 @@ class ControlModel(nn.Module):
             for name, value in state.items():
                 target = params[name]
                 if target.shape != value.shape:
-                    raise ValueError(
+                    raise CheckpointError(
                         f"The Control delta from {str(source)!r} has {name} of shape {tuple(value.shape)}, "
                         f"the model expects {tuple(target.shape)}"
                     )

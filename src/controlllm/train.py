@@ -21,7 +21,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .budget import DriftBudgetCallback
 from .config import ControlConfig
-from .model import WEIGHTS_NAME, ControlModel, get_control_model
+from .errors import UsageError, UserError
+from .model import WEIGHTS_NAME, ControlModel, get_control_model, is_trainable_key, read_delta
 from .surgery import decoder_layers
 
 METHODS = ("control", "full", "lora", "stack", "freeze")
@@ -32,7 +33,7 @@ FINAL = "final"
 STAGING = ".staging"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot continue (e.g. a non-finite loss); the message names the step."""
 
 
@@ -131,6 +132,11 @@ CONTROL_FIELDS = ("num_expanded_layers", "expanded_layers", "layer_placement", "
 def prepare_model(base: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Make `base` trainable the way `cfg.method` says; returns the model to train."""
     num_layers = len(decoder_layers(base))
+    if cfg.method in ("control", "stack", "freeze"):
+        try:  # the flags are checked alone in TrainConfig; here against this model's depth
+            cfg.control_config(num_layers).resolve_layers(num_layers)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
     if cfg.method in ("control", "stack"):
         return get_control_model(base, cfg.control_config(num_layers))
     if cfg.method == "full":
@@ -160,11 +166,81 @@ def _unwrap(model):
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What a run trains, by name (for comparisons across runs and ranks)."""
+    """What a run trains, by name (for comparisons across runs and ranks). Under FSDP this gathers
+    the shards (call it on every rank); rank 0 gets the whole tensors, the other ranks {}."""
+    if is_sharded(model):
+        full = full_state_dict(model)
+        if isinstance(_unwrap(model), ControlModel):
+            return {k: v for k, v in full.items() if is_trainable_key(k)}
+        trained = {n.removeprefix("_orig_mod.") for n, p in _unwrap(model).named_parameters() if p.requires_grad}
+        return {k: v for k, v in full.items() if k in trained}
     model = _unwrap(model)
     if isinstance(model, ControlModel):
         return model.trainable_state_dict()
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ------------------------------------------------------------------------ sharded (FSDP)
+# FSDP leaves each rank only a shard of every parameter, so reading weights, saving and loading
+# go through torch's distributed state-dict API, which gathers (or scatters) on every rank.
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` (or a module inside it) is sharded by FSDP (FSDP1 wrapper or FSDP2 DTensors)."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in model.modules())
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state of a sharded model as CPU tensors on rank 0 ({} on the others), keyed as in
+    the base model of a ControlModel. A collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not isinstance(_unwrap(model), ControlModel):
+        return state
+    return {k.removeprefix("base_model."): v for k, v in state.items()}
+
+
+def load_full_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a whole (unsharded) Control delta into a ControlModel that FSDP shards. Every rank
+    passes the same `state`; each keeps its own shard. Names and shapes are checked first."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    control = _unwrap(model)
+    own = {k: v.shape for k, v in control.trainable_state_dict().items()}  # DTensor shapes are global
+    wrong = sorted(set(own) ^ set(state)) or [k for k in sorted(own) if tuple(own[k]) != tuple(state[k].shape)]
+    if wrong:
+        raise ValueError(f"The Control delta from {source!r} does not match this model: {wrong[:5]}")
+    result = set_model_state_dict(model, {"base_model." + k: v for k, v in state.items()},
+                                  options=StateDictOptions(full_state_dict=True, strict=False))
+    if result.unexpected_keys:
+        raise ValueError(f"The Control delta from {source!r} has keys this model lacks: {result.unexpected_keys[:5]}")
+
+
+def interpolation_weights(model: nn.Module) -> dict[int, float]:
+    """`ControlModel.interpolation_weights()` of a possibly sharded model. Under FSDP the
+    parameters are gathered first, so every rank must call it."""
+    control = _unwrap(model)
+    if not is_sharded(model):
+        return control.interpolation_weights()
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    groups = {name: m for name, m in model.named_modules() if isinstance(m, FSDPModule)}
+    if groups:  # FSDP2: gather only the groups that hold interpolators (their nearest FSDP ancestor)
+        owners = {}
+        for name, m in model.named_modules():
+            if name.endswith(".interpolator"):
+                owner = max((g for g in groups if g == "" or name.startswith(g + ".")), key=len)
+                owners[owner] = groups[owner]
+        for m in owners.values():
+            m.unshard()
+        try:
+            return control.interpolation_weights()
+        finally:
+            for m in owners.values():
+                m.reshard()
+    with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+        return control.interpolation_weights()
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -199,11 +275,7 @@ class ControlTrainer(Trainer):
         labels = inputs.get("labels")
         tokens = int((labels[..., 1:] != -100).sum()) if labels is not None else 0
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if not torch.isfinite(loss.detach()).all():
-            raise TrainingError(
-                f"non-finite loss ({float(loss.detach())}) at step {self.state.global_step + 1}; stopping. "
-                "Lower --lr or check the data."
-            )
+        self._stop_on_non_finite(loss)
         lm_loss = getattr(outputs, "lm_loss", None) if not isinstance(outputs, dict) else outputs.get("lm_loss")
         align = getattr(outputs, "alignment_loss", None) if not isinstance(outputs, dict) else outputs.get("alignment_loss")
         if model.training:
@@ -226,6 +298,18 @@ class ControlTrainer(Trainer):
             loss = lm_loss
         return (loss, outputs) if return_outputs else loss
 
+    def _stop_on_non_finite(self, loss: torch.Tensor) -> None:
+        # Every rank learns whether any rank's loss is non-finite, so all stop together with the same
+        # error instead of the healthy ranks waiting forever in the next collective.
+        bad = torch.zeros(self.args.world_size, device=loss.device)
+        bad[self.args.process_index] = float(not torch.isfinite(loss.detach()).all())
+        if self.args.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad)
+        if bad.any():
+            where = f" on rank {', '.join(str(r) for r in bad.nonzero().flatten().tolist())}" if self.args.world_size > 1 else ""
+            raise TrainingError(f"non-finite loss (nan or inf) at step {self.state.global_step + 1}{where}; stopping. "
+                                "Lower --lr or check the data.")
+
     def log(self, logs, start_time=None):
         if "loss" in logs and self._sums["n"]:
             n = self._sums["n"]
@@ -237,7 +321,7 @@ class ControlTrainer(Trainer):
             model = _unwrap(self.model)
             if isinstance(model, ControlModel) and model.control_blocks:
                 logs["alignment_loss"] = round(align_sum / tokens, 6)
-                weights = model.interpolation_weights()
+                weights = interpolation_weights(self.model)
                 logs["w_mean"] = round(sum(weights.values()) / len(weights), 4)
                 logs.update({k: round(v, 6) for k, v in model.layer_statistics(reset=True).items()})
             self._sums = {"lm_loss": 0.0, "alignment_loss": 0.0, "n": 0, "tokens": 0}
@@ -250,7 +334,8 @@ class ControlTrainer(Trainer):
         if isinstance(model, ControlModel):
             output_dir = output_dir or self.args.output_dir
             if self.args.should_save:
-                model.save_pretrained(output_dir)
+                # Under FSDP the Trainer passes the gathered full state: the model's own tensors are shards.
+                model.save_pretrained(output_dir, state_dict=state_dict)
                 if self.processing_class is not None:
                     self.processing_class.save_pretrained(output_dir)
             return
@@ -258,12 +343,15 @@ class ControlTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         target = _unwrap(model if model is not None else self.model)
-        if isinstance(target, ControlModel):
-            from safetensors.torch import load_file
-
-            target.load_trainable_state(load_file(os.path.join(resume_from_checkpoint, WEIGHTS_NAME)),
-                                        source=resume_from_checkpoint)
+        delta = os.path.join(resume_from_checkpoint, WEIGHTS_NAME)
+        if isinstance(target, ControlModel) and os.path.isfile(delta):
+            wrapped = model if model is not None else self.model_wrapped
+            if is_sharded(wrapped):
+                load_full_trainable_state(wrapped, read_delta(resume_from_checkpoint), source=resume_from_checkpoint)
+            else:
+                target.load_trainable_state(read_delta(resume_from_checkpoint), source=resume_from_checkpoint)
             return
+        # Otherwise (a full model, or FSDP's sharded checkpoint files) the Trainer's own loader applies.
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _save_checkpoint(self, model, trial):
@@ -361,7 +449,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     eval_records = read(cfg.eval_data) if cfg.eval_data else None
     final_dir = os.path.join(cfg.output, FINAL)
     if os.path.isdir(final_dir) and not cfg.resume:
-        raise ValueError(f"{final_dir!r} already exists: this run has finished; choose another --output")
+        raise UsageError(f"{final_dir!r} already exists: this run has finished; choose another --output")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
@@ -429,8 +517,9 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     if eval_set is not None:
         metrics = trainer.evaluate()
     seconds = time.time() - start
+    full_state = full_state_dict(trainer.model) if is_sharded(trainer.model) else None  # gathers on every rank
     if trainer.args.should_save:
-        _write_final(trainer, tokenizer, cfg, final_dir, metrics)
+        _write_final(trainer, tokenizer, cfg, final_dir, metrics, full_state)
     trainer.accelerator.wait_for_everyone()
     unwrapped = _unwrap(trainer.model)
     trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
@@ -448,11 +537,15 @@ def run_record(cfg: TrainConfig) -> dict:
     return {**dataclasses.asdict(cfg), "lineage": {"base_model": base_model, "stages": [*stages, this]}}
 
 
-def _write_final(trainer: ControlTrainer, tokenizer, cfg: TrainConfig, final_dir: str, metrics: dict) -> None:
+def _write_final(trainer: ControlTrainer, tokenizer, cfg: TrainConfig, final_dir: str, metrics: dict,
+                 full_state: dict | None = None) -> None:
     tmp = final_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model = _unwrap(trainer.model)
-    model.save_pretrained(tmp)
+    if full_state is not None:
+        model.save_pretrained(tmp, state_dict=full_state)
+    else:
+        model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
         json.dump({**run_record(cfg), "final_metrics": metrics}, f, indent=2)
