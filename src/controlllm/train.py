@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import ControlConfig
 from .model import WEIGHTS_NAME, ControlModel, get_control_model
+from .monitor import use_compact_console
 from .surgery import decoder_layers
 
 METHODS = ("control", "full", "lora", "stack", "freeze")
@@ -363,8 +364,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
         callbacks=[MetricsFile(os.path.join(cfg.output, METRICS), resume_step)],
         save_total_limit_atomic=cfg.save_total_limit,
     )
-    if not cfg.progress:
-        trainer.remove_callback(PrinterCallback)  # quiet: metrics.jsonl still has every record
+    use_compact_console(trainer, cfg.progress)  # quiet without progress: metrics.jsonl still has every record
     start = time.time()
     trainer.train(resume_from_checkpoint=resume_from)
     metrics = {}
