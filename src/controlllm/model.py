@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -33,6 +34,24 @@ class ControlModelOutput(CausalLMOutputWithPast):
 
     lm_loss: torch.FloatTensor | None = None
     alignment_loss: torch.FloatTensor | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def _with_control_fields(output_class: type) -> type:
+    """`output_class` with ControlModelOutput's extra fields declared (so they are items, not bare attributes)."""
+    namespace = {"__module__": __name__, "__qualname__": f"Control{output_class.__name__}",
+                 "__annotations__": {"lm_loss": "torch.FloatTensor | None", "alignment_loss": "torch.FloatTensor | None"},
+                 "lm_loss": None, "alignment_loss": None}
+    return dataclass(type(f"Control{output_class.__name__}", (output_class,), namespace))
+
+
+def _control_output(out):
+    """The base model's output with lm_loss and alignment_loss fields: a ControlModelOutput, or for another output
+    type (TRL's fused LM head returns per-token log-probabilities) that type extended with the two fields, so they
+    survive code that rebuilds an output from its items (accelerate's mixed-precision wrapper does)."""
+    if isinstance(out, CausalLMOutputWithPast):
+        return ControlModelOutput(**out)
+    return _with_control_fields(type(out))(**out)
 
 
 def _atomic_save_file(tensors: dict, path: str, metadata: dict | None = None) -> None:
@@ -164,7 +183,7 @@ class ControlModel(nn.Module):
         with self._recording() as blocks, self._hidden_state_capture(output_hidden_states) as hidden:
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                                   return_dict=True, **kwargs)
-        result = ControlModelOutput(**out)
+        result = _control_output(out)
         if hidden is not None:
             result.hidden_states = tuple(hidden)
         result.lm_loss = out.loss
