@@ -156,6 +156,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "merge":
         from .checkpoints import load_model
         from .merge import merge_fidelity
+        from .model_card import carry_card_to_merge
 
         model, tokenizer, kind = load_model(args.model, base=args.base)
         if kind != "control":
@@ -166,6 +167,7 @@ def run(argv: list[str] | None = None) -> int:
         merged.save_pretrained(args.output)
         tokenizer.save_pretrained(args.output)
         print(json.dumps({"output": args.output, **report}, indent=2))
+        carry_card_to_merge(args.model, args.output, report, args.check_text)
         return 0
     if args.command == "eval":
         from .checkpoints import load_model

@@ -21,6 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .config import ControlConfig
 from .model import WEIGHTS_NAME, ControlModel, get_control_model
+from .model_card import write_model_card
 from .monitor import use_compact_console
 from .surgery import decoder_layers
 
@@ -388,6 +389,7 @@ def _write_final(trainer: ControlTrainer, tokenizer, cfg: TrainConfig, final_dir
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
         json.dump({**dataclasses.asdict(cfg), "final_metrics": metrics}, f, indent=2)
+    write_model_card(tmp, dataclasses.asdict(cfg), metrics)  # README.md: what this folder is, from what, with what result
     if os.path.isdir(final_dir):
         shutil.rmtree(final_dir)
     os.replace(tmp, final_dir)
