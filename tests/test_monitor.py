@@ -32,6 +32,8 @@ def test_training_prints_compact_lines_not_dicts(tmp_path, text_file, capsys):
     model = make_model("llama", vocab_size=len(tokenizer))
     train(TrainConfig(data=str(text_file), output=str(tmp_path / "run"), max_steps=2, batch_size=2, seq_len=32,
                       logging_steps=1, save_steps=2, progress=True), model=model, tokenizer=tokenizer)
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "writing checkpoint-2" in captured.err  # the bar says what it is doing while the checkpoint is written
     assert "step 1/2 | loss " in out and "| lm " in out and "| align " in out and "| w 0.50" in out
     assert "{'loss'" not in out and "done | 2 steps in" in out

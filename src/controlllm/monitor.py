@@ -74,6 +74,16 @@ def format_record(logs: dict, step: int, max_steps: int | None = None) -> str | 
 class CompactProgressCallback(ProgressCallback):
     """The Trainer's progress bar, with each log record written above it as one `format_record` line."""
 
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        # The Trainer writes the checkpoint right after this step: say so, since writing can take a while.
+        if control.should_save and self.training_bar is not None:
+            self.training_bar.set_postfix_str(f"writing checkpoint-{state.global_step}", refresh=True)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.training_bar is not None:
+            self.training_bar.set_postfix_str("", refresh=True)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
