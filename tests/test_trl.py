@@ -94,3 +94,15 @@ def test_trainers_refuse_a_plain_model(tmp_path):
     tokenizer = make_tokenizer()
     with pytest.raises(TypeError, match="ControlModel"):
         sft(make_model("llama", vocab_size=len(tokenizer)), tokenizer, tmp_path)
+
+
+def test_dpo_with_precomputed_reference_log_probs(tmp_path):
+    _, model, tokenizer = control()
+    args = DPOConfig(output_dir=str(tmp_path / "dpo"), precompute_ref_log_probs=True,
+                     **{**COMMON, "max_steps": 1, "learning_rate": 1e-3})
+    trainer = ControlDPOTrainer(model=model, args=args, train_dataset=preference_data(), processing_class=tokenizer)
+    assert "ref_chosen_logps" in trainer.train_dataset.column_names
+    trainer.train()
+    # At step 0 the policy is the base model: the precomputed reference log-probs give zero rewards.
+    first = [r for r in trainer.state.log_history if "loss" in r][0]
+    assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
