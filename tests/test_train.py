@@ -79,7 +79,8 @@ def test_checkpoints_are_complete_and_rotated(tmp_path, text_file):
     train(TrainConfig(data=str(text_file), output=str(tmp_path / "run"), **{**FAST, "max_steps": 6}),
           model=model, tokenizer=tokenizer)
     names = sorted(os.listdir(tmp_path / "run"))
-    assert names == ["checkpoint-4", "checkpoint-6", "final", "metrics.jsonl", "run_config.json"]
+    # runs/: the Trainer's TensorBoard event files (tensorboard is a dependency)
+    assert names == ["checkpoint-4", "checkpoint-6", "final", "metrics.jsonl", "run_config.json", "runs"]
     ckpt = set(os.listdir(tmp_path / "run" / "checkpoint-6"))
     assert {"control_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= ckpt
 

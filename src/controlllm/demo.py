@@ -39,17 +39,17 @@ def english_texts(n: int) -> list[str]:
     return [t for t in fetch_fortunes("fortunes") if len(t) >= 200][:n]
 
 
-def measure(model, tokenizer, spanish: list[str], english: list[str], arc, reference=None) -> dict:
-    """The demo's metrics for one model."""
+def measure(model, tokenizer, spanish: list[str], english: list[str], arc, reference=None, progress: bool = True) -> dict:
+    """The demo's metrics for one model (each measurement shows a progress bar unless `progress=False`)."""
     result = {
-        "spanish_bpc": heldout_loss(model, tokenizer, spanish, seq_len=256, batch_size=8, progress=False)["bpc"],
-        "english_bpc": heldout_loss(model, tokenizer, english, seq_len=256, batch_size=8, progress=False)["bpc"],
+        "spanish_bpc": heldout_loss(model, tokenizer, spanish, seq_len=256, batch_size=8, progress=progress)["bpc"],
+        "english_bpc": heldout_loss(model, tokenizer, english, seq_len=256, batch_size=8, progress=progress)["bpc"],
     }
-    mc = score_multiple_choice(model, tokenizer, arc, batch_size=16, progress=False)
+    mc = score_multiple_choice(model, tokenizer, arc, batch_size=16, progress=progress, desc="ARC-Easy")
     result["arc_easy_acc"] = mc["acc"]
     result["arc_easy_acc_stderr"] = mc["acc_stderr"]
     result["english_kl_to_base"] = (
-        0.0 if reference is None else kl_to_reference(model, reference, tokenizer, english, seq_len=256, progress=False)
+        0.0 if reference is None else kl_to_reference(model, reference, tokenizer, english, seq_len=256, progress=progress)
     )
     return result
 

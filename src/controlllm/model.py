@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -34,14 +35,38 @@ LEGACY_STATISTICS = (".weight_sum", ".weight_count")
 class ControlModelOutput(CausalLMOutputWithPast):
     """The base model's output plus the alignment loss.
 
-    `loss` = LM loss + alignment_weight * alignment_loss when labels are given; `lm_loss` is the LM
-    loss alone and `alignment_loss` the (unweighted) alignment loss, averaged over expanded layers
-    and over the positions the LM loss is computed on (with labels; the real tokens without), so
-    that under gradient accumulation both terms are normalised by the same token count.
+    `loss` = LM loss + `alignment_term` when labels are given; `lm_loss` is the LM loss alone,
+    `alignment_loss` the (unweighted) alignment loss, averaged over expanded layers and over the
+    positions the LM loss is computed on (with labels; the real tokens without), so that under
+    gradient accumulation both terms are normalised by the same token count. `alignment_term` is
+    what the alignment adds to this micro-batch's mean loss: alignment_weight * alignment_loss, or
+    under a drift budget mean_l(multiplier_l * alignment_l) / budget (None when nothing is added).
     """
 
     lm_loss: torch.FloatTensor | None = None
     alignment_loss: torch.FloatTensor | None = None
+    alignment_term: torch.FloatTensor | None = None
+
+
+CONTROL_FIELDS = ("lm_loss", "alignment_loss", "alignment_term")
+
+
+@functools.lru_cache(maxsize=None)
+def _with_control_fields(output_class: type) -> type:
+    """`output_class` with ControlModelOutput's extra fields declared (so they are items, not bare attributes)."""
+    namespace = {"__module__": __name__, "__qualname__": f"Control{output_class.__name__}",
+                 "__annotations__": {name: "torch.FloatTensor | None" for name in CONTROL_FIELDS},
+                 **{name: None for name in CONTROL_FIELDS}}
+    return dataclass(type(f"Control{output_class.__name__}", (output_class,), namespace))
+
+
+def _control_output(out):
+    """The base model's output with lm_loss and alignment_loss fields: a ControlModelOutput, or for another output
+    type (TRL's fused LM head returns per-token log-probabilities) that type extended with the two fields, so they
+    survive code that rebuilds an output from its items (accelerate's mixed-precision wrapper does)."""
+    if isinstance(out, CausalLMOutputWithPast):
+        return ControlModelOutput(**out)
+    return _with_control_fields(type(out))(**out)
 
 
 def _atomic_save_file(tensors: dict, path: str, metadata: dict | None = None) -> None:
@@ -197,7 +222,7 @@ class ControlModel(nn.Module):
         with self._recording() as blocks, self._hidden_state_capture(output_hidden_states) as hidden:
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                                   return_dict=True, **kwargs)
-        result = ControlModelOutput(**out)
+        result = _control_output(out)
         if hidden is not None:
             result.hidden_states = tuple(hidden)
         result.lm_loss = out.loss
@@ -214,6 +239,7 @@ class ControlModel(nn.Module):
         if scored:
             result.alignment_loss = layer_align.mean()
             term = self._alignment_term(scored, layer_align)
+            result.alignment_term = term
             if out.loss is not None and term is not None:
                 if num_items is not None and labels is not None:
                     # The Trainer sums micro-batch losses normalised by the label tokens of the whole

@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .budget import DriftBudgetCallback
 from .config import ControlConfig
 from .errors import UsageError, UserError
 from .model import WEIGHTS_NAME, ControlModel, get_control_model, is_trainable_key, read_delta
+from .model_card import write_model_card
+from .monitor import use_compact_console
 from .surgery import decoder_layers
 
 METHODS = ("control", "full", "lora", "stack", "freeze")
@@ -509,8 +511,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
         save_total_limit_atomic=cfg.save_total_limit,
         interpolation_lr=cfg.interpolation_lr,
     )
-    if not cfg.progress:
-        trainer.remove_callback(PrinterCallback)  # quiet: metrics.jsonl still has every record
+    use_compact_console(trainer, cfg.progress)  # quiet without progress: metrics.jsonl still has every record
     start = time.time()
     trainer.train(resume_from_checkpoint=resume_from)
     metrics = {}
@@ -548,7 +549,9 @@ def _write_final(trainer: ControlTrainer, tokenizer, cfg: TrainConfig, final_dir
         model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
-        json.dump({**run_record(cfg), "final_metrics": metrics}, f, indent=2)
+        record = {**run_record(cfg), "final_metrics": metrics}
+        json.dump(record, f, indent=2)
+    write_model_card(tmp, record, metrics)  # README.md: what this folder is, from what, with what result
     if os.path.isdir(final_dir):
         shutil.rmtree(final_dir)
     os.replace(tmp, final_dir)

@@ -1,0 +1,123 @@
+"""TRL's SFTTrainer and DPOTrainer on a tiny ControlModel: the alignment term in the optimised loss, frozen
+weights untouched, and the base model (disable_control) as the DPO reference without a second copy."""
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+from datasets import Dataset  # noqa: E402
+from trl import DPOConfig, SFTConfig  # noqa: E402
+from trl.trainer.utils import add_fused_lm_head  # noqa: E402
+
+from controlllm import ControlConfig, ControlModel, get_control_model  # noqa: E402
+from controlllm.integrations.trl import BaseModelReference, ControlDPOTrainer, ControlSFTTrainer  # noqa: E402
+
+from conftest import TOKENIZER_CORPUS, clone, make_model, make_tokenizer, perturb_trainable  # noqa: E402
+
+COMMON = dict(per_device_train_batch_size=2, report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
+              disable_tqdm=True, max_length=32, seed=0)
+
+
+def control(weight=1.0, **config):
+    tokenizer = make_tokenizer()
+    base = make_model("llama", vocab_size=len(tokenizer))
+    return base, get_control_model(base, ControlConfig(num_expanded_layers=None, expanded_layers=[1, 3], alignment_weight=weight,
+                                                       **config)), tokenizer
+
+
+def sft(model, tokenizer, tmp_path, **overrides):
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), **{**COMMON, "max_steps": 3, "learning_rate": 1e-3, **overrides})
+    return ControlSFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": TOKENIZER_CORPUS * 4}),
+                             processing_class=tokenizer)
+
+
+def preference_data():
+    return Dataset.from_dict({"prompt": ["Hello there,", "Paris is"] * 4, "chosen": [" how are you", " the capital"] * 4,
+                              "rejected": [" dog lazy", " fox brown"] * 4})
+
+
+def test_sft_loss_is_lm_loss_plus_weighted_alignment(tmp_path):
+    _, model, tokenizer = control(weight=10.0)
+    perturb_trainable(model)  # the branches differ, so the alignment loss is not zero
+    trainer = sft(model, tokenizer, tmp_path, bf16=False, gradient_checkpointing=False)
+    model.train()
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    loss = trainer.compute_loss(model, dict(inputs))
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"])
+    assert float(out.alignment_loss) > 1e-4
+    # ControlModel's own loss (logits and cross-entropy) = LM loss + 10 * alignment: TRL's fused loss plus our term.
+    assert float(loss) == pytest.approx(float(out.loss), rel=1e-5)
+    assert float(loss) - float(out.lm_loss) == pytest.approx(10 * float(out.alignment_loss), rel=1e-4)
+
+
+def test_sft_under_a_drift_budget_adds_the_budget_term_and_adapts_multipliers(tmp_path):
+    _, model, tokenizer = control(alignment_budget=1e-6)  # far below any drift: the multipliers must grow
+    trainer = sft(model, tokenizer, tmp_path, bf16=False, gradient_checkpointing=False, max_steps=4)
+    trainer.train()
+    multipliers = [float(b.budget_multiplier) for b in model.control_blocks.values()]
+    assert all(m > 0 for m in multipliers), multipliers
+    perturb_trainable(model)
+    model.train()
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    loss = trainer.compute_loss(model, dict(inputs))
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"])
+    assert float(loss) == pytest.approx(float(out.loss), rel=1e-4)  # the same budget term as ControlModel's own loss
+
+
+def test_sft_trains_the_copies_only_and_saves_the_delta(tmp_path):
+    _, model, tokenizer = control()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = sft(model, tokenizer, tmp_path)  # TRL's defaults: bf16 autocast, gradient checkpointing
+    trainer.train()
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in frozen.items())
+    assert any(not torch.equal(params[n], v) for n, v in trained.items())
+    logs = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(logs) == 3 and all("alignment_loss" in r and "w/1" in r and "w/3" in r for r in logs)
+    assert logs[-1]["alignment_loss"] > 0
+    trainer.save_model(str(tmp_path / "out"))
+    assert (tmp_path / "out" / "control_model.safetensors").is_file()
+    reloaded = ControlModel.from_pretrained(clone(model).unload(), tmp_path / "out")
+    saved = reloaded.trainable_state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in model.trainable_state_dict().items())
+
+
+def test_dpo_reference_is_the_base_model_without_a_copy(tmp_path):
+    base, model, tokenizer = control()
+    perturb_trainable(model)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    args = DPOConfig(output_dir=str(tmp_path / "dpo"), **{**COMMON, "max_steps": 2, "learning_rate": 1e-3})
+    trainer = ControlDPOTrainer(model=model, args=args, train_dataset=preference_data(), processing_class=tokenizer)
+    assert isinstance(trainer.ref_model, BaseModelReference)
+    assert not list(trainer.ref_model.parameters())  # no second copy of the weights
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    ref = trainer.compute_ref_log_probs(trainer.ref_model, batch)
+    plain = clone(model).unload()
+    add_fused_lm_head(plain)
+    expected = trainer.compute_ref_log_probs(plain, batch)
+    for got, want in zip(ref, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    trainer.train()
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in frozen.items())
+    logs = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(logs) == 2 and all(r["alignment_loss"] > 0 for r in logs)
+
+
+def test_trainers_refuse_a_plain_model(tmp_path):
+    tokenizer = make_tokenizer()
+    with pytest.raises(TypeError, match="ControlModel"):
+        sft(make_model("llama", vocab_size=len(tokenizer)), tokenizer, tmp_path)
+
+
+def test_dpo_with_precomputed_reference_log_probs(tmp_path):
+    _, model, tokenizer = control()
+    args = DPOConfig(output_dir=str(tmp_path / "dpo"), precompute_ref_log_probs=True,
+                     **{**COMMON, "max_steps": 1, "learning_rate": 1e-3})
+    trainer = ControlDPOTrainer(model=model, args=args, train_dataset=preference_data(), processing_class=tokenizer)
+    assert "ref_chosen_logps" in trainer.train_dataset.column_names
+    trainer.train()
+    # At step 0 the policy is the base model: the precomputed reference log-probs give zero rewards.
+    first = [r for r in trainer.state.log_history if "loss" in r][0]
+    assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
