@@ -20,7 +20,8 @@ GLOBAL_BATCH, SEQ, LR = 4, 16, 0.5
 
 
 def build(sharded: bool):
-    model = get_control_model(make_model("llama"), ControlConfig(num_expanded_layers=2, interpolation="dlerp"))
+    model = get_control_model(make_model("llama"), ControlConfig(num_expanded_layers=2, interpolation="dlerp",
+                                                                 train_interpolation=True))
     model.train()
     if sharded:
         from torch.distributed.fsdp import fully_shard

@@ -7,7 +7,7 @@ default, one cosine schedule), measured on validation data only:
 Every variant is one run; full fine-tuning at two learning rates is the reference frontier. For the
 dlerp variants the per-layer gate mean and spread at the end of training are recorded.
 
-    .venv/bin/python benchmarks/calibration/run.py            # all variants (~40-60 min on 2 cores)
+    .venv/bin/python benchmarks/calibration/run.py            # all variants, one process (~45 min)
     .venv/bin/python benchmarks/calibration/run.py --only full-3e-5,control-budget-0.01
 
 Finished variants are kept in runs/calibration/<name>/result.json and skipped on a rerun. Results:
@@ -41,7 +41,6 @@ NMSE8 = dict(method="control", num_expanded_layers=8, interpolation="lerp", alig
 VARIANTS = {
     "full-3e-5": dict(method="full", lr=3e-5),
     "full-1e-4": dict(method="full", lr=1e-4),
-    "lora-r16-3e-4": dict(method="lora", lr=3e-4),
     "control-nmse8-w1-3e-4": dict(NMSE8, lr=3e-4, alignment_weight=1.0),
     "control-nmse8-groupend-3e-4": dict(NMSE8, lr=3e-4, alignment_weight=1.0, layer_placement="group_end"),
     "control-nmse15-w1-3e-4": dict(NMSE8, lr=3e-4, alignment_weight=1.0, num_expanded_layers=15),
