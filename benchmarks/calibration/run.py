@@ -157,6 +157,9 @@ def report(runs: str, base_scores: dict) -> None:
         lines += ["", "Per-layer gate at the end of training, mean (spread over tokens):", ""]
         for r in gates:
             lines.append(f"- {r['name']}: " + ", ".join(f"L{k} {v[0]:.2f} ({v[1]:.2f})" for k, v in r["gates"].items()))
+    discussion = os.path.join(HERE, "discussion.md")
+    if os.path.isfile(discussion):
+        lines += ["", open(discussion).read().rstrip()]
     with open(os.path.join(RESULTS, "calibration.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     import matplotlib
