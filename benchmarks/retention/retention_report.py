@@ -337,6 +337,15 @@ def markdown(info: dict, base: dict, summary: dict, analysis: dict, elapsed: flo
     return "\n".join(lines)
 
 
+def _trajectory_row(experiment: str, name: str, lr: float, c: dict, tokens, seconds: str) -> str:
+    """One row of the every-checkpoint table (a checkpoint, or the merged model at the last one)."""
+    row = (f"| {name} | {lr:g} | {c['step']} | {tokens} | {_pm(c['gain'], c['gain_se'])} | "
+           f"{_pm(c['kl'], c['kl_se'], '{:.4f}')} | {_pm(c['english'], c['english_se'], '{:+.4f}')} |")
+    if experiment == "seq":
+        row += f" {c['arith_em']:.3f} ({_pm(c.get('arith_loss'), c.get('arith_loss_se'))}) |"
+    return row + f" {_f(c.get('spanish_val_bpc'), '{:.4f}')} | {seconds} |"
+
+
 def _experiment_md(experiment: str, info: dict, base: dict, summary: dict, an: dict) -> list[str]:
     s = info["environment"]["settings"]
     measures = [m for m, _ in FORGETTING[experiment]]
@@ -380,20 +389,10 @@ def _experiment_md(experiment: str, info: dict, base: dict, summary: dict, an: d
             lines.append(f"| {name} | failed: {blk['failed']} |")
             continue
         for c in blk["checkpoints"]:
-            row = (f"| {name} | {blk['lr']:g} | {c['step']} | {c['tokens'] or '-'} | {_pm(c['gain'], c['gain_se'])} | "
-                   f"{_pm(c['kl'], c['kl_se'], '{:.4f}')} | {_pm(c['english'], c['english_se'], '{:+.4f}')} |")
-            if experiment == "seq":
-                row += f" {c['arith_em']:.3f} ({_pm(c.get('arith_loss'), c.get('arith_loss_se'))}) |"
-            row += f" {_f(c.get('spanish_val_bpc'), '{:.4f}')} | {blk['train_seconds']:.0f} |"
-            lines.append(row)
+            lines.append(_trajectory_row(experiment, name, blk["lr"], c, c["tokens"] or "-",
+                                         f"{blk['train_seconds']:.0f}"))
         if blk.get("merged"):
-            m = blk["merged"]
-            row = (f"| {name} **merged** | {blk['lr']:g} | {m['step']} | - | {_pm(m['gain'], m['gain_se'])} | "
-                   f"{_pm(m['kl'], m['kl_se'], '{:.4f}')} | {_pm(m['english'], m['english_se'], '{:+.4f}')} |")
-            if experiment == "seq":
-                row += f" {m['arith_em']:.3f} ({_pm(m.get('arith_loss'), m.get('arith_loss_se'))}) |"
-            row += f" {_f(m.get('spanish_val_bpc'), '{:.4f}')} | - |"
-            lines.append(row)
+            lines.append(_trajectory_row(experiment, f"{name} **merged**", blk["lr"], blk["merged"], "-", "-"))
     lines.append("")
     if experiment == "cpt":
         head = ("| model (last checkpoint) | " + " | ".join(f"{v} acc (change)" for v in MC_LABELS.values())

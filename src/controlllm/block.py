@@ -138,7 +138,7 @@ class ControlBlock(_Block):
     """Concat expansion: h = h_p + w (h_e - h_p), h_p from the frozen layer, h_e from its trainable copy.
 
     When `record` is set (by `ControlModel.forward`), the block keeps its per-token alignment loss
-    in `alignment` ([batch, seq], fp32), its per-token drift (nmse, detached) in `drift` and the
+    in `alignment` ([batch, seq], fp32), in training its per-token drift (nmse, detached) in `drift`, and the
     weights it used in `last_weight`; otherwise it does no extra work, so generation pays only for
     the second branch.
 
@@ -177,8 +177,9 @@ class ControlBlock(_Block):
             target = h_p.detach()
             self.alignment = (None if self.alignment_loss == "none"
                               else alignment_per_token(self.alignment_loss, target, h_e, self.alignment_margin))
-            self.drift = (self.alignment.detach() if self.alignment_loss == "nmse"
-                          else nmse_alignment(target, h_e.detach()))
+            if self.training and torch.is_grad_enabled():  # only training observes the drift
+                self.drift = (self.alignment.detach() if self.alignment_loss == "nmse"
+                              else nmse_alignment(target, h_e.detach()))
             self.last_weight = w.detach()
         return _like(out_p, h)
 

@@ -51,7 +51,7 @@ def step_drift_budget(model) -> dict[int, tuple[float, float]]:
     if not blocks:
         return {}
     device = blocks[0][1].running_drift.device
-    observed = torch.tensor([[float(0.0), 0.0]] * len(blocks), dtype=torch.float64, device=device)
+    observed = torch.zeros(len(blocks), 2, dtype=torch.float64, device=device)  # (alignment x tokens, tokens)
     for j, (_, block) in enumerate(blocks):
         observed[j, 0] = torch.as_tensor(block.step_alignment_sum, dtype=torch.float64, device=device)
         observed[j, 1] = torch.as_tensor(block.step_tokens, dtype=torch.float64, device=device)

@@ -24,9 +24,9 @@ from .surgery import decoder_layers, hidden_size_of, install_blocks, remove_bloc
 WEIGHTS_NAME = "control_model.safetensors"
 # Training forwards in which a fixed alignment term that dwarfs the LM loss is warned about.
 ALIGNMENT_CHECKS = 20
-# Buffers of the blocks saved with the delta, and those a delta saved by an earlier release may lack.
+# Buffers of the blocks saved with the delta (the drift budget's state); a delta saved by an earlier
+# release lacks them, and loads with them at zero.
 STATE_BUFFERS = (".budget_multiplier", ".running_drift")
-OPTIONAL_BUFFERS = (".budget_multiplier", ".running_drift")
 BASE_SUBFOLDER = "base"
 LEGACY_STATISTICS = (".weight_sum", ".weight_count")
 
@@ -516,7 +516,7 @@ class ControlModel(nn.Module):
         # of every evaluation pass; they define no weight, so they are dropped.
         state = {k: v for k, v in state.items() if not k.endswith(LEGACY_STATISTICS)}
         own = self.trainable_state_dict()
-        missing = sorted(k for k in set(own) - set(state) if not k.endswith(OPTIONAL_BUFFERS))
+        missing = sorted(k for k in set(own) - set(state) if not k.endswith(STATE_BUFFERS))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
             raise CheckpointError(
