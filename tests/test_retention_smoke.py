@@ -95,6 +95,30 @@ def test_checkpoints_are_log_spaced_and_end_at_the_last_step():
     assert run.checkpoint_steps(4) == [1, 2, 4]
 
 
+def test_run_configs_compare_relative_to_the_run_folder_they_were_made_in():
+    made_here = {"output": "/a/runs/full/seq/lora/stage2", "model": "/a/runs/full/seq/lora/stage1",
+                 "data": "/a/runs/full/data/cpt_train.txt", "lr": 3e-4, "preset": None}
+    elsewhere = {**made_here, "output": "/ci/x/runs/full/seq/lora/stage2", "model": "/ci/x/runs/full/seq/lora/stage1",
+                 "data": "/ci/x/runs/full/data/cpt_train.txt"}
+    assert run._portable_config(made_here) == run._portable_config(elsewhere)
+    assert run._portable_config(made_here)["data"] == os.path.join("data", "cpt_train.txt")
+    assert run._portable_config(made_here) != run._portable_config({**elsewhere, "lr": 1e-4})
+    assert run._portable_config(made_here) != run._portable_config({**elsewhere, "data": "/ci/x/runs/full/data/other"})
+
+
+def test_jobs_start_in_priority_order_and_are_balanced_over_workers():
+    settings = run.full_settings()
+    jobs = [(e, n) for e in run.EXPERIMENTS for n in settings.variants(e)]
+    plan = run.assign(settings, jobs)
+    assert sorted(j for part in plan for j in part) == sorted(jobs)
+    assert {part[0] for part in plan} == {("cpt", "full"), ("cpt", "full-gentle")}  # the verdict's runs first
+    for part in plan:  # every CPT run before any sequential one, on each worker
+        kinds = [e for e, _ in part]
+        assert kinds == sorted(kinds, key=run.EXPERIMENTS.index)
+    loads = [sum(run.estimate_seconds(settings, *j) for j in part) for part in plan]
+    assert max(loads) < 1.2 * min(loads)
+
+
 def test_forgetting_is_interpolated_where_the_trajectory_first_reaches_a_gain():
     import numpy as np
 
@@ -169,3 +193,10 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     assert "mc" in cpt["full"]["checkpoints"][-1] and "merged" in cpt["control-nmse-8"]
     assert "arith_loss" in seq["full"]["checkpoints"][-1]
     assert (tmp_path / "report" / "retention_cpt.png").is_file() and (tmp_path / "report" / "retention_seq.png").is_file()
+    # On a new checkout (another run folder, no weights), the committed per-run records resume the plan:
+    # nothing is trained again and the report is the same.
+    again = subprocess.run([sys.executable, script, "--quick", "--runs", str(tmp_path / "elsewhere"),
+                            "--results", str(tmp_path / "report")], capture_output=True, text=True, timeout=1800)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "training" not in again.stdout and again.stdout.count("finished earlier") == len(cpt) + len(seq)
+    assert json.loads((tmp_path / "report" / "retention.json").read_text())["summary"] == result["summary"]

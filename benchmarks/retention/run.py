@@ -139,8 +139,9 @@ def checkpoint_steps(total: int) -> list[int]:
 
 
 def full_settings() -> Settings:
-    """Everything issue 11 asks at its minimum sizes: 10x the previous round's 10,240 CPT tokens."""
-    return Settings(plan="full")
+    """10x the previous round's 10,240 CPT tokens per run (100 steps x 4 x 256 = 102,400), trained in
+    bfloat16 autocast (1.5-1.9x the float32 speed on a CPU with AVX512-BF16; scoring stays float32)."""
+    return Settings(plan="full", bf16=True, mc_items=120, cpt_steps=100, cpt_seq=256, stage2_steps=48)
 
 
 def fast_settings() -> Settings:
@@ -170,6 +171,11 @@ def quick_settings() -> Settings:
     )
 
 
+# Where each plan's report goes by default (the fast plan is the one `make bench-retention` runs).
+RESULTS = {"fast": lambda runs: os.path.join(ROOT, "benchmarks", "results"),
+           "full": lambda runs: os.path.join(ROOT, "benchmarks", "results", "retention_full"),
+           "gpu": lambda runs: os.path.join(ROOT, "benchmarks", "results", "retention_gpu"),
+           "quick": lambda runs: os.path.join(runs, "report")}
 PLANS = {"full": full_settings, "fast": fast_settings, "gpu": gpu_settings, "quick": quick_settings}
 
 
@@ -238,6 +244,7 @@ class Bench:
         self.suite = tasks.RetentionSuite.build(settings.mc_items, settings.english_texts, settings.text_chars)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self._reference = None
+        self.records = None  # folder of committed per-run records (<results>/retention_runs/<plan>)
         self._prepare_spanish()
         self._prepare_arithmetic()
 
@@ -395,13 +402,28 @@ class Bench:
         gc.collect()
         return record, trained
 
+    def finished(self, experiment: str, name: str, cfg: TrainConfig) -> dict | None:
+        """The run's result if it already finished with the same settings: in this run folder, or
+        among the per-run records committed with the results (so a long plan resumes on a new
+        checkout; paths are compared relative to the run folder they were made in)."""
+        own = os.path.join(self.folder(experiment, name), "result.json")
+        wanted = _portable_config(_jsonable(dataclasses.asdict(cfg)))
+        for path in (own, os.path.join(self.records or "", experiment, f"{name}.json") if self.records else None):
+            done = _read_json(path) if path else None
+            if done and not done.get("failed") and _portable_config(done.get("config")) == wanted:
+                if path != own:
+                    _write_json(own, done)
+                    print(f"[{time.strftime('%H:%M:%S')}] {experiment} {name}: finished earlier ({path})", flush=True)
+                return done
+        return None
+
     def run_cpt(self, name: str, variant: Variant) -> dict:
         s = self.s
         folder = self.folder("cpt", name)
         steps = checkpoint_steps(s.cpt_steps)
         cfg = self.config(variant, "cpt", variant.lr, os.path.join(folder, "train"), s.cpt_steps, steps[0])
-        done = _read_json(os.path.join(folder, "result.json"))
-        if done and done.get("config") == _jsonable(dataclasses.asdict(cfg)):
+        done = self.finished("cpt", name, cfg)
+        if done:
             return done
         print(f"[{time.strftime('%H:%M:%S')}] cpt {name} lr={variant.lr:g}: training {s.cpt_steps} steps", flush=True)
         record, trained = self.train_scored(cfg, "cpt", steps, mc_last=True)
@@ -416,8 +438,8 @@ class Bench:
         cfg1 = self.config(variant, "sft", variant.stage1_lr, stage1_dir, s.sft_steps, s.sft_steps)
         steps = checkpoint_steps(s.stage2_steps)
         cfg2 = self.config(variant, "cpt", variant.lr, stage2_dir, s.stage2_steps, steps[0], model=stage1_dir)
-        done = _read_json(os.path.join(folder, "result.json"))
-        if done and done.get("config") == _jsonable(dataclasses.asdict(cfg2)):
+        done = self.finished("seq", name, cfg2)
+        if done:
             return done
         print(f"[{time.strftime('%H:%M:%S')}] seq {name}: stage 1 (arithmetic) lr={variant.stage1_lr:g}, "
               f"{s.sft_steps} steps", flush=True)
@@ -500,6 +522,16 @@ def _jsonable(data):
     return json.loads(json.dumps(data))
 
 
+def _portable_config(config: dict | None) -> dict | None:
+    """A run's TrainConfig with paths made relative to the run folder it was made in (`output` is
+    <runs>/<experiment>/<variant>/<stage>)."""
+    if not config or not isinstance(config.get("output"), str):
+        return config
+    runs = os.path.dirname(os.path.dirname(os.path.dirname(config["output"])))
+    return {k: os.path.relpath(v, runs) if isinstance(v, str) and v.startswith(runs + os.sep) else v
+            for k, v in config.items()}
+
+
 def _write_if_changed(path: str, text: str) -> None:
     """Write a data file atomically, and only when its content differs (another process may read it)."""
     try:
@@ -553,12 +585,13 @@ def collect(bench: Bench) -> dict:
 # records: 62-66 tokens/s full, 76-83 LoRA, 99-105 freeze, 77-78 stack, 76-86 Control on 8 layers;
 # MC 0.33 s per item and task; Spanish + English probes 45 s for 24 + 24 texts).
 SPEED = {"full": 64, "lora": 78, "freeze": 100, "stack": 77, "control": 80}
+BF16_SPEEDUP = 1.5  # measured on SmolLM2 full fine-tuning, 4 x 256 tokens, one thread: 64 -> 95 tokens/s
 
 
 def estimate_seconds(settings: Settings, experiment: str, name: str) -> float:
     """Process seconds one job takes (training + scoring), for balancing and the plan's estimate."""
     s, v = settings, settings.variants(experiment)[name]
-    speed = SPEED[v.overrides["method"]]
+    speed = SPEED[v.overrides["method"]] * (BF16_SPEEDUP if s.bf16 and not torch.cuda.is_available() else 1.0)
     light = (0.9 * s.spanish_test + 1.1 * s.english_texts) * s.text_chars / 500 + 3
     val = 0.9 * s.spanish_val * s.text_chars / 500
     mc = 0.33 * s.mc_items * len(tasks.MC_TASKS)
@@ -573,10 +606,18 @@ def estimate_seconds(settings: Settings, experiment: str, name: str) -> float:
     return train_s + score + 60
 
 
+# The order runs start in: the runs the verdict rests on first, so a partial run already answers
+# most of the question (full fine-tuning's forgetting, the gentle frontier, the Control recipes).
+PRIORITY = ("full", "full-gentle", "control-recommended", "control-paper-cpt", "control-paper-csft", "lora-r16",
+            "stack-8", "full-replay", "freeze-8", "control-budget-0.01", "control-budget-0.001")
+
+
 def assign(settings: Settings, jobs: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
-    """Split jobs over the workers, longest first onto the least loaded (makespan near the mean)."""
+    """Split jobs over the workers in priority order (CPT before sequential, then `PRIORITY`), each
+    onto the least loaded worker."""
     loads = [[0.0, []] for _ in range(settings.workers)]
-    for job in sorted(jobs, key=lambda j: -estimate_seconds(settings, *j)):
+    rank = {name: k for k, name in enumerate(PRIORITY)}
+    for job in sorted(jobs, key=lambda j: (EXPERIMENTS.index(j[0]), rank.get(j[1], len(rank)))):
         slot = min(loads, key=lambda x: x[0])
         slot[0] += estimate_seconds(settings, *job)
         slot[1].append(job)
@@ -638,12 +679,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(settings.threads)
     transformers.utils.logging.disable_progress_bar()
     runs = os.path.abspath(args.runs or os.path.join(ROOT, "runs", "retention", settings.plan))
-    results = os.path.abspath(args.results or (os.path.join(runs, "report") if args.quick
-                                               else os.path.join(ROOT, "benchmarks", "results")))
+    results = os.path.abspath(args.results or RESULTS[settings.plan](runs))
     os.makedirs(results, exist_ok=True)
     command = "python benchmarks/retention/run.py" + (" --quick" if args.quick else f" --plan {settings.plan}")
     started = time.time()
     bench = Bench(settings, runs)
+    bench.records = os.path.join(results, "retention_runs", settings.plan)
     info = {"environment": environment(settings, command),
             "data": {"spanish": bench.spanish_info, "arithmetic": bench.arith_info}}
     invocation = os.path.join(runs, "invocation.json")
