@@ -39,6 +39,19 @@ def test_ddp_two_ranks_match_one_process(tmp_path, text_file, method):
         worst = max(worst, float((ranks[0]["state"][name] - value).abs().max()))
     print(f"max |two ranks - one process| = {worst:.3g}")
     assert worst < TOLERANCE, f"two ranks and one process differ by {worst}"
+    # Per-layer logs cover every rank's tokens: the mean interpolation weight (a mean over tokens,
+    # equal token counts per rank) logged by rank 0 is the one process's, not rank 0's half.
+    import json
+
+    def logged(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k.startswith("w/")} for r in rows if any(k.startswith("w/") for k in r)]
+
+    ddp_logs, one_logs = logged("ddp"), logged("one")
+    assert len(ddp_logs) == len(one_logs) == 4 and ddp_logs[0].keys() == one_logs[0].keys()
+    for a, b in zip(ddp_logs, one_logs):
+        for key in a:
+            assert abs(a[key] - b[key]) <= 2e-6, (key, a[key], b[key])  # logs keep 6 decimals
     # Training moved the copies: identical weights are not two untouched initialisations.
     from safetensors.torch import load_file
 

@@ -300,17 +300,26 @@ class ControlModel(nn.Module):
                 stacklevel=2,
             )
 
-    def layer_statistics(self, reset: bool = True) -> dict[str, float]:
+    def layer_statistics(self, reset: bool = True, reduce=None) -> dict[str, float]:
         """Per expanded layer i, averaged over the training micro-batches since the last call:
         `w/{i}` (mean interpolation weight), `w_std/{i}` (its spread over tokens), `drift/{i}`
-        (nmse between the branches), and `multiplier/{i}` under a drift budget (its current value)."""
+        (nmse between the branches), and `multiplier/{i}` under a drift budget (its current value).
+
+        `reduce` sums a float64 tensor over the processes of a distributed run (e.g.
+        `lambda t: accelerator.reduce(t, "sum")`), so the averages cover every rank's micro-batches;
+        every rank must call it."""
+        blocks = sorted(self.control_blocks.items())
+        sums = torch.tensor([[float(b.window[k]) for k in ("n", "w", "w_std", "drift")] for _, b in blocks],
+                            dtype=torch.float64).reshape(len(blocks), 4)
+        if reduce is not None:
+            device = next((p.device for p in self.parameters()), torch.device("cpu"))
+            sums = reduce(sums.to(device)).cpu()
         stats = {}
-        for i, b in sorted(self.control_blocks.items()):
-            n = b.window["n"]
+        for (i, b), (n, w, w_std, drift) in zip(blocks, sums.tolist()):
             if n:
-                stats[f"w/{i}"] = float(b.window["w"]) / n
-                stats[f"w_std/{i}"] = float(b.window["w_std"]) / n
-                stats[f"drift/{i}"] = float(b.window["drift"]) / n
+                stats[f"w/{i}"] = w / n
+                stats[f"w_std/{i}"] = w_std / n
+                stats[f"drift/{i}"] = drift / n
             if self.control_config.alignment_budget is not None:
                 stats[f"multiplier/{i}"] = float(b.budget_multiplier)
             if reset:

@@ -325,7 +325,8 @@ class ControlTrainer(Trainer):
                 logs["alignment_loss"] = round(align_sum / tokens, 6)
                 weights = interpolation_weights(self.model)
                 logs["w_mean"] = round(sum(weights.values()) / len(weights), 4)
-                logs.update({k: round(v, 6) for k, v in model.layer_statistics(reset=True).items()})
+                reduce = lambda t: self.accelerator.reduce(t, reduction="sum")  # noqa: E731
+                logs.update({k: round(v, 6) for k, v in model.layer_statistics(reset=True, reduce=reduce).items()})
             self._sums = {"lm_loss": 0.0, "alignment_loss": 0.0, "n": 0, "tokens": 0}
         if "eval_loss" in logs:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
