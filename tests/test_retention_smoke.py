@@ -93,6 +93,10 @@ def test_checkpoints_are_log_spaced_and_end_at_the_last_step():
     assert run.checkpoint_steps(200) == [25, 50, 100, 200]
     assert run.checkpoint_steps(48) == [6, 12, 24, 48]
     assert run.checkpoint_steps(4) == [1, 2, 4]
+    assert run.checkpoint_steps(100) == [12, 24, 48, 100]
+    for total in range(1, 2000):  # the Trainer writes checkpoints at multiples of the first, and at the end
+        steps = run.checkpoint_steps(total)
+        assert steps[-1] == total and all(s % steps[0] == 0 for s in steps[:-1]) and len(steps) >= min(total, 3)
 
 
 def test_run_configs_compare_relative_to_the_run_folder_they_were_made_in():

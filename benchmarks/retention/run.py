@@ -134,8 +134,10 @@ class Settings:
 
 
 def checkpoint_steps(total: int) -> list[int]:
-    """Log-spaced checkpoints of one run: total/8, total/4, total/2, total."""
-    return sorted({max(1, total // 8), max(1, total // 4), max(1, total // 2), total})
+    """Log-spaced checkpoints of one run: about total/8, total/4, total/2, then total. All but the
+    last are multiples of the first (the Trainer saves every `save_steps` = the first, and at the end)."""
+    first = max(1, total // 8)
+    return sorted({s for s in (first, 2 * first, 4 * first) if s < total} | {total})
 
 
 def full_settings() -> Settings:
