@@ -74,6 +74,22 @@ def test_control_run_keeps_frozen_weights_bit_identical(tmp_path, text_file):
     assert moved
 
 
+@pytest.mark.parametrize("method", ["full", "control"])
+def test_bf16_training_returns_a_model_that_computes_in_float32(tmp_path, text_file, method):
+    """Mixed precision is for the training steps: the returned model (and the caller's object) must
+    not keep computing in bfloat16 autocast afterwards (scores of a trained model would be off)."""
+    tokenizer = make_tokenizer()
+    model = make_model("llama", vocab_size=len(tokenizer))
+    cfg = TrainConfig(data=str(text_file), output=str(tmp_path / "run"), method=method, max_steps=2, batch_size=2,
+                      seq_len=32, bf16=True, progress=False, num_expanded_layers=1)
+    trained = train(cfg, model=model, tokenizer=tokenizer).model
+    ids = torch.randint(0, len(tokenizer), (2, 16))
+    with torch.no_grad():
+        got = trained(input_ids=ids).logits
+        plain = type(trained).forward(trained, input_ids=ids).logits  # the class's own forward, no wrapper
+    assert got.dtype == torch.float32 and torch.equal(got, plain)
+
+
 def test_checkpoints_are_complete_and_rotated(tmp_path, text_file):
     model, tokenizer = tiny()
     train(TrainConfig(data=str(text_file), output=str(tmp_path / "run"), **{**FAST, "max_steps": 6}),

@@ -18,7 +18,11 @@ import numpy as np
 import retention_tasks as tasks
 
 MC_LABELS = {"arc_easy": "ARC-E", "piqa": "PIQA", "hellaswag": "HellaSwag"}
-DISCUSSION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "discussion.md")
+def discussion_path(plan: str) -> str:
+    """The hand-written reading of a plan's results, appended to its report: discussion.md for the
+    fast plan (the one `make bench-retention` runs), discussion_<plan>.md for the others."""
+    name = "discussion.md" if plan == "fast" else f"discussion_{plan}.md"
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
 BOOTSTRAP = 400
 LN2 = math.log(2)
 # Forgetting measures per experiment (the first is the headline one), with labels.
@@ -318,8 +322,9 @@ def markdown(info: dict, base: dict, summary: dict, analysis: dict, elapsed: flo
         if experiment not in summary or experiment not in analysis:
             continue
         lines += _experiment_md(experiment, info, base, summary[experiment], analysis[experiment])
-    if os.path.isfile(DISCUSSION):
-        with open(DISCUSSION, encoding="utf-8") as f:
+    discussion = discussion_path(s.get("plan", "fast"))
+    if os.path.isfile(discussion):
+        with open(discussion, encoding="utf-8") as f:
             lines += [f.read().strip(), ""]
     seconds = ", ".join(f"{k} {v:.0f} s" for k, v in base.get("seconds", {}).items())
     plan = env["plan"]
@@ -329,6 +334,8 @@ def markdown(info: dict, base: dict, summary: dict, analysis: dict, elapsed: flo
               f"- Machine: {env['machine']}; Python {env['python']}, torch {env['torch']}, transformers "
               f"{env['transformers']}, peft {env['peft']}. Wall time: {elapsed / 60:.1f} min. Base-model scoring "
               f"(cached): {seconds}.",
+              "- Precision: training in " + ("bfloat16 autocast (float32 weights and optimizer state)"
+                                             if s.get("bf16") else "float32") + "; every score in float32.",
               f"- Checkpoints scored: cpt steps {env['checkpoints']['cpt']}, seq stage 2 steps {env['checkpoints']['seq']}.",
               f"- Data: {json.dumps(info['data']['spanish'])}; arithmetic "
               f"{json.dumps({k: v for k, v in info['data']['arithmetic'].items() if k != 'example'})}.",

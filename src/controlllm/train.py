@@ -523,7 +523,9 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     if trainer.args.should_save:
         _write_final(trainer, tokenizer, cfg, final_dir, metrics, full_state)
     trainer.accelerator.wait_for_everyone()
-    unwrapped = _unwrap(trainer.model)
+    # Mixed precision wraps the model's forward in autocast; the returned model computes as it was
+    # given (float32 stays float32), like the saved weights.
+    unwrapped = _unwrap(trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False))
     trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
     total = sum(p.numel() for p in unwrapped.parameters())
     return TrainResult(cfg.output, final_dir, metrics, seconds, trainable, total, unwrapped)
