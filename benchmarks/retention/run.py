@@ -87,6 +87,12 @@ CPT_VARIANTS = {
     "control-budget-0.01": Variant(dict(method="control", preset="recommended", alignment_budget=0.01), 3e-3),
     "control-budget-0.001": Variant(dict(method="control", preset="recommended", alignment_budget=0.001), 3e-3),
 }
+# Learning-rate grid points of the long plans, between the rates above: more of the frontier,
+# reported, never chosen on retention (the equal-gain reference stays the validation-chosen full FT).
+CPT_GRID = {
+    "full-1e-4": Variant(dict(method="full"), 1e-4),
+    "control-recommended-1e-3": Variant(dict(method="control", preset="recommended"), 1e-3),
+}
 SEQ_VARIANTS = {
     "full": Variant(dict(method="full"), 3e-4, stage1_lr=1e-4),
     "lora-r16": Variant(LORA, 3e-3, stage1_lr=1e-3),
@@ -143,7 +149,8 @@ def checkpoint_steps(total: int) -> list[int]:
 def full_settings() -> Settings:
     """10x the previous round's 10,240 CPT tokens per run (100 steps x 4 x 256 = 102,400), trained in
     bfloat16 autocast (1.5-1.9x the float32 speed on a CPU with AVX512-BF16; scoring stays float32)."""
-    return Settings(plan="full", bf16=True, mc_items=120, cpt_steps=100, cpt_seq=256, stage2_steps=48)
+    return Settings(plan="full", bf16=True, mc_items=120, cpt_steps=100, cpt_seq=256, stage2_steps=48,
+                    cpt_variants={**CPT_VARIANTS, **CPT_GRID})
 
 
 def fast_settings() -> Settings:
@@ -156,7 +163,7 @@ def gpu_settings() -> Settings:
     """One GPU, bf16: 20x the full plan's tokens per CPT run (2,048,000), every item of the MC suite."""
     return Settings(plan="gpu", workers=1, bf16=True, mc_items=1000, english_texts=64, spanish_test=64,
                     spanish_val=32, cpt_steps=1000, cpt_batch=16, sft_steps=200, stage2_steps=240,
-                    arith_train=8000, arith_test=200)
+                    arith_train=8000, arith_test=200, cpt_variants={**CPT_VARIANTS, **CPT_GRID})
 
 
 def quick_settings() -> Settings:
@@ -611,7 +618,8 @@ def estimate_seconds(settings: Settings, experiment: str, name: str) -> float:
 # The order runs start in: the runs the verdict rests on first, so a partial run already answers
 # most of the question (full fine-tuning's forgetting, the gentle frontier, the Control recipes).
 PRIORITY = ("full", "full-gentle", "control-recommended", "control-paper-cpt", "control-paper-csft", "lora-r16",
-            "stack-8", "full-replay", "freeze-8", "control-budget-0.01", "control-budget-0.001")
+            "stack-8", "full-replay", "freeze-8", "control-budget-0.01", "control-budget-0.001", "full-1e-4",
+            "control-recommended-1e-3")
 
 
 def assign(settings: Settings, jobs: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
