@@ -494,6 +494,9 @@ class Bench:
     def _merged(self, out: dict, trained, experiment: str, mc: bool) -> None:
         """For Control and stack runs, the merged model's probes at the last checkpoint."""
         if hasattr(trained, "merge_and_unload") and out["config"]["method"] in ("control", "stack"):
+            blocks = getattr(trained, "control_blocks", {})
+            out["merge_weights"] = {str(i): {"w": round(float(b.merge_weight()), 4), "source": b.merge_weight_source()}
+                                    for i, b in sorted(blocks.items()) if hasattr(b, "merge_weight")}
             merged = trained.merge_and_unload()
             merged.eval()
             out["merged"] = {"step": out["checkpoints"][-1]["step"], **self.probes(merged, experiment, mc=mc, val=True)}
