@@ -160,16 +160,22 @@ def test_equal_gain_analysis_pairs_methods_and_checks_the_claim():
     base_en = [80 + rng.random() for _ in range(n)]
     base = {"cpt": _point(base_sp, base_en, [0.0] * n)}
 
-    def run(name, drift_per_gain):
+    def run(name, drift_per_gain, method, scale=1.0):
         checkpoints = []
         for step, g in ((1, 5.0), (2, 10.0), (4, 20.0)):  # nats per text gained
+            g *= scale
             checkpoints.append({"step": step, **_point([x - g + rng.random() * 0.1 for x in base_sp], base_en,
                                                        [drift_per_gain * g + rng.random() * 0.01 for _ in range(n)])})
-        return {"experiment": "cpt", "variant": name, "checkpoints": checkpoints}
+        return {"experiment": "cpt", "variant": name, "config": {"method": method}, "checkpoints": checkpoints}
 
-    runs = {"full": run("full", 0.4), "control-x": run("control-x", 0.05)}
+    runs = {"full-slow": run("full-slow", 0.2, "full", scale=0.5), "full": run("full", 0.4, "full"),
+            "control-x": run("control-x", 0.05, "control")}
+    # The merged model: 95% of full FT's last gain at a tenth of its KL; another at 80% of the gain.
+    runs["control-x"]["merged"] = {"step": 4, **_point([x - 19.0 for x in base_sp], base_en, [0.8] * n)}
+    runs["control-y"] = {**run("control-y", 1.0, "control"),
+                         "merged": {"step": 4, **_point([x - 16.0 for x in base_sp], base_en, [0.1] * n)}}
     an = report.analyse("cpt", base, runs)
-    assert an["reference"] == "full"
+    assert an["reference"] == "full"  # of the full-FT learning rates, the better validation score
     levels = an["equal_gain"]
     assert len(levels) == 3
     ctrl = levels[-1]["methods"]["control-x"]["kl"]
@@ -178,6 +184,13 @@ def test_equal_gain_analysis_pairs_methods_and_checks_the_claim():
     claim = an["claims"][0]
     assert claim["variant"] == "control-x" and claim["kl"]["holds"]
     assert an["best_at_level"][-1]["best"] == "control-x"
+    merged = {c["variant"]: c for c in an["claims"]}
+    assert merged["control-x merged"]["max_gain_ratio"] == pytest.approx(0.95, rel=0.02)
+    assert merged["control-x merged"]["kl"]["ratio"] == pytest.approx(0.1, rel=0.05)  # 0.8 / (0.4 x 20)
+    assert merged["control-x merged"]["kl"]["holds"]
+    short = merged["control-y merged"]["kl"]  # 80% of the gain: the ratio is shown, the claim fails
+    assert short["ratio"] == pytest.approx(0.1 / 8, rel=0.05) and not short["gain_reached"] and not short["holds"]
+    assert "control-x merged" in an["frontier"] and "control-y merged" in an["merged_points"]
 
 
 @pytest.mark.slow
