@@ -11,8 +11,8 @@ English bits/char on held-out English), and in seq the stage-1 skill (exact matc
 checkpoint of a cpt run also the multiple-choice suite (ARC-Easy, PIQA, HellaSwag). Every Control
 run's merged model (`merge_and_unload`, what a user deploys) is scored on the same probes.
 
-    .venv/bin/python benchmarks/retention/run.py                  # plan 'fast': about 100 min on 2 cores
-    .venv/bin/python benchmarks/retention/run.py --plan full      # issue 11's sizes: about 4 hours
+    .venv/bin/python benchmarks/retention/run.py                  # plan 'fast': about 100-125 min on 2 cores
+    .venv/bin/python benchmarks/retention/run.py --plan full      # 10x the tokens, bf16: about 3 hours on 2 cores
     .venv/bin/python benchmarks/retention/run.py --quick          # smoke run of every code path
     benchmarks/retention/gpu.sh                                   # the GPU-scale variant (bf16)
 
@@ -660,7 +660,7 @@ def environment(settings: Settings, command: str) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", choices=[p for p in PLANS if p != "quick"], default="fast",
-                        help="sizes: fast (fits 100 min on 2 cores), full (issue 11's minimum sizes, about 4 h), gpu")
+                        help="sizes: fast (fits 100 min on 2 cores), full (10x the tokens, bf16, about 3 h), gpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks every code path in minutes")
     parser.add_argument("--runs", default=None, help="run folder (default runs/retention/<plan>)")
     parser.add_argument("--results", default=None,
