@@ -18,11 +18,15 @@ import numpy as np
 import retention_tasks as tasks
 
 MC_LABELS = {"arc_easy": "ARC-E", "piqa": "PIQA", "hellaswag": "HellaSwag"}
+
+
 def discussion_path(plan: str) -> str:
     """The hand-written reading of a plan's results, appended to its report: discussion.md for the
     fast plan (the one `make bench-retention` runs), discussion_<plan>.md for the others."""
     name = "discussion.md" if plan == "fast" else f"discussion_{plan}.md"
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+
+
 BOOTSTRAP = 400
 LN2 = math.log(2)
 # Forgetting measures per experiment (the first is the headline one), with labels.

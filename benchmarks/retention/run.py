@@ -417,8 +417,9 @@ class Bench:
         checkout; paths are compared relative to the run folder they were made in)."""
         own = os.path.join(self.folder(experiment, name), "result.json")
         wanted = _portable_config(_jsonable(dataclasses.asdict(cfg)))
-        for path in (own, os.path.join(self.records or "", experiment, f"{name}.json") if self.records else None):
-            done = _read_json(path) if path else None
+        committed = [os.path.join(self.records, experiment, f"{name}.json")] if self.records else []
+        for path in [own, *committed]:
+            done = _read_json(path)
             if done and not done.get("failed") and _portable_config(done.get("config")) == wanted:
                 if path != own:
                     _write_json(own, done)
