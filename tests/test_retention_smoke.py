@@ -66,6 +66,31 @@ def test_per_text_kl_matches_the_library_and_is_zero_at_init(tiny):
     assert sum(moved["kl"]) / sum(moved["tokens"]) == pytest.approx(library, rel=0.2)
 
 
+def test_wise_ft_interpolates_between_the_base_and_the_tuned_weights(tiny):
+    _, tokenizer = tiny
+    base = make_model("llama", vocab_size=len(tokenizer), max_position_embeddings=256)
+    tuned = make_model("llama", vocab_size=len(tokenizer), max_position_embeddings=256)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    tuned_state = {k: v.clone() for k, v in tuned.state_dict().items()}
+    ids = torch.tensor([tokenizer.encode(TOKENIZER_CORPUS[0])[:24]])
+    with torch.no_grad():
+        want_base, want_tuned = base(input_ids=ids).logits, tuned(input_ids=ids).logits
+    model = make_model("llama", vocab_size=len(tokenizer), max_position_embeddings=256)
+    with torch.no_grad():
+        run.interpolate_weights(model, base_state, tuned_state, 0.0)
+        assert torch.equal(model(input_ids=ids).logits, want_base)
+        run.interpolate_weights(model, base_state, tuned_state, 1.0)
+        assert torch.equal(model(input_ids=ids).logits, want_tuned)
+        run.interpolate_weights(model, base_state, tuned_state, 0.25)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.allclose(model.state_dict()[name], 0.75 * base_state[name] + 0.25 * tuned_state[name], atol=1e-6)
+    with pytest.raises(ValueError, match="differ in weights"):
+        run.interpolate_weights(model, {k: v for k, v in base_state.items() if k != name}, tuned_state, 0.5)
+
+
 def test_paired_change_and_its_standard_error():
     change, se = tasks.paired_change([0, 1, 1, 0], [1, 1, 0, 1])
     assert change == pytest.approx(0.25)
@@ -191,6 +216,32 @@ def test_equal_gain_analysis_pairs_methods_and_checks_the_claim():
     short = merged["control-y merged"]["kl"]  # 80% of the gain: the ratio is shown, the claim fails
     assert short["ratio"] == pytest.approx(0.1 / 8, rel=0.05) and not short["gain_reached"] and not short["holds"]
     assert "control-x merged" in an["frontier"] and "control-y merged" in an["merged_points"]
+    # A merged model against every curve at its own gain (19 nats of 20): full FT's KL there is about
+    # 0.4 x 19 nats per text of 20 tokens, the merged model's 0.8.
+    vs_full = an["at_merged_gain"]["control-x merged"]["methods"]["full"]
+    assert vs_full["value"] == pytest.approx(0.4 * 19 / 20, rel=0.05)
+    assert vs_full["minus"] == pytest.approx(0.8 / 20 - vs_full["value"]) and vs_full["minus_se"] > 0
+    assert an["at_merged_gain"]["control-x merged"]["methods"]["full-slow"]["value"] is None  # reaches 10 only
+
+
+def test_wise_ft_points_form_a_curve_of_their_own_that_is_never_the_reference():
+    n = 6
+    base = {"cpt": _point([100.0] * n, [80.0] * n, [0.0] * n)}
+    full = {"experiment": "cpt", "variant": "full", "lr": 3e-4, "config": {"method": "full"},
+            "checkpoints": [{"step": 4, "tokens": 64, **_point([80.0] * n, [80.0] * n, [1.0] * n)}],
+            "wise_ft": [{"alpha": a, "step": 4, **_point([100 - 30 * a] * n, [80.0] * n, [a / 4] * n)}
+                        for a in (0.75, 0.25)]}
+    full["checkpoints"][0]["spanish_val"] = {"bpc": 9.0}
+    full["wise_ft"][0]["spanish_val"] = {"bpc": 1.0}  # a better validation score must not make it the reference
+    curves = report.with_wise_ft({"full": full})
+    wise = curves["full WiSE-FT"]
+    assert [c.get("alpha") for c in wise["checkpoints"]] == [0.25, 0.75, 1.0] and "wise_ft" not in wise
+    an = report.analyse("cpt", base, curves)
+    assert an["reference"] == "full"
+    assert [r.get("alpha") for r in an["points"]["full WiSE-FT"]] == [None, 0.25, 0.75, 1.0]
+    # Full FT's gain (20 nats per text) is reached between alpha 0.75 (22.5) and 0.25 (7.5) of the curve.
+    row = an["equal_gain"][0]["methods"]["full WiSE-FT"]["kl"]
+    assert row["value"] == pytest.approx((0.25 / 4 + (20 - 7.5) / 15 * 0.5 / 4) / 20)  # KL per text / 20 tokens
 
 
 @pytest.mark.slow
@@ -208,6 +259,8 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     cpt, seq = result["summary"]["cpt"], result["summary"]["seq"]
     assert len(cpt["full"]["checkpoints"]) == len(run.checkpoint_steps(run.quick_settings().cpt_steps))
     assert "mc" in cpt["full"]["checkpoints"][-1] and "merged" in cpt["control-nmse-8"]
+    assert [c.get("alpha") for c in cpt["full WiSE-FT"]["checkpoints"]] == [0.5, 1.0]
+    assert "mc" in cpt["full WiSE-FT"]["checkpoints"][0]
     assert "arith_loss" in seq["full"]["checkpoints"][-1]
     assert (tmp_path / "report" / "retention_cpt.png").is_file() and (tmp_path / "report" / "retention_seq.png").is_file()
     # On a new checkout (another run folder, no weights), the committed per-run records resume the plan:
@@ -215,5 +268,5 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     again = subprocess.run([sys.executable, script, "--quick", "--runs", str(tmp_path / "elsewhere"),
                             "--results", str(tmp_path / "report")], capture_output=True, text=True, timeout=1800)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "training" not in again.stdout and again.stdout.count("finished earlier") == len(cpt) + len(seq)
+    assert "training" not in again.stdout and again.stdout.count("finished earlier") == len(run.quick_settings().cpt_variants) + len(seq)
     assert json.loads((tmp_path / "report" / "retention.json").read_text())["summary"] == result["summary"]

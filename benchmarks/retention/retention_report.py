@@ -89,6 +89,27 @@ def _interp(gains: np.ndarray, values: np.ndarray, level: float) -> float | None
     return None
 
 
+def with_wise_ft(runs: dict) -> dict:
+    """The runs plus, for each run with WiSE-FT points, a curve of its own ('<name> WiSE-FT'): from
+    the base model through the interpolated models by increasing alpha to the run's last checkpoint
+    (alpha 1). The curve is one training run read along the mixing coefficient instead of the steps."""
+    out = {}
+    for name, run in runs.items():
+        out[name] = run
+        if run.get("failed") or not run.get("wise_ft"):
+            continue
+        last = run["checkpoints"][-1]
+        points = [dict(p, tokens=last.get("tokens")) for p in sorted(run["wise_ft"], key=lambda p: p["alpha"])]
+        rest = {k: v for k, v in run.items() if k not in ("wise_ft", "merged")}
+        out[f"{name} WiSE-FT"] = {**rest, "variant": f"{name} WiSE-FT", "config": {**run["config"], "method": "wise-ft"},
+                                  "checkpoints": points + [dict(last, alpha=1.0)]}
+    return out
+
+
+def _label(point: dict) -> str:
+    return f"alpha {point['alpha']:g}" if point.get("alpha") is not None else f"step {point['step']}"
+
+
 # ------------------------------------------------------------------------------------ analysis
 def reference_full(experiment: str, runs: dict) -> str | None:
     """Full fine-tuning's reference run: among the full-FT learning rates (without replay), the one
@@ -125,7 +146,9 @@ def analyse(experiment: str, base: dict, runs: dict, seed: int = 0) -> dict:
                 reps[k].append(b[k])
         curves[name] = {"steps": [p["step"] for p in points], "est": {k: np.array(v) for k, v in est.items()},
                         "reps": {k: np.stack(v, 1) for k, v in reps.items()}}  # reps: (B, points)
-        point_rows[name] = [{"step": s, **{k: curves[name]["est"][k][i] for k in est},
+        alphas = [p.get("alpha") for p in points]
+        point_rows[name] = [{"step": s, **({"alpha": alphas[i]} if alphas[i] is not None else {}),
+                             **{k: curves[name]["est"][k][i] for k in est},
                              **{f"{k}_se": float(curves[name]["reps"][k][:, i].std(ddof=1)) for k in est}}
                             for i, s in enumerate(curves[name]["steps"])]
     ref = reference_full(experiment, ok)
@@ -177,7 +200,7 @@ def analyse(experiment: str, base: dict, runs: dict, seed: int = 0) -> dict:
             claim["max_gain_ratio"] = float(c["est"]["gain"].max() / g) if g > 0 else None
             claims.append(claim)
     # The merged models (what a user deploys): one point each, at the run's last checkpoint.
-    merged_rows = {}
+    merged_rows, at_merged = {}, {}
     for name, run in ok.items():
         if "merged" not in run:
             continue
@@ -186,11 +209,28 @@ def analyse(experiment: str, base: dict, runs: dict, seed: int = 0) -> dict:
         v, b = _values(arr, base_arr, origin, identity), _values(arr, base_arr, origin, boot)
         merged_rows[f"{name} merged"] = [{"step": run["merged"]["step"], **{k: float(v[k][0]) for k in v},
                                           **{f"{k}_se": float(np.std(b[k], ddof=1)) for k in v}}]
+        at_merged[f"{name} merged"] = at_gain_of(v, b, curves, measures[0])
         if ref is not None and name.startswith("control"):
             claims.append(_point_claim(f"{name} merged", v, b, curves[ref], measures))
     return {"reference": ref, "points": point_rows, "merged_points": merged_rows, "equal_gain": equal_gain,
             "claims": claims, "frontier": frontier({**point_rows, **merged_rows}, measures[0]),
-            "best_at_level": best_at_level(equal_gain, measures[0])}
+            "best_at_level": best_at_level(equal_gain, measures[0]), "at_merged_gain": at_merged}
+
+
+def at_gain_of(v: dict, b: dict, curves: dict, measure: str) -> dict:
+    """A single model (a merged one) against every curve at its own gain: each curve's `measure`
+    interpolated at that gain, and the single model's value minus it with a paired bootstrap SE
+    (the same item resample moves the gain level and both values)."""
+    level, value = float(v["gain"][0]), float(v[measure][0])
+    out = {"gain": level, "value": value, "methods": {}}
+    for name, c in curves.items():
+        point = _interp(c["est"]["gain"], c["est"][measure], level)
+        diffs = [float(b[measure][k]) - x for k in range(BOOTSTRAP)
+                 if (x := _interp(c["reps"]["gain"][k], c["reps"][measure][k], float(b["gain"][k]))) is not None]
+        out["methods"][name] = {"value": point, "minus": None if point is None else value - point,
+                                "minus_se": _sd(diffs) if point is not None else None,
+                                "reached_in": len(diffs) / BOOTSTRAP}
+    return out
 
 
 def _point_claim(variant: str, v: dict, b: dict, rc: dict, measures: list[str]) -> dict:
@@ -298,6 +338,7 @@ def summarise(experiment: str, base: dict, runs: dict) -> dict:
         block = {"lr": run["lr"], "train_seconds": run["train_seconds"],
                  "trainable_parameters": run["trainable_parameters"],
                  "checkpoints": [{"step": c["step"], "tokens": c.get("tokens"),
+                                  **({"alpha": c["alpha"]} if "alpha" in c else {}),
                                   **point_summary(experiment, base, origin, c)} for c in run["checkpoints"]]}
         if experiment == "seq":
             s1 = run["stage1"]["checkpoints"][-1]
@@ -368,7 +409,7 @@ def markdown(info: dict, base: dict, summary: dict, analysis: dict, elapsed: flo
               f"- Command: `{env['command']}` (resumable: finished runs are read back, not rerun; runs live under "
               "`runs/retention/`). Runs are split over worker processes side by side, one thread each.",
               f"- Machine: {env['machine']}; Python {env['python']}, torch {env['torch']}, transformers "
-              f"{env['transformers']}, peft {env['peft']}. Wall time: {elapsed / 60:.1f} min. Base-model scoring "
+              f"{env['transformers']}, peft {env['peft']}. Wall time: {elapsed / 60:.1f} min (summed over the invocations that ran the plan). Base-model scoring "
               f"(cached): {seconds}.",
               "- Precision: training in " + ("bfloat16 autocast (float32 weights and optimizer state)"
                                              if s.get("bf16") else "float32") + "; every score in float32.",
@@ -382,7 +423,7 @@ def markdown(info: dict, base: dict, summary: dict, analysis: dict, elapsed: flo
 
 def _trajectory_row(experiment: str, name: str, lr: float, c: dict, tokens, seconds: str) -> str:
     """One row of the every-checkpoint table (a checkpoint, or the merged model at the last one)."""
-    row = (f"| {name} | {lr:g} | {c['step']} | {tokens} | {_pm(c['gain'], c['gain_se'])} | "
+    row = (f"| {name} | {lr:g} | {c['step'] if c.get('alpha') is None else _label(c)} | {tokens} | {_pm(c['gain'], c['gain_se'])} | "
            f"{_pm(c['kl'], c['kl_se'], '{:.4f}')} | {_pm(c['english'], c['english_se'], '{:+.4f}')} |")
     if experiment == "seq":
         row += f" {c['arith_em']:.3f} ({_pm(c.get('arith_loss'), c.get('arith_loss_se'))}) |"
@@ -449,8 +490,9 @@ def _experiment_md(experiment: str, info: dict, base: dict, summary: dict, an: d
             lines.append("| base model | " + " | ".join(f"{r[t]['acc']:.3f}" for t in MC_LABELS) + " | - | "
                          + " | ".join(f"{np.mean(r[t]['p_gold']):.3f}" for t in MC_LABELS) + " | - |")
         for name, blk in summary.items():
-            for label, point in ((name, None if blk.get("failed") else blk["checkpoints"][-1]),
-                                 (f"{name} merged", blk.get("merged"))):
+            scored = [] if blk.get("failed") else [
+                (name if c.get("alpha") is None else f"{name} {_label(c)}", c) for c in blk["checkpoints"]]
+            for label, point in (*scored, (f"{name} merged", blk.get("merged"))):
                 if not point or "mc" not in point:
                     continue
                 mc = point["mc"]
@@ -484,7 +526,7 @@ def _experiment_md(experiment: str, info: dict, base: dict, summary: dict, an: d
         lines.append("")
     fr = an["frontier"]
     lines += [f"**Frontier** (checkpoints that no other checkpoint beats on both gain and {measures[0]}): "
-              + "; ".join(f"{n} (" + ", ".join(f"step {p['step']}: gain {p['gain']:.3f} ± {p['gain_se']:.3f}, "
+              + "; ".join(f"{n} (" + ", ".join(f"{_label(p)}: gain {p['gain']:.3f} ± {p['gain_se']:.3f}, "
                                                  f"{measures[0]} {p[measures[0]]:.4f} ± {p[measures[0] + '_se']:.4f}"
                                                  for p in pts) + ")" for n, pts in fr.items()) + ".", ""]
     for row in an["best_at_level"]:
@@ -492,6 +534,17 @@ def _experiment_md(experiment: str, info: dict, base: dict, summary: dict, an: d
                      f"paired SEs: {', '.join(row['within_2se']) or 'none'}; never reached: "
                      f"{', '.join(row['not_reached']) or 'none'}.")
     lines.append("")
+    if an.get("at_merged_gain"):
+        lines += [f"**Merged models against every curve at the merged model's own gain** ({measures[0]}; each curve "
+                  "interpolated at that gain; in brackets the merged model's value minus the curve's ± paired "
+                  "bootstrap SE; curves that never reach the gain are left out):", ""]
+        for label, row in an["at_merged_gain"].items():
+            have = sorted(((n, e) for n, e in row["methods"].items() if e["value"] is not None),
+                          key=lambda x: x[1]["value"])
+            lines.append(f"- {label} (gain {row['gain']:.3f}, {measures[0]} {row['value']:.4f}): "
+                         + ", ".join(f"{n} {e['value']:.4f} ({_pm(e['minus'], e['minus_se'], '{:+.4f}')})"
+                                     for n, e in have) + ".")
+        lines.append("")
     if an["claims"]:
         lines += [f"**The paper's claim at equal gain**: Control's forgetting at {CLAIM_GAIN:.0%} of full FT's last gain "
                   f"({an['claims'][0]['full_gain']:.3f}) over full FT's forgetting at its last checkpoint; it holds when "
@@ -538,7 +591,7 @@ def plot(path: str, experiment: str, summary: dict, analysis: dict) -> None:
         ax.set_ylabel(label, fontsize=9)
     axes[0].legend(fontsize=7, loc="upper left")
     fig.suptitle(f"{experiment.upper()}: forgetting against gain along training (points: checkpoints from the "
-                 "origin; hollow squares: merged Control models; bars: bootstrap SEs)", fontsize=9)
+                 "origin, or a WiSE-FT model by mixing coefficient; hollow squares: merged Control models; bars: bootstrap SEs)", fontsize=9)
     fig.tight_layout()
     tmp = f"{path}.tmp-{os.getpid()}.png"
     fig.savefig(tmp, dpi=110)
@@ -555,9 +608,10 @@ def write(results_dir: str, info: dict, base: dict | None, collected: dict, sett
     for exp, runs in collected.items():
         if exp not in base or (exp == "cpt" and "mc" not in base):
             continue
-        summary[exp] = summarise(exp, base, runs)
+        curves = with_wise_ft(runs)
+        summary[exp] = summarise(exp, base, curves)
         if any(not r.get("failed") for r in runs.values()):
-            analysis[exp] = analyse(exp, base, runs)
+            analysis[exp] = analyse(exp, base, curves)
     if not summary:
         return
     expected = {(e, n) for e in ("cpt", "seq") for n, v in settings.variants(e).items() if not v.missing_fields()}

@@ -62,6 +62,9 @@ class Variant:
     lr: float  # cpt; in seq the stage-2 (Spanish) learning rate
     stage1_lr: float | None = None  # seq only: the arithmetic stage
     replay: bool = False
+    # WiSE-FT (Wortsman et al. 2022): after training, the weights interpolated with the base's,
+    # base + alpha (tuned - base), scored at each alpha (cpt only; alpha 1 is the run's last checkpoint)
+    wise_ft: tuple[float, ...] = ()
 
     def missing_fields(self) -> list[str]:
         """TrainConfig fields this variant needs that the installed library does not have."""
@@ -74,8 +77,10 @@ class Variant:
 # 0.01 (nmse units) is the drift the unconstrained nmse recipe reached in a few dozen steps, 0.001
 # a tenth of it.
 LORA = dict(method="lora", lora_r=16, lora_alpha=32)
+# WiSE-FT's mixing coefficients, fixed before any run: the paper's default 0.5 and its neighbours.
+WISE_FT_ALPHAS = (0.25, 0.5, 0.75)
 CPT_VARIANTS = {
-    "full": Variant(dict(method="full"), 3e-4),
+    "full": Variant(dict(method="full"), 3e-4, wise_ft=WISE_FT_ALPHAS),
     "full-gentle": Variant(dict(method="full"), 3e-5),
     "full-replay": Variant(dict(method="full"), 3e-4, replay=True),
     "lora-r16": Variant(LORA, 3e-3),
@@ -155,7 +160,7 @@ def full_settings() -> Settings:
 
 def fast_settings() -> Settings:
     """The same methods and measurements at the budget that fits 100 minutes on 2 cores."""
-    return Settings(plan="fast", mc_items=100, english_texts=24, spanish_test=24, cpt_steps=32,
+    return Settings(plan="fast", bf16=True, mc_items=100, english_texts=24, spanish_test=24, cpt_steps=32,
                     sft_steps=26, stage2_steps=24, arith_test=48)
 
 
@@ -173,7 +178,7 @@ def quick_settings() -> Settings:
         plan="quick", mc_items=4, english_texts=4, text_chars=240, spanish_val=4, spanish_test=4,
         cpt_steps=4, cpt_batch=2, cpt_seq=32, sft_steps=3, sft_batch=4, stage2_steps=4, arith_train=64,
         arith_val=4, arith_test=4, answer_tokens=10,
-        cpt_variants={"full": CPT_VARIANTS["full"],
+        cpt_variants={"full": Variant(dict(method="full"), 3e-4, wise_ft=(0.5,)),
                       "lora-r16": CPT_VARIANTS["lora-r16"], "control-nmse-8": CONTROL_NMSE,
                       "control-recommended": CPT_VARIANTS["control-recommended"]},
         seq_variants={"full": SEQ_VARIANTS["full"], "control-nmse-8": CONTROL_NMSE},
@@ -239,6 +244,18 @@ def load_checkpoint_state(model, method: str, checkpoint: str) -> None:
         tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
         if unexpected or set(missing) - tied:
             raise ValueError(f"{checkpoint}: missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}")
+
+
+@torch.no_grad()
+def interpolate_weights(model, base_state: dict, tuned_state: dict, alpha: float) -> None:
+    """Set `model`'s floating-point weights to base + alpha (tuned - base) (WiSE-FT); alpha 0 is the
+    base model, 1 the fine-tuned one. Other entries (integer buffers) are taken from `tuned_state`."""
+    if set(base_state) != set(tuned_state):
+        raise ValueError(f"the base and fine-tuned models differ in weights: "
+                         f"{sorted(set(base_state) ^ set(tuned_state))[:3]}")
+    mixed = {k: (base_state[k] + alpha * (t - base_state[k]) if t.is_floating_point() else t)
+             for k, t in tuned_state.items()}
+    model.load_state_dict(mixed)
 
 
 # ------------------------------------------------------------------------------------ bench
@@ -411,16 +428,19 @@ class Bench:
         gc.collect()
         return record, trained
 
-    def finished(self, experiment: str, name: str, cfg: TrainConfig) -> dict | None:
-        """The run's result if it already finished with the same settings: in this run folder, or
-        among the per-run records committed with the results (so a long plan resumes on a new
-        checkout; paths are compared relative to the run folder they were made in)."""
+    def finished(self, experiment: str, name: str, cfg: TrainConfig, wise_ft: tuple[float, ...] = ()) -> dict | None:
+        """The run's result if it already finished with the same settings (and WiSE-FT points at
+        `wise_ft`): in this run folder, or among the per-run records committed with the results (so a
+        long plan resumes on a new checkout; paths are compared relative to the run folder they were
+        made in)."""
         own = os.path.join(self.folder(experiment, name), "result.json")
         wanted = _portable_config(_jsonable(dataclasses.asdict(cfg)))
         committed = [os.path.join(self.records, experiment, f"{name}.json")] if self.records else []
         for path in [own, *committed]:
             done = _read_json(path)
-            if done and not done.get("failed") and _portable_config(done.get("config")) == wanted:
+            alphas = tuple(p["alpha"] for p in (done or {}).get("wise_ft", []))
+            if done and not done.get("failed") and _portable_config(done.get("config")) == wanted \
+                    and alphas == tuple(wise_ft):
                 if path != own:
                     _write_json(own, done)
                     print(f"[{time.strftime('%H:%M:%S')}] {experiment} {name}: finished earlier ({path})", flush=True)
@@ -432,12 +452,14 @@ class Bench:
         folder = self.folder("cpt", name)
         steps = checkpoint_steps(s.cpt_steps)
         cfg = self.config(variant, "cpt", variant.lr, os.path.join(folder, "train"), s.cpt_steps, steps[0])
-        done = self.finished("cpt", name, cfg)
+        done = self.finished("cpt", name, cfg, variant.wise_ft)
         if done:
             return done
         print(f"[{time.strftime('%H:%M:%S')}] cpt {name} lr={variant.lr:g}: training {s.cpt_steps} steps", flush=True)
         record, trained = self.train_scored(cfg, "cpt", steps, mc_last=True)
         out = {"experiment": "cpt", "variant": name, "lr": variant.lr, "replay": variant.replay, **record}
+        if variant.wise_ft:
+            out["wise_ft"] = self.wise_ft(trained, variant.wise_ft, steps[-1])
         self._merged(out, trained, "cpt", mc=True)
         return self._finish(folder, out, cfg)
 
@@ -491,6 +513,23 @@ class Bench:
         from controlllm.model import ControlModel
 
         return ControlModel.from_pretrained(base, final).merge_and_unload(), tokenizer
+
+    def wise_ft(self, trained, alphas: tuple[float, ...], step: int) -> list[dict]:
+        """WiSE-FT points of a fully fine-tuned model: its weights interpolated with the base model's
+        at each alpha, scored like a last checkpoint (MC included). `trained` is left as it was."""
+        base, _ = load_pretrained(None)
+        base_state = base.state_dict()
+        tuned = {k: v.detach().clone() for k, v in trained.state_dict().items()}
+        points = []
+        for alpha in alphas:
+            interpolate_weights(trained, base_state, tuned, alpha)
+            points.append({"alpha": alpha, "step": step, **self.probes(trained, "cpt", mc=True, val=True)})
+            print(f"[{time.strftime('%H:%M:%S')}]   WiSE-FT alpha {alpha:g}: {report.headline('cpt', points[-1])}",
+                  flush=True)
+        trained.load_state_dict(tuned)
+        del base, base_state, tuned
+        gc.collect()
+        return points
 
     def _merged(self, out: dict, trained, experiment: str, mc: bool) -> None:
         """For Control and stack runs, the merged model's probes at the last checkpoint."""
@@ -611,7 +650,7 @@ def estimate_seconds(settings: Settings, experiment: str, name: str) -> float:
     merged = v.overrides["method"] in ("control", "stack")
     if experiment == "cpt":
         train_s = s.cpt_steps * s.cpt_batch * s.cpt_seq / speed
-        score = 4 * light + val + mc + (light + val + mc if merged else 0)
+        score = 4 * light + val + mc + (light + val + mc) * (int(merged) + len(v.wise_ft))
         return train_s + score + 30
     arith = 0.35 * s.arith_test
     train_s = s.sft_steps * s.sft_batch * 57 / speed + s.stage2_steps * s.cpt_batch * s.cpt_seq / speed
@@ -650,12 +689,20 @@ def environment(settings: Settings, command: str) -> dict:
     if torch.cuda.is_available():
         cpu += f"; GPU {torch.cuda.get_device_name(0)}"
     settings_dict = {k: v for k, v in dataclasses.asdict(settings).items() if not k.endswith("_variants")}
-    plan = {exp: {name: {"lr": v.lr, "stage1_lr": v.stage1_lr, "replay": v.replay, **v.overrides}
+    plan = {exp: {name: {"lr": v.lr, "stage1_lr": v.stage1_lr, "replay": v.replay, **v.overrides,
+                         **({"wise_ft": list(v.wise_ft)} if v.wise_ft else {})}
                   for name, v in settings.variants(exp).items()} for exp in EXPERIMENTS}
     return {"command": command, "machine": f"{cpu}, {os.cpu_count()} CPU cores", "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "seed": SEED, "settings": settings_dict, "plan": plan, "checkpoints": {
                 "cpt": checkpoint_steps(settings.cpt_steps), "seq": checkpoint_steps(settings.stage2_steps)}}
+
+
+def invocations_seconds(invocation: dict | None) -> float:
+    """Wall time of a plan: the sum over the invocations that ran it (runs/.../invocation.json)."""
+    if not invocation:
+        return 0.0
+    return float(sum(i["seconds"] for i in invocation.get("invocations", [invocation] if "seconds" in invocation else [])))
 
 
 def main(argv=None) -> int:
@@ -702,13 +749,15 @@ def main(argv=None) -> int:
     info = {"environment": environment(settings, command),
             "data": {"spanish": bench.spanish_info, "arithmetic": bench.arith_info}}
     invocation = os.path.join(runs, "invocation.json")
+    earlier = invocations_seconds(_read_json(invocation))  # this plan's earlier invocations, if resumed
 
     def publish(elapsed=None):
         report.write(results, info, bench.base(), collect(bench), settings,
-                     elapsed=time.time() - started if elapsed is None else elapsed)
+                     elapsed=earlier + time.time() - started if elapsed is None else elapsed)
 
     if args.report_only:
-        publish((_read_json(invocation) or {}).get("seconds", 0.0))
+        committed = (_read_json(os.path.join(results, "retention.json")) or {}).get("elapsed_seconds", 0.0)
+        publish(invocations_seconds(_read_json(invocation)) or committed)
         return 0
     if args.worker is not None or settings.workers == 1:
         mine = [tuple(j.split(":", 1)) for j in args.worker.split(",") if j] if args.worker else jobs
@@ -737,9 +786,13 @@ def main(argv=None) -> int:
             publish()
             print(f"worker(s) {failed} failed; see the output above", file=sys.stderr)
             return 1
-    _write_json(invocation, {"seconds": round(time.time() - started, 1),
-                             "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
-    publish()
+    # A plan run in several invocations (resumed, or a subset of its runs at a time) reports the sum.
+    previous = _read_json(invocation) or {}
+    this = {"seconds": round(time.time() - started, 1), "jobs": [f"{e}:{n}" for e, n in jobs],
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    history = previous.get("invocations", [previous] if "seconds" in previous else []) + [this]
+    _write_json(invocation, {"invocations": history})
+    publish(earlier + this["seconds"])
     print(f"[{time.strftime('%H:%M:%S')}] done in {(time.time() - started) / 60:.1f} min; report in {results}", flush=True)
     return 0
 
