@@ -240,6 +240,7 @@ def test_wise_ft_points_form_a_curve_of_their_own_that_is_never_the_reference():
     assert an["reference"] == "full"
     assert [r.get("alpha") for r in an["points"]["full WiSE-FT"]] == [None, 0.25, 0.75, 1.0]
     # Full FT's gain (20 nats per text) is reached between alpha 0.75 (22.5) and 0.25 (7.5) of the curve.
+    assert [c["variant"] for c in an["claims"]] == ["full WiSE-FT"]  # the baseline a Control claim must beat
     row = an["equal_gain"][0]["methods"]["full WiSE-FT"]["kl"]
     assert row["value"] == pytest.approx((0.25 / 4 + (20 - 7.5) / 15 * 0.5 / 4) / 20)  # KL per text / 20 tokens
 

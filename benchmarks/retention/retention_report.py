@@ -183,7 +183,7 @@ def analyse(experiment: str, base: dict, runs: dict, seed: int = 0) -> dict:
         i = len(rc["steps"]) - 1
         g = float(rc["est"]["gain"][i])
         for name, c in curves.items():
-            if not name.startswith("control"):
+            if not (name.startswith("control") or name.endswith("WiSE-FT")):  # WiSE-FT: the baseline to beat
                 continue
             claim = {"variant": name, "full_gain": g}
             for m in measures:
@@ -550,7 +550,8 @@ def _experiment_md(experiment: str, info: dict, base: dict, summary: dict, an: d
                   f"({an['claims'][0]['full_gain']:.3f}) over full FT's forgetting at its last checkpoint; it holds when "
                   f"<= {CLAIM_LOSS}. A merged model is one point: its own forgetting, if its gain reaches "
                   f"{CLAIM_GAIN:.0%}. [95% bootstrap interval]", "",
-                  "| Control variant | best gain / full FT's | " + " | ".join(f"{m} ratio" for m in measures) + " | holds |",
+                  "| Control variant (or WiSE-FT, the weight-interpolation baseline) | best gain / full FT's | "
+                  + " | ".join(f"{m} ratio" for m in measures) + " | holds |",
                   "|---|---|" + "---|" * len(measures) + "---|"]
         for c in an["claims"]:
             cells = [("never reaches 90% of the gain" if c[m]["ratio"] is None else
@@ -576,11 +577,16 @@ def plot(path: str, experiment: str, summary: dict, analysis: dict) -> None:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ["-", "--", ":", "-."]
     for ax, (m, label) in zip(axes, measures):
-        for k, (name, rows) in enumerate(analysis["points"].items()):
-            colour, style = colours[k % len(colours)], styles[(k // len(colours)) % len(styles)]
+        trained = [n for n in analysis["points"] if not n.endswith("WiSE-FT")]
+        for name, rows in analysis["points"].items():
+            if name.endswith("WiSE-FT"):  # not a training run: black diamonds, whatever the colour cycle
+                colour, style, marker = "black", "-", "D"
+            else:
+                k = trained.index(name)
+                colour, style, marker = colours[k % len(colours)], styles[(k // len(colours)) % len(styles)], "o"
             x = [r["gain"] for r in rows]
             y = [r[m] for r in rows]
-            ax.errorbar(x, y, xerr=[r["gain_se"] for r in rows], yerr=[r[f"{m}_se"] for r in rows], fmt="o",
+            ax.errorbar(x, y, xerr=[r["gain_se"] for r in rows], yerr=[r[f"{m}_se"] for r in rows], fmt=marker,
                         ls=style, color=colour, ms=4, capsize=2, lw=1.3, label=name)
             merged = summary.get(name, {}).get("merged")
             if merged and merged.get(m) is not None:
