@@ -310,12 +310,16 @@ class Bench:
                            "example": train_items[0]}
 
     # ------------------------------------------------------------------------ evaluation
-    def reference(self):
-        """KL reference: the base model, kept in memory (also in seq, where a run starts from stage 1)."""
+    def base_model(self):
+        """The base model, loaded once and kept in memory: the KL reference and WiSE-FT's origin."""
         if self._reference is None:
             self._reference, _ = load_pretrained(None)
             self._reference.to(self.device).eval()
-        ref = self._reference
+        return self._reference
+
+    def reference(self):
+        """KL reference: the base model's logits (also in seq, where a run starts from stage 1)."""
+        ref = self.base_model()
         return lambda ids, mask: ref(input_ids=ids, attention_mask=mask).logits
 
     def probes(self, model, experiment: str, mc: bool = False, val: bool = False, is_base: bool = False) -> dict:
@@ -518,8 +522,7 @@ class Bench:
     def wise_ft(self, trained, alphas: tuple[float, ...], step: int) -> list[dict]:
         """WiSE-FT points of a fully fine-tuned model: its weights interpolated with the base model's
         at each alpha, scored like a last checkpoint (MC included). `trained` is left as it was."""
-        base, _ = load_pretrained(None)
-        base_state = base.state_dict()
+        base_state = self.base_model().state_dict()
         tuned = {k: v.detach().clone() for k, v in trained.state_dict().items()}
         points = []
         for alpha in alphas:
@@ -528,7 +531,7 @@ class Bench:
             print(f"[{time.strftime('%H:%M:%S')}]   WiSE-FT alpha {alpha:g}: {report.headline('cpt', points[-1])}",
                   flush=True)
         trained.load_state_dict(tuned)
-        del base, base_state, tuned
+        del tuned
         gc.collect()
         return points
 
@@ -699,11 +702,15 @@ def environment(settings: Settings, command: str) -> dict:
                 "cpt": checkpoint_steps(settings.cpt_steps), "seq": checkpoint_steps(settings.stage2_steps)}}
 
 
-def invocations_seconds(invocation: dict | None) -> float:
-    """Wall time of a plan: the sum over the invocations that ran it (runs/.../invocation.json)."""
-    if not invocation:
-        return 0.0
-    return float(sum(i["seconds"] for i in invocation.get("invocations", [invocation] if "seconds" in invocation else [])))
+def invocations(record: dict | None) -> list[dict]:
+    """The invocations that ran a plan, from runs/.../invocation.json (older files hold one)."""
+    record = record or {}
+    return record.get("invocations", [record] if "seconds" in record else [])
+
+
+def invocations_seconds(record: dict | None) -> float:
+    """Wall time of a plan: the sum over the invocations that ran it."""
+    return float(sum(i["seconds"] for i in invocations(record)))
 
 
 def main(argv=None) -> int:
@@ -788,10 +795,9 @@ def main(argv=None) -> int:
             print(f"worker(s) {failed} failed; see the output above", file=sys.stderr)
             return 1
     # A plan run in several invocations (resumed, or a subset of its runs at a time) reports the sum.
-    previous = _read_json(invocation) or {}
     this = {"seconds": round(time.time() - started, 1), "jobs": [f"{e}:{n}" for e, n in jobs],
             "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    history = previous.get("invocations", [previous] if "seconds" in previous else []) + [this]
+    history = invocations(_read_json(invocation)) + [this]  # read again: another invocation may have ended
     _write_json(invocation, {"invocations": history})
     publish(earlier + this["seconds"])
     print(f"[{time.strftime('%H:%M:%S')}] done in {(time.time() - started) / 60:.1f} min; report in {results}", flush=True)
