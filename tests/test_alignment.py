@@ -84,3 +84,46 @@ def test_warns_when_a_fixed_alignment_term_dwarfs_the_lm_loss():
     found = first_step_warnings(alignment_loss="mse")
     assert len(found) == 1 and "'nmse'" in found[0] and "alignment_budget" in found[0]  # once, naming the fix
     assert first_step_warnings(alignment_loss="nmse") == []
+
+
+def _copy_grad(block) -> float:
+    return max(float(p.grad.abs().max()) for p in block.expanded_layer.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("loss", ["mse", "nmse"])
+def test_alignment_sends_no_gradient_below_where_the_branches_respond_alike(loss):
+    """The upper copy differs from its original only by a constant output offset (its MLP bias), so
+    both branches have the same Jacobian: the gradient its alignment sends to the block input, and
+    so to the lower copy, is (J_e - J_p)^T (h_e - h_p) = 0. With the frozen branch detached it
+    would be (I + J_e)^T (h_e - h_p): as large as the gradient on the upper copy itself."""
+    from conftest import batch, make_model
+
+    from controlllm import ControlConfig, get_control_model
+
+    model = get_control_model(make_model("llama", mlp_bias=True),
+                              ControlConfig(expanded_layers=[1, 3], alignment_loss=loss))
+    lower, upper = model.blocks[1], model.blocks[3]
+    with torch.no_grad():
+        upper.expanded_layer.mlp.down_proj.bias.add_(0.5)
+    ids, mask = batch()
+    out = model(input_ids=ids, attention_mask=mask)
+    assert float(out.alignment_loss) > 0
+    out.alignment_loss.backward()
+    upper_grad, lower_grad = _copy_grad(upper), _copy_grad(lower)
+    assert upper_grad > 1e-4
+    assert lower_grad < 1e-5 * upper_grad, (lower_grad, upper_grad)  # zero up to rounding
+
+
+def test_alignment_gradient_below_is_the_gap_between_the_branch_jacobians():
+    """Away from the special case, the alignment still reaches the lower copy (both branches are
+    functions of its output), so the layers below are aligned too, not just the copy."""
+    from conftest import batch, make_model, perturb_trainable
+
+    from controlllm import ControlConfig, get_control_model
+
+    model = get_control_model(make_model("llama"), ControlConfig(expanded_layers=[1, 3], alignment_loss="nmse"))
+    perturb_trainable(model)
+    ids, mask = batch()
+    model(input_ids=ids, attention_mask=mask).alignment_loss.backward()
+    grads = {i: _copy_grad(b) for i, b in model.blocks.items()}
+    assert grads[1] > 0 and grads[3] > 0

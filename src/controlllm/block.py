@@ -124,6 +124,9 @@ class _Block(nn.Module):
         self.slot = slot
         self.plan = plan
         self.enabled = True
+        # The retention dial s (`controlllm.dial`): how much of the trained branch is used, 1 = all
+        # of it (the trained model, bit for bit), 0 = none (the base model, bit for bit).
+        self.dial = 1.0
 
     @contextmanager
     def disabled(self):
@@ -171,15 +174,18 @@ class ControlBlock(_Block):
         out_p = self.base_layer(hidden_states, *args, **kwargs)
         out_e = self.expanded_layer(hidden_states, *args, **kwargs)
         h_p, h_e = _first(out_p), _first(out_e)
-        h, w = self.interpolator(h_p, h_e, hidden_states)
+        h, w = self.interpolator(h_p, h_e, hidden_states, self.dial)
         if self.record:
-            # h_p is the target: the loss moves the copy toward the frozen layer, not the layers below.
-            target = h_p.detach()
+            # Both branches stay in the graph, as functions of the block input x: the gradient the
+            # alignment sends below is (J_e - J_p)^T (h_e - h_p), non-zero only where the branches
+            # respond differently. Detaching h_p would send (I + J_e)^T (h_e - h_p), whose identity
+            # part moves the residual stream, both branches at once: drift, not alignment.
+            # (nmse's normaliser |h_p|^2 stays a constant scale; cosine differentiates through both.)
             self.alignment = (None if self.alignment_loss == "none"
-                              else alignment_per_token(self.alignment_loss, target, h_e, self.alignment_margin))
+                              else alignment_per_token(self.alignment_loss, h_p, h_e, self.alignment_margin))
             if self.training and torch.is_grad_enabled():  # only training observes the drift
                 self.drift = (self.alignment.detach() if self.alignment_loss == "nmse"
-                              else nmse_alignment(target, h_e.detach()))
+                              else nmse_alignment(h_p.detach(), h_e.detach()))
             self.last_weight = w.detach()
         return _like(out_p, h)
 
@@ -203,20 +209,44 @@ class ControlBlock(_Block):
         self.window["n"] += 1
 
     def merge_weight(self) -> float:
-        """The w used to fold the copy into the frozen layer: for dynamic interpolators the mean
-        measured by `ControlModel.measure_merge_weights` (when measured), else the interpolator's
-        own weight (sigmoid of its logit or bias)."""
+        """The w used to fold the copy into the frozen layer, times the dial: for dynamic
+        interpolators the mean measured by `ControlModel.measure_merge_weights` (when measured),
+        else the interpolator's own weight (sigmoid of its logit or bias)."""
         if self.interpolator.dynamic and self.measured_weight is not None:
-            return self.measured_weight
-        return self.interpolator.nominal_weight()
+            return self.measured_weight  # measured at this dial: the mean of s * w per token
+        return self.dial * self.interpolator.nominal_weight()
 
     def merge_weight_source(self) -> str:
         """Where `merge_weight()` comes from, in words (for the merged model's metadata)."""
+        dial = f" x dial {self.dial:g}" if self.dial != 1.0 else ""
         if self.interpolator.dynamic and self.measured_weight is not None:
-            return f"measured: mean per-token weight on {self.measured_on}"
+            return f"measured: mean per-token weight on {self.measured_on}{' at dial ' + format(self.dial, 'g') if dial else ''}"
         if self.interpolator.dynamic:
-            return "sigmoid(b) of the gate: no weight was measured"
-        return "sigmoid(f) of the interpolation logit"
+            return f"sigmoid(b) of the gate{dial}: no weight was measured"
+        return f"sigmoid(f) of the interpolation logit{dial}"
+
+
+def make_identity(layer: nn.Module, what: str) -> nn.Module:
+    """Make a copy of a decoder layer add exactly zero to the residual stream (in place): the stack
+    copy's initialisation (see `StackBlock`). Returns the layer."""
+    if isinstance(getattr(layer, POST_NORM_MARKER, None), nn.Module):
+        for name in POST_SUBLAYER_NORMS:
+            _silence_norm(getattr(layer, name), f"{what}.{name}")
+        return layer
+    zeroed = 0
+    for name, module in layer.named_modules():
+        if name.rsplit(".", 1)[-1] in OUTPUT_PROJECTIONS and isinstance(module, nn.Linear):
+            with torch.no_grad():
+                module.weight.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()
+            zeroed += 1
+    if zeroed < 2:
+        raise ValueError(
+            f"Stack expansion needs the attention and MLP output projections of {what} "
+            f"(Linear layers named one of {OUTPUT_PROJECTIONS}) to start the copy as the identity; found {zeroed}"
+        )
+    return layer
 
 
 class StackBlock(_Block):
@@ -232,24 +262,7 @@ class StackBlock(_Block):
 
     def __init__(self, base_layer: nn.Module, index: int, slot: int, plan: CachePlan):
         super().__init__(base_layer, index, slot, plan)
-        layer = self.expanded_layer
-        if isinstance(getattr(layer, POST_NORM_MARKER, None), nn.Module):
-            for name in POST_SUBLAYER_NORMS:
-                _silence_norm(getattr(layer, name), f"{type(base_layer).__name__}.{name}")
-            return
-        zeroed = 0
-        for name, module in layer.named_modules():
-            if name.rsplit(".", 1)[-1] in OUTPUT_PROJECTIONS and isinstance(module, nn.Linear):
-                with torch.no_grad():
-                    module.weight.zero_()
-                    if module.bias is not None:
-                        module.bias.zero_()
-                zeroed += 1
-        if zeroed < 2:
-            raise ValueError(
-                f"Stack expansion needs the attention and MLP output projections of {type(base_layer).__name__} "
-                f"(Linear layers named one of {OUTPUT_PROJECTIONS}) to start the copy as the identity; found {zeroed}"
-            )
+        make_identity(self.expanded_layer, type(base_layer).__name__)
 
     def forward(self, hidden_states, *args, **kwargs):
         if not self.enabled:
@@ -257,4 +270,8 @@ class StackBlock(_Block):
         ensure_cache_slot(_cache_of(kwargs), self.slot, self.plan)
         out_p = self.base_layer(hidden_states, *args, **kwargs)
         out_e = self.expanded_layer(_first(out_p), *args, **kwargs)
-        return _like(out_p, _first(out_e))
+        if self.dial == 1.0:
+            return _like(out_p, _first(out_e))
+        # The dial scales the copy's contribution: h_p + s (copy(h_p) - h_p); s = 0 is h_p exactly.
+        h_p = _first(out_p)
+        return _like(out_p, torch.lerp(h_p, _first(out_e), self.dial))

@@ -47,7 +47,11 @@ def slerp(h_p: torch.Tensor, h_e: torch.Tensor, w: torch.Tensor) -> torch.Tensor
 
 
 class Interpolator(nn.Module, abc.ABC):
-    """Base class. `forward(h_p, h_e, x)` -> (h, w); x is the block input (used by dlerp_in)."""
+    """Base class. `forward(h_p, h_e, x, scale)` -> (h, w); x is the block input (used by dlerp_in).
+
+    `scale` is the retention dial s (`controlllm.dial`): the weight actually used is s * w, per
+    layer or per token. s = 1 computes exactly what the interpolator computes alone (s * w == w);
+    s = 0 gives exactly h_p (the base model)."""
 
     dynamic = False  # True when w is computed per token
 
@@ -69,16 +73,16 @@ class Lerp(Interpolator):
     def nominal_weight(self) -> float:
         return float(self.weight().detach())
 
-    def forward(self, h_p, h_e, x=None):
-        w = self.weight()
+    def forward(self, h_p, h_e, x=None, scale: float = 1.0):
+        w = self.weight() * scale
         return lerp(h_p, h_e, w), w
 
 
 class Slerp(Lerp):
     """Spherical interpolation with w = sigmoid(f), one scalar logit per layer."""
 
-    def forward(self, h_p, h_e, x=None):
-        w = self.weight()
+    def forward(self, h_p, h_e, x=None, scale: float = 1.0):
+        w = self.weight() * scale
         return slerp(h_p, h_e, w), w
 
 
@@ -122,9 +126,9 @@ class DLerp(Interpolator):
     def nominal_weight(self) -> float:
         return float(torch.sigmoid(self.gate.bias.detach()[0]))
 
-    def forward(self, h_p, h_e, x=None):
+    def forward(self, h_p, h_e, x=None, scale: float = 1.0):
         features = gate_features(torch.cat([h_p, h_e], dim=-1), self.normalize, self.gate.weight.dtype)
-        w = torch.sigmoid(self.gate(features))
+        w = torch.sigmoid(self.gate(features)) * scale
         return lerp(h_p, h_e, w), w
 
 
@@ -136,8 +140,8 @@ class DLerpIn(DLerp):
         self.normalize = normalize
         self.gate = self._zero_gate(hidden_size, init)
 
-    def forward(self, h_p, h_e, x=None):
-        w = torch.sigmoid(self.gate(gate_features(x, self.normalize, self.gate.weight.dtype)))
+    def forward(self, h_p, h_e, x=None, scale: float = 1.0):
+        w = torch.sigmoid(self.gate(gate_features(x, self.normalize, self.gate.weight.dtype))) * scale
         return lerp(h_p, h_e, w), w
 
 
