@@ -98,6 +98,12 @@ class ControlConfig:
                                 "replaces `alignment_weight` and is adapted to keep each layer's running drift at or "
                                 "below it. None: the fixed weight."}
     )
+    dial: float = field(
+        default=1.0, metadata={"help": "Retention dial s in [0, 1], set after training (`controlllm.dial`): every "
+                               "interpolation weight is used as s * w (per-token gates scaled per token), a stack "
+                               "copy's contribution as s times its own. 1 = the trained model, 0 = the base model, "
+                               "both bit for bit; merging folds at s * w."}
+    )
     alignment_budget_lr: float = field(
         default=0.5, metadata={"help": "Step of the budget multipliers' dual ascent per optimizer step, per unit of "
                                "relative violation (drift / budget - 1)."}
@@ -139,8 +145,11 @@ class ControlConfig:
         for name in ("train_interpolation", "gate_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"ControlConfig.{name}={getattr(self, name)!r} must be True or False")
-        for name in ("alignment_weight", "alignment_margin", "interpolation_init", "alignment_budget_lr"):
+        for name in ("alignment_weight", "alignment_margin", "interpolation_init", "alignment_budget_lr", "dial"):
             _check_finite(name, getattr(self, name))
+        if not 0.0 <= self.dial <= 1.0:
+            raise ValueError(f"ControlConfig.dial={self.dial!r} must be in [0, 1] (0: the base model, 1: the trained model)")
+        self.dial = float(self.dial)
         if self.alignment_weight < 0:
             raise ValueError(f"ControlConfig.alignment_weight={self.alignment_weight!r} must be >= 0")
         if not 0.0 <= self.alignment_margin < 2.0:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .block import ControlBlock, StackBlock, _Block, renumber_layer
+from .block import ControlBlock, StackBlock, _Block, make_identity, renumber_layer
 from .surgery import decoder_layers
 
 
@@ -23,6 +23,19 @@ def fold_lerp(base_layer: nn.Module, expanded_layer: nn.Module, w: float) -> nn.
     return base_layer
 
 
+@torch.no_grad()
+def fold_stack_dial(block: StackBlock) -> nn.Module:
+    """A dialled stack copy as plain weights: each parameter interpolated from the copy's identity
+    initialisation (the frozen layer's weights with the output projections zeroed, or the output
+    norms silenced) toward its trained value, W_0 + s (W - W_0). Exact at s = 0 (the identity) and
+    s = 1; in between it approximates the unmerged model's s-scaled contribution."""
+    start = make_identity(copy.deepcopy(block.base_layer), type(block.base_layer).__name__)
+    initial = dict(start.named_parameters())
+    for name, p in block.expanded_layer.named_parameters():
+        p.copy_(torch.lerp(initial[name].to(p.dtype), p, block.dial))
+    return block.expanded_layer
+
+
 def merge_blocks(model: nn.Module, blocks: dict[int, _Block]) -> nn.Module:
     """Replace every block in `model` by plain layers: concat blocks folded, stack copies inserted."""
     layers = decoder_layers(model)
@@ -34,7 +47,7 @@ def merge_blocks(model: nn.Module, blocks: dict[int, _Block]) -> nn.Module:
             new_layers.append(fold_lerp(layer.base_layer, layer.expanded_layer, layer.merge_weight()))
         elif isinstance(layer, StackBlock):
             new_layers.append(layer.base_layer)
-            new_layers.append(layer.expanded_layer)
+            new_layers.append(layer.expanded_layer if layer.dial == 1.0 else fold_stack_dial(layer))
         else:
             new_layers.append(layer)
         if new_types is not None:

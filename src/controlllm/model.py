@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -174,6 +175,29 @@ class ControlModel(nn.Module):
             else:
                 weights[i] = block.interpolator.nominal_weight()
         return weights
+
+    @property
+    def dial(self) -> float:
+        """The retention dial s in [0, 1] (`ControlConfig.dial`): 1 = the trained model, 0 = the base."""
+        return self.control_config.dial
+
+    def set_dial(self, value: float) -> "ControlModel":
+        """Use s = `value` of what training added, in every expanded layer (in place; returns self).
+
+        Concat layers use s * w (per-token gates scaled per token); stack layers add s times their
+        copy's contribution. s = 0 computes the base model and s = 1 the trained model, both bit
+        for bit, and any value can be set again later (nothing is lost: the copies are untouched).
+        The value is stored in `control_config.dial`, so `save_pretrained` writes it and a reload
+        is dialled the same; `merge_and_unload` folds at s * w. Weights measured for a merge
+        (`measure_merge_weights`) at another dial are discarded.
+        """
+        config = dataclasses.replace(self.control_config, dial=value)  # validates: a finite number in [0, 1]
+        self.control_config = config
+        for block in self._blocks.values():
+            if block.dial != config.dial and isinstance(block, ControlBlock):
+                block.measured_weight = block.measured_on = None
+            block.dial = config.dial
+        return self
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable parameters, all parameters)."""
@@ -365,7 +389,8 @@ class ControlModel(nn.Module):
 
         Runs `batches` (mappings with `input_ids` and optionally `attention_mask`) through the model
         in evaluation mode and takes, per layer, the mean per-token weight over the real tokens of
-        all of them (sums in float64, counts as integers). The statistics start with this call and
+        all of them (sums in float64, counts as integers), at the model's dial (s * w per token;
+        `set_dial` discards what was measured at another dial). The statistics start with this call and
         end with it: a new call replaces the previous result, and no other forward measures
         anything. `source` describes the data in the merged model's metadata. Returns {layer: w}.
         """

@@ -131,6 +131,21 @@ def build_model_card(folder: str | os.PathLike, run_config: dict, metrics: dict 
         for n, stage in enumerate(stages, 1):
             stage = stage if isinstance(stage, dict) else {"description": stage}
             lines.append(f"| {n} | " + " | ".join(_value(stage[k]) if k in stage else "" for k in keys) + " |")
+    dial = run_config.get("dial")
+    if dial:
+        lines += ["", "## Retention dial", "",
+                  f"This model is `{dial.get('source')}` turned back toward its base with `controlllm dial`: "
+                  f"{dial.get('what')}, at s = {dial.get('value'):g} (s = 0 is the base model, s = 1 the trained run)."]
+        chosen, budget = dial.get("chosen"), {k: v for k, v in (dial.get("budget") or {}).items() if v is not None}
+        if budget:
+            lines.append(f"Chosen as the value that gains most within {', '.join(f'{k} <= {v:g}' for k, v in budget.items())} "
+                         f"on `{dial.get('keep_data')}` (new skill measured on `{dial.get('learn_data')}`).")
+        if chosen:
+            lines += ["", *_table({k: chosen[k] for k in ("value", "gain", "kl", "keep_increase", "learn_bpc", "keep_bpc")},
+                                  ("measure at the chosen value", "value"))]
+        if dial.get("points"):
+            lines += ["", "Every value scored: `dial.md` (table), `dial.json`, `dial.png` (gain against forgetting)."]
+        lines += ["", f"Roll back to the base: `controlllm dial --model {dial.get('source')} --value 0 --output ...`."]
     evaluation = {k: v for k, v in _last_evaluation(run_config, metrics).items() if k != "step"}
     lines += ["", "## Last evaluation", ""]
     lines += _table(evaluation, ("metric", "value")) if evaluation else ["No evaluation was run (no `--eval-data`)."]

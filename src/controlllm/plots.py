@@ -168,3 +168,41 @@ def plot_run(run_dir: str | os.PathLike, output: str | os.PathLike | None = None
 
 
 __all__ = ["plot_run", "read_metrics", "layer_grid"]
+
+
+def plot_dial_curve(points: list[dict], chosen: float | None, output: str | os.PathLike, title: str | None = None,
+                    budget: dict | None = None) -> str:
+    """Draw a dial's gain-vs-forgetting curve (one point per dial value, labelled with it; the chosen
+    value circled, the budget as a dashed line) to `output` (PNG); returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    budget = budget or {}
+    measures = [("kl", "KL to base on the keep data (nats/token)", budget.get("max_kl"))]
+    if budget.get("max_keep_increase") is not None or budget.get("max_kl") is None:
+        measures.append(("keep_increase", "keep data: bits/char increase", budget.get("max_keep_increase")))
+    fig, axes = plt.subplots(1, len(measures), figsize=(5.5 * len(measures), 4.2), squeeze=False)
+    for ax, (key, label, limit) in zip(axes[0], measures):
+        xs = [p[key] for p in points]
+        ys = [p["gain"] for p in points]
+        ax.plot(xs, ys, "-o", color="tab:blue", ms=4)
+        for p in points:
+            ax.annotate(f"{p['value']:g}", (p[key], p["gain"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        if chosen is not None:
+            pick = next(p for p in points if p["value"] == chosen)
+            ax.plot([pick[key]], [pick["gain"]], "o", ms=13, mfc="none", mec="tab:red", mew=2,
+                    label=f"chosen s = {chosen:g}")
+            ax.legend(loc="lower right", fontsize=8)
+        if limit is not None:
+            ax.axvline(limit, color="tab:red", ls="--", lw=1)
+        ax.set_xlabel(label)
+        ax.set_ylabel("gain: new data's bits/char drop")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or "retention dial: gain against forgetting, one point per dial value s")
+    fig.tight_layout()
+    output = os.fspath(output)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output

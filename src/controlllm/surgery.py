@@ -77,6 +77,7 @@ def install_blocks(model: nn.Module, config: ControlConfig) -> dict[int, _Block]
             param = next(layers[index].parameters(), None)
             if param is not None:  # interpolator and statistics live where the layer lives
                 block.to(param.device)
+        block.dial = config.dial
         layers[index] = block
         blocks[index] = block
     return blocks
