@@ -323,3 +323,21 @@ def test_sft_labels_with_the_default_model_tokenizer():
     expected = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False)
     assert example["input_ids"].tolist() == list(expected)
     assert _label_runs(example, tokenizer) == ["I am fine, thank you.<|im_end|>", "Paris is the capital.<|im_end|>"]
+
+
+def test_mixed_dataset_keeps_the_length_and_spreads_the_mix_evenly():
+    from controlllm.data import DataError, MixedDataset, mix_positions
+
+    main, mix = list(range(100, 120)), ["a", "b", "c"]
+    mixed = MixedDataset(main, mix, 0.25)
+    items = [mixed[i] for i in range(len(mixed))]
+    assert len(mixed) == len(main) and mixed.mixed_examples == 5
+    assert [x for x in items if isinstance(x, int)] == main[:15]  # the training data in its own order
+    assert [x for x in items if isinstance(x, str)] == ["a", "b", "c", "a", "b"]  # cycling
+    assert [i for i, m in enumerate(mix_positions(20, 0.25)) if m] == [3, 7, 11, 15, 19]
+    assert sum(mix_positions(1000, 0.1)) == 100
+    for bad in (0.0, 1.0, float("nan")):
+        with pytest.raises(DataError, match="mix-ratio"):
+            MixedDataset(main, mix, bad)
+    with pytest.raises(DataError, match="no training examples"):
+        MixedDataset(main, [], 0.1)

@@ -1,4 +1,4 @@
-"""The `controlllm` command: train, generate, chat, merge, eval, demo, plot.
+"""The `controlllm` command: train, generate, chat, merge, dial, eval, demo, plot.
 
 User errors (bad flags, missing, unreadable or malformed files, unfinished or mismatched runs,
 unknown names, non-finite losses) print one line `controlllm: error: ...` and exit with status 2;
@@ -25,6 +25,13 @@ def _int_list(text: str) -> list[int]:
         return [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 3,7,11; got {text!r}")
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0,0.25,0.5; got {text!r}")
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
@@ -73,6 +80,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data (the run's format: text for cpt, chats for sft) on which the mean weight of dlerp/dlerp_in "
                         "interpolators is measured for the fold (default: the run's --eval-data); recorded in "
                         "merge_weights.json")
+
+    p = sub.add_parser("dial", help="turn a trained run back toward its base: the value that learns most within a "
+                                    "forgetting budget, or a value you give (0 = roll back)")
+    p.add_argument("--model", required=True, help="run folder (any method) to dial")
+    p.add_argument("--output", required=True, help="folder for the dialled model (a run folder eval/generate/merge accept)")
+    p.add_argument("--learn-data", default=None, help="held-out data of the new skill: its bits/char drop is the gain")
+    p.add_argument("--keep-data", default=None, help="data of what the model should keep: KL to the base and loss change")
+    p.add_argument("--max-kl", type=float, default=None, help="budget: KL(base || dialled) on --keep-data, nats/token")
+    p.add_argument("--max-keep-increase", type=float, default=None,
+                   help="budget: bits/char increase on --keep-data (with or instead of --max-kl)")
+    p.add_argument("--value", type=float, default=None, help="set this dial value instead of searching (0 = the base)")
+    p.add_argument("--values", type=_float_list, default=None, help="the grid searched (default: 0, 0.1, ..., 1)")
+    p.add_argument("--refine", type=int, default=3, help="bisections toward the budget's edge after the grid")
+    p.add_argument("--mode", default="output", help="Control runs: 'output' (scale w) or 'weights' (copies' weights "
+                                                    "toward the originals, the merged form's dial)")
+    p.add_argument("--base", default=None, help="base model of the run (default: from its run_config.json)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=64, help="texts read from each data file (first N)")
 
     p = sub.add_parser("eval", help="score a model on benchmarks, held-out text and divergence from its base")
     p.add_argument("--model", default=None, help="run folder, model folder or .gguf (default: the base model)")
@@ -189,8 +215,10 @@ def run(argv: list[str] | None = None) -> int:
         except (ValueError, TypeError) as err:
             raise UsageError(str(err)) from err
         result = train(cfg)
+        dialled = {"dialled": {"output": result.dial and os.path.join(cfg.output, "dialled"),
+                               "value": result.dial["value"]}} if result.dial else {}
         print(json.dumps({"final": result.final, "seconds": round(result.seconds, 1),
-                          "trainable_parameters": result.trainable_parameters, **result.metrics}, indent=2))
+                          "trainable_parameters": result.trainable_parameters, **result.metrics, **dialled}, indent=2))
         return 0
     if args.command in ("generate", "chat"):
         from .checkpoints import load_model
@@ -234,6 +262,20 @@ def run(argv: list[str] | None = None) -> int:
         print(json.dumps({"output": args.output, **report,
                           "merge_weights": {i: round(v["weight"], 6) for i, v in weights["layers"].items()}}, indent=2))
         carry_card_to_merge(args.model, args.output, report, args.check_text)
+        return 0
+    if args.command == "dial":
+        from .dial import DEFAULT_VALUES, run_dial
+
+        for flag in ("max_kl", "max_keep_increase"):
+            if getattr(args, flag) is not None and args.value is not None:
+                raise UsageError(f"--value sets the dial by hand; it does not go with --{flag.replace('_', '-')}")
+        if args.limit is not None and args.limit < 1:
+            raise UsageError(f"--limit must be a positive integer, got {args.limit}")
+        record = run_dial(args.model, args.output, learn_data=args.learn_data, keep_data=args.keep_data,
+                          max_kl=args.max_kl, max_keep_increase=args.max_keep_increase, value=args.value,
+                          values=args.values or DEFAULT_VALUES, mode=args.mode, refine=args.refine, base=args.base,
+                          seq_len=args.seq_len, batch_size=args.batch_size, limit=args.limit)
+        print(json.dumps({"output": args.output, "value": record["value"], "chosen": record["chosen"]}, indent=2))
         return 0
     if args.command == "eval":
         from .checkpoints import load_model

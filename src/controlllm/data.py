@@ -16,6 +16,7 @@ that :class:`DataCollator` right-pads into a batch for the Hugging Face ``Traine
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -244,6 +245,39 @@ class TokenizedDataset(Dataset):
             "attention_mask": torch.ones_like(ids),
             "labels": torch.tensor(example["labels"], dtype=torch.long),
         }
+
+
+def mix_positions(length: int, ratio: float) -> list[bool]:
+    """Which of `length` positions take a mixed-in example: position i does when floor((i + 1) r)
+    > floor(i r), so the mixed examples are spread evenly and number floor(length r)."""
+    return [math.floor((i + 1) * ratio + 1e-9) > math.floor(i * ratio + 1e-9) for i in range(length)]
+
+
+class MixedDataset(Dataset):
+    """The training data with general data mixed in at `ratio`, same length as `main` (so the same
+    token count for packed text): evenly spaced positions (`mix_positions`) take the next `mix`
+    example (cycling), the others the next `main` example in order; the last floor(len r) main
+    examples are left out. The Trainer's seeded shuffle then orders it as it would `main`."""
+
+    def __init__(self, main: Dataset, mix: Dataset, ratio: float):
+        if not 0.0 < ratio < 1.0 or not math.isfinite(ratio):
+            raise DataError(f"--mix-ratio must be in (0, 1), got {ratio!r}")
+        if len(mix) == 0:
+            raise DataError("--mix-data yields no training examples (too short for --seq-len?)")
+        self.main, self.mix, self.ratio = main, mix, ratio
+        self.index: list[tuple[bool, int]] = []
+        counts = [0, 0]
+        for mixed in mix_positions(len(main), ratio):
+            self.index.append((mixed, counts[mixed] % len(mix) if mixed else counts[mixed]))
+            counts[mixed] += 1
+        self.mixed_examples = counts[True]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, index: int):
+        mixed, position = self.index[index]
+        return (self.mix if mixed else self.main)[position]
 
 
 def build_cpt_dataset(texts: Iterable[str], tokenizer, seq_len: int) -> PackedDataset:

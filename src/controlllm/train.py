@@ -32,6 +32,7 @@ TASKS = ("cpt", "sft")
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
 FINAL = "final"
+DIALLED = "dialled"
 STAGING = ".staging"
 
 
@@ -75,6 +76,16 @@ class TrainConfig:
     alignment_budget: float | None = field(default=None, metadata={
         "help": "Per-layer drift budget (nmse units, e.g. 0.01); replaces the fixed weight by adapted multipliers."})
     alignment_budget_lr: float | None = field(default=None, metadata={"help": "Dual-ascent step of the budget multipliers."})
+    mix_data: str | None = field(default=None, metadata={
+        "help": "General data (the --data format) mixed into training, any method: evenly spaced examples replace "
+                "training examples, same count and token budget as without it."})
+    mix_ratio: float = field(default=0.1, metadata={"help": "Share of training examples taken from --mix-data."})
+    keep_data: str | None = field(default=None, metadata={
+        "help": "After training, dial the run back (controlllm dial) to the budget below on this data of what to keep; "
+                "the new skill is measured on --eval-data; the dialled model goes to OUTPUT/dialled."})
+    max_kl: float | None = field(default=None, metadata={"help": "Dial budget: KL to the base on --keep-data (nats/token)."})
+    max_keep_increase: float | None = field(default=None, metadata={
+        "help": "Dial budget: bits/char increase on --keep-data."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (method lora)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (method lora)."})
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: only at the end)."})
@@ -105,6 +116,19 @@ class TrainConfig:
                     raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}")
         if self.num_expanded_layers is not None and self.expanded_layers is not None:
             raise ValueError("give either --num-expanded-layers or --expanded-layers, not both")
+        if isinstance(self.mix_ratio, bool) or not isinstance(self.mix_ratio, (int, float)) \
+                or not 0.0 < self.mix_ratio < 1.0:
+            raise ValueError(f"--mix-ratio must be a number in (0, 1), got {self.mix_ratio!r}")
+        budget = [n for n in ("max_kl", "max_keep_increase") if getattr(self, n) is not None]
+        for name in budget:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
+        if self.keep_data is not None and (not budget or self.eval_data is None):
+            raise ValueError("--keep-data dials the run after training: it needs --max-kl or --max-keep-increase, and "
+                             "--eval-data (the new skill's held-out data)")
+        if budget and self.keep_data is None:
+            raise ValueError(f"--{budget[0].replace('_', '-')} is a dial budget: give --keep-data with it")
         # Validate the Control options early (named errors before anything loads).
         self.control_config(num_layers=None)
 
@@ -420,6 +444,7 @@ class TrainResult:
     trainable_parameters: int
     total_parameters: int
     model: nn.Module | None = None  # the trained model (ControlModel, PeftModel or the base model)
+    dial: dict | None = None  # with --keep-data: the dial's record (dial.json of OUTPUT/dialled)
 
 
 def _tensorboard_available() -> bool:
@@ -443,13 +468,15 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
 
     if cfg.data is None:
         raise DataError("--data is required: a .txt/.jsonl file of training text (cpt) or chats (sft)")
-    for path, flag in ((cfg.data, "--data"), (cfg.eval_data, "--eval-data")):
+    for path, flag in ((cfg.data, "--data"), (cfg.eval_data, "--eval-data"), (cfg.mix_data, "--mix-data"),
+                       (cfg.keep_data, "--keep-data")):
         if path is not None and not os.path.isfile(path):
             raise DataError(f"{flag} {path!r} does not exist or is not a file")
     # Read (and so validate) the data before the model loads: bad input fails in a second.
     read, build = (read_text_records, build_cpt_dataset) if cfg.task == "cpt" else (read_chat_records, build_sft_dataset)
     train_records = read(cfg.data)
     eval_records = read(cfg.eval_data) if cfg.eval_data else None
+    mix_records = read(cfg.mix_data) if cfg.mix_data else None
     final_dir = os.path.join(cfg.output, FINAL)
     if os.path.isdir(final_dir) and not cfg.resume:
         raise UsageError(f"{final_dir!r} already exists: this run has finished; choose another --output")
@@ -460,6 +487,10 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
         # A model folder, a .gguf, or a finished run (multi-stage: its result, folded, is the new base).
         model, tokenizer, _ = load_as_base(cfg.model)
     train_set = build(train_records, tokenizer, cfg.seq_len)
+    if mix_records is not None:
+        from .data import MixedDataset
+
+        train_set = MixedDataset(train_set, build(mix_records, tokenizer, cfg.seq_len), cfg.mix_ratio)
     eval_set = build(eval_records, tokenizer, cfg.seq_len) if eval_records is not None else None
     if eval_set is not None and cfg.max_eval_samples and len(eval_set) > cfg.max_eval_samples:
         eval_set = torch.utils.data.Subset(eval_set, range(cfg.max_eval_samples))
@@ -528,7 +559,15 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     unwrapped = _unwrap(trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False))
     trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
     total = sum(p.numel() for p in unwrapped.parameters())
-    return TrainResult(cfg.output, final_dir, metrics, seconds, trainable, total, unwrapped)
+    dial = None
+    if cfg.keep_data is not None and trainer.args.should_save:
+        from .dial import run_dial
+
+        # The saved run is dialled as `controlllm dial` would: the model trained here stays as it is.
+        dial = run_dial(cfg.output, os.path.join(cfg.output, DIALLED), learn_data=cfg.eval_data,
+                        keep_data=cfg.keep_data, max_kl=cfg.max_kl, max_keep_increase=cfg.max_keep_increase,
+                        seq_len=cfg.seq_len, progress=cfg.progress)
+    return TrainResult(cfg.output, final_dir, metrics, seconds, trainable, total, unwrapped, dial)
 
 
 def run_record(cfg: TrainConfig) -> dict:
