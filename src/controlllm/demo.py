@@ -1,9 +1,11 @@
 """The main job: teach SmolLM2-135M-Instruct Spanish with Control LLM and show what it kept.
 
 Continued pre-training on the Reina-Valera 1909 Bible (public domain, Debian's
-sword-text-sparv), then a before/after table: held-out Spanish bits per character (the new
-skill), held-out general English bits per character (fortunes, BSD licence), ARC-Easy accuracy
-and KL divergence from the base model on English text (what it kept).
+sword-text-sparv), then the retention dial chosen on validation texts for a stated forgetting
+budget (`DEMO_MAX_KL`), then a table of the base, the trained and the dialled model: held-out
+Spanish bits per character (the new skill), held-out general English bits per character
+(fortunes, BSD licence), ARC-Easy accuracy and KL divergence from the base model on English text
+(what it kept).
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ import torch
 
 from .assets import LICENCES, fetch_bible, fetch_fortunes, load_pretrained
 from .evaluation import heldout_loss, kl_to_reference, load_benchmark, score_multiple_choice
+from .checkpoints import load_model
+from .dial import DialBudgetError, run_dial
 from .train import TrainConfig, train
 
 HELDOUT_EVERY = 25  # every 25th chapter is held out
+# The demo's forgetting budget: the dialled model's KL to the base on English validation text.
+DEMO_MAX_KL = 0.05
 
 
 def spanish_chapters() -> tuple[list[str], list[str]]:
@@ -61,17 +67,26 @@ def _sample(model, tokenizer, prompt: str, n: int = 24) -> str:
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip().replace("\n", " ")
 
 
-def format_table(before: dict, after: dict) -> str:
+def format_table(before: dict, after: dict, dialled: dict | None = None, dial_value: float | None = None) -> str:
+    """The demo's markdown table: base, trained and (when given) dialled, with the changes from the base."""
     rows = [
         ("new skill: Spanish held-out bits/char (lower is better)", "spanish_bpc", "{:.3f}"),
         ("kept: English held-out bits/char (lower is better)", "english_bpc", "{:.3f}"),
         ("kept: ARC-Easy accuracy", "arc_easy_acc", "{:.3f}"),
         ("kept: KL to base on English text (nats/token)", "english_kl_to_base", "{:.4f}"),
     ]
-    lines = ["| metric | base | Control LLM | change |", "|---|---|---|---|"]
+    if dialled is None:
+        lines = ["| metric | base | Control LLM | change |", "|---|---|---|---|"]
+    else:
+        lines = [f"| metric | base | Control LLM | change | dialled (s = {dial_value:g}) | change |",
+                 "|---|---|---|---|---|---|"]
     for label, key, fmt in rows:
         b, a = before[key], after[key]
-        lines.append(f"| {label} | {fmt.format(b)} | {fmt.format(a)} | {a - b:+.4f} |")
+        line = f"| {label} | {fmt.format(b)} | {fmt.format(a)} | {a - b:+.4f} |"
+        if dialled is not None:
+            d = dialled[key]
+            line += f" {fmt.format(d)} | {d - b:+.4f} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -105,18 +120,36 @@ def run_demo(output: str = "runs/demo", max_steps: int | None = None, quick: boo
     result = train(cfg, model=model, tokenizer=tokenizer)
     control = result.model
 
-    print("[4/4] measuring the trained model")
+    print("[4/5] measuring the trained model")
     control.eval()
     after = measure(control, tokenizer, spanish, english, arc, reference="base")
     after_sample = _sample(control, tokenizer, prompt)
+
+    # The dial is chosen on validation texts kept apart from the ones the table is measured on.
+    print(f"[5/5] dialling the run back to KL <= {DEMO_MAX_KL} on English validation text (controlllm dial)")
+    learn_path, keep_path = os.path.join(output, "dial_learn_es.txt"), os.path.join(output, "dial_keep_en.txt")
+    with open(learn_path, "w") as f:
+        f.write("\n\n".join(heldout[n_eval: n_eval + (4 if quick else 8)]))
+    with open(keep_path, "w") as f:
+        f.write("\n\n".join(english_texts(n_eval + (8 if quick else 24))[n_eval:]))
+    try:
+        dial = run_dial(cfg.output, os.path.join(output, "dialled"), learn_data=learn_path, keep_data=keep_path,
+                        max_kl=DEMO_MAX_KL, values=(0.25, 0.5, 0.75, 1.0), refine=2)
+    except DialBudgetError as err:  # nothing learned within the budget: the rollback is the answer
+        print(f"note: {err}; rolling back to the base (s = 0)")
+        dial = run_dial(cfg.output, os.path.join(output, "dialled"), value=0.0)
+    dialled_model, _, _ = load_model(os.path.join(output, "dialled"))
+    dialled_model.eval()
+    dialled = measure(dialled_model, tokenizer, spanish, english, arc, reference="base")
     seconds = time.time() - start
 
-    table = format_table(before, after)
+    table = format_table(before, after, dialled, dial["value"])
     report = {
         "before": before, "after": after, "steps": steps, "tokens_trained": steps * 4 * 128,
         "trainable_parameters": result.trainable_parameters, "total_parameters": result.total_parameters,
         "expanded_layers": sorted(control.blocks), "seconds": round(seconds, 1),
         "samples": {"prompt": prompt, "base": before_sample, "control": after_sample},
+        "dialled": dialled, "dial": {"max_kl": DEMO_MAX_KL, "value": dial["value"], "chosen_on_validation": dial["chosen"]},
         "data": {"train_chapters": len(train_docs), "heldout_spanish_texts": len(spanish),
                  "english_texts": len(english), "arc_easy_items": len(arc)},
         "licences": {"sparv": LICENCES.get("sparv"), "fortunes": LICENCES.get("fortunes")},
@@ -132,6 +165,7 @@ def run_demo(output: str = "runs/demo", max_steps: int | None = None, quick: boo
     print(f"'{prompt}' -> Control LLM: {after_sample!r}")
     print(f"trained {result.trainable_parameters:,d} of {result.total_parameters:,d} parameters "
           f"({len(control.blocks)} expanded layers) in {result.seconds:.0f} s; demo total {seconds:.0f} s")
-    print(f"delta saved in {result.final}; results in {output}/demo.json")
+    print(f"delta saved in {result.final}; dialled model (s = {dial['value']:g}) in {output}/dialled; "
+          f"results in {output}/demo.json")
     return report
 
