@@ -124,3 +124,26 @@ def test_train_with_keep_data_dials_at_the_end_and_mixes_data(tmp_path, tiny_mod
     assert saved["mix_data"] == str(text_file) and saved["mix_ratio"] == 0.25
     code, out, err = run_cli(train_args(tiny_model_dir, learn, tmp_path / "r2", "--keep-data", str(keep)), capsys)
     assert code == 2 and "needs --max-kl or --max-keep-increase" in err
+
+
+def test_a_later_stage_dials_its_own_stage_only(tmp_path, trained_run, split_files, capsys):
+    """s = 0 on a stage-2 run is stage 1's result (folded), not the original base."""
+    from controlllm.checkpoints import load_as_base
+    from controlllm.cli import main
+
+    method, run = trained_run
+    if method != "control":
+        pytest.skip("one stage kind is enough: the rule does not depend on the method")
+    learn, _ = split_files
+    stage2 = tmp_path / "stage2"
+    args = ["train", "--model", str(run), "--data", str(learn), "--output", str(stage2), "--max-steps", "2",
+            "--batch-size", "2", "--seq-len", "32", "--save-steps", "2", "--threads", "1", "--no-progress",
+            "--lr", "1e-2", "--expanded-layers", "0,2"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
+    code, out, err = run_cli(["dial", "--model", str(stage2), "--value", "0", "--output", str(tmp_path / "back")], capsys)
+    assert code == 0, err
+    stage1, tokenizer, _ = load_as_base(str(run))
+    rolled, _, _ = load_model(str(tmp_path / "back"))
+    assert torch.equal(_logits(rolled.eval(), tokenizer), _logits(stage1.eval(), tokenizer))
