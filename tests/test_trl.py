@@ -105,6 +105,31 @@ def test_dpo_reference_is_the_base_model_without_a_copy(tmp_path):
     assert len(logs) == 2 and all(r["alignment_loss"] > 0 for r in logs)
 
 
+def test_dpo_reference_is_the_base_in_eval_mode_with_dropout_after_the_policy_moved(tmp_path):
+    tokenizer = make_tokenizer()
+    base = make_model("llama", vocab_size=len(tokenizer), attention_dropout=0.3)
+    model = get_control_model(base, ControlConfig(num_expanded_layers=None, expanded_layers=[1, 3]))
+    plain = clone(model).unload().eval()  # the base model in eval mode
+    add_fused_lm_head(plain)
+    before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    args = DPOConfig(output_dir=str(tmp_path / "dpo"), **{**COMMON, "max_steps": 2, "learning_rate": 1e-2})
+    trainer = ControlDPOTrainer(model=model, args=args, train_dataset=preference_data(), processing_class=tokenizer)
+    trainer.train()
+    assert any(not torch.equal(v, before[k]) for k, v in model.trainable_state_dict().items())  # the policy moved
+    model.train()
+    modes = [m.training for m in model.modules()]
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    first = trainer.compute_ref_log_probs(trainer.ref_model, batch)
+    second = trainer.compute_ref_log_probs(trainer.ref_model, batch)
+    expected = trainer.compute_ref_log_probs(plain, batch)
+    print("reference log-probs:", [round(float(x), 4) for x in first[0]], [round(float(x), 4) for x in second[0]],
+          "base in eval mode:", [round(float(x), 4) for x in expected[0]])
+    for a, b, want in zip(first, second, expected):
+        assert torch.equal(a, b)  # deterministic: no dropout in the reference pass
+        torch.testing.assert_close(a, want, rtol=1e-5, atol=1e-5)
+    assert [m.training for m in model.modules()] == modes  # the policy's mode is left as it was
+
+
 def test_trainers_refuse_a_plain_model(tmp_path):
     tokenizer = make_tokenizer()
     with pytest.raises(TypeError, match="ControlModel"):

@@ -15,7 +15,8 @@ What the subclasses change, and why (tested with TRL 1.16):
   `ControlModel.forward` would be dropped: these trainers add `alignment_weight * alignment_loss`,
   normalised like the LM loss under gradient accumulation, and log `alignment_loss` and `w/{i}`.
 - The DPO reference is the base model: `BaseModelReference` runs the same ControlModel under
-  `disable_control()`, so no second copy of the model is loaded or kept in memory
+  `disable_control()` and in eval mode (no dropout, whatever the policy's mode, which is restored
+  after each call), so no second copy of the model is loaded or kept in memory
   (`precompute_ref_log_probs=True` works too).
 - Checkpoints and `save_model` write the Control delta (`ControlModel.save_pretrained`), not a full
   state dict; resuming loads it back.
@@ -24,6 +25,7 @@ What the subclasses change, and why (tested with TRL 1.16):
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -38,7 +40,9 @@ TRAINING_ARGS_NAME = "training_args.bin"
 
 class BaseModelReference(nn.Module):
     """The base model of a ControlModel as a model of its own: each call runs the ControlModel under
-    `disable_control()`, which computes exactly the base model's outputs, with the same weights.
+    `disable_control()` and in eval mode, which computes exactly the base model's outputs in eval
+    mode (deterministic: no dropout), with the same weights. The mode of every module of the
+    ControlModel is restored after the call, so the policy keeps training as it was.
 
     Like a transformers model it exposes `base_model` (the backbone, here run with control disabled)
     and `get_output_embeddings()`, which TRL's fused LM head uses, and a `state_dict()` of the frozen
@@ -53,17 +57,32 @@ class BaseModelReference(nn.Module):
         object.__setattr__(self, "control_model", control_model)
         self.config = control_model.config
 
+    @contextmanager
+    def _as_base(self):
+        """The ControlModel as its base model in eval mode; each module's mode is put back afterwards.
+
+        The reference is not a submodule of anything TRL switches to eval (nor is the policy a submodule
+        of the reference), so its mode is set here, on every call."""
+        control = self.control_model
+        modes = [(module, module.training) for module in control.modules()]
+        control.eval()
+        try:
+            with control.disable_control():
+                yield control
+        finally:
+            for module, training in modes:
+                module.training = training
+
     def forward(self, *args, **kwargs):
-        with self.control_model.disable_control():
-            return self.control_model(*args, **kwargs)
+        with self._as_base() as control:
+            return control(*args, **kwargs)
 
     @property
     def base_model(self):
-        control = self.control_model
-        backbone = control.base_model.base_model  # transformers' name for the decoder stack without the head
+        backbone = self.control_model.base_model.base_model  # transformers' name for the decoder stack without the head
 
         def run_backbone(*args, **kwargs):
-            with control.disable_control():
+            with self._as_base():
                 return backbone(*args, **kwargs)
 
         return run_backbone
