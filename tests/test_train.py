@@ -199,3 +199,28 @@ def test_logged_losses_do_not_depend_on_gradient_accumulation(tmp_path, chat_fil
         assert two["alignment_loss"] == pytest.approx(one["alignment_loss"], rel=1e-2, abs=1e-6)
         assert two["loss"] == pytest.approx(one["loss"], abs=2e-4)  # the Trainer's own total, for reference
     assert len(logged[1]) == len(logged[2]) == 2
+
+
+def test_interpolation_lr_keeps_the_trainers_weight_decay_rule(tmp_path):
+    from transformers import TrainingArguments
+
+    from controlllm import ControlConfig, get_control_model
+    from controlllm.train import ControlTrainer
+
+    model = get_control_model(make_model("llama"), ControlConfig(expanded_layers=[1, 3], interpolation="dlerp",
+                                                                  train_interpolation=True))
+    args = TrainingArguments(output_dir=str(tmp_path), weight_decay=0.1, learning_rate=1e-3, use_cpu=True, report_to=[])
+
+    def settings(**kwargs):
+        optimizer = ControlTrainer(model=model, args=args, **kwargs).create_optimizer()
+        return {id(p): (g["weight_decay"], g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+
+    default, custom = settings(), settings(interpolation_lr=5e-2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert default.keys() == custom.keys()
+    for key, (decay, lr) in default.items():
+        if ".interpolator." in names[key]:
+            assert custom[key] == (0.0, 5e-2), names[key]
+        else:  # biases and norm weights stay without decay
+            assert custom[key] == (decay, lr), (names[key], custom[key], (decay, lr))
+    assert any(decay == 0.0 and "norm" in names[k] for k, (decay, _) in default.items())

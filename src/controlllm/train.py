@@ -259,15 +259,20 @@ class ControlTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer; with `interpolation_lr`, the interpolators' parameters form their
-        own group with that learning rate (the schedule scales both groups alike)."""
+        own group with that learning rate and no weight decay (the schedule scales every group alike).
+        The other parameters keep the Trainer's weight-decay rule (`get_decay_parameter_names`: no
+        decay on biases and norm weights)."""
         if self._interpolation_lr is None or self.optimizer is not None:
             return super().create_optimizer()
         model = _unwrap(self.model)
+        decay = set(self.get_decay_parameter_names(model))
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         gates = [p for n, p in named if ".interpolator." in n]
-        rest = [p for n, p in named if ".interpolator." not in n]
+        rest = [(n, p) for n, p in named if ".interpolator." not in n]
         optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
-        groups = [{"params": rest, "weight_decay": self.args.weight_decay}]
+        groups = [{"params": [p for n, p in rest if n in decay], "weight_decay": self.args.weight_decay},
+                  {"params": [p for n, p in rest if n not in decay], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
         if gates:
             groups.append({"params": gates, "weight_decay": 0.0, "lr": self._interpolation_lr})
         self.optimizer = optimizer_cls(groups, **kwargs)
