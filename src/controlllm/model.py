@@ -303,7 +303,9 @@ class ControlModel(nn.Module):
     def layer_statistics(self, reset: bool = True, reduce=None) -> dict[str, float]:
         """Per expanded layer i, averaged over the training micro-batches since the last call:
         `w/{i}` (mean interpolation weight), `w_std/{i}` (its spread over tokens), `drift/{i}`
-        (nmse between the branches), and `multiplier/{i}` under a drift budget (its current value).
+        (the drift between the branches that a budget constrains, in the budget's unit: the alignment
+        loss for 'nmse' and 'cosine', the nmse for 'mse' and 'none'), and `multiplier/{i}` under a
+        drift budget (its current value).
 
         `reduce` sums a float64 tensor over the processes of a distributed run (e.g.
         `lambda t: accelerator.reduce(t, "sum")`), so the averages cover every rank's micro-batches;

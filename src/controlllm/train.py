@@ -73,7 +73,8 @@ class TrainConfig:
     alignment_weight: float | None = field(default=None, metadata={"help": "Weight of the alignment loss (no budget)."})
     alignment_margin: float | None = field(default=None, metadata={"help": "Margin of the cosine alignment loss."})
     alignment_budget: float | None = field(default=None, metadata={
-        "help": "Per-layer drift budget (nmse units, e.g. 0.01); replaces the fixed weight by adapted multipliers."})
+        "help": "Per-layer drift budget in units of the alignment loss, the logged drift/{i} (nmse: e.g. 0.01; cosine: "
+                "0.5 (1 - margin - cos)^2, e.g. 0.0005); replaces the fixed weight by adapted multipliers."})
     alignment_budget_lr: float | None = field(default=None, metadata={"help": "Dual-ascent step of the budget multipliers."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (method lora)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (method lora)."})
