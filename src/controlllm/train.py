@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -33,6 +34,36 @@ RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
 FINAL = "final"
 STAGING = ".staging"
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and a rename, so a reader
+    (or a run killed mid-write) sees the old content or the new one, never an empty or half file."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def replace_dir(new: str, target: str) -> None:
+    """Put the complete folder `new` in place of `target`: the old `target` is renamed aside first and
+    deleted only once `new` is in place (a failed rename puts it back), so there is always one."""
+    old = target + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(target):
+        os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if os.path.isdir(old) and not os.path.exists(target):
+            os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class TrainingError(UserError, RuntimeError):
@@ -407,8 +438,7 @@ class MetricsFile(TrainerCallback):
             # Drop records past the checkpoint we resume from: they will be logged again.
             with open(path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(path, "w") as f:
-                f.writelines(kept)
+            write_text_atomic(path, "".join(kept))  # never truncated in place: a crash keeps the old records
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
@@ -457,6 +487,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     train_records = read(cfg.data)
     eval_records = read(cfg.eval_data) if cfg.eval_data else None
     final_dir = os.path.join(cfg.output, FINAL)
+    if not os.path.isdir(final_dir) and os.path.isdir(final_dir + ".old"):
+        os.replace(final_dir + ".old", final_dir)  # killed while its final/ was being replaced: the old one stands
     if os.path.isdir(final_dir) and not cfg.resume:
         raise UsageError(f"{final_dir!r} already exists: this run has finished; choose another --output")
     if cfg.threads:
@@ -478,8 +510,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     os.makedirs(cfg.output, exist_ok=True)
     shutil.rmtree(os.path.join(cfg.output, STAGING), ignore_errors=True)
     resume_from = get_last_checkpoint(cfg.output) if cfg.resume else None
-    with open(os.path.join(cfg.output, RUN_CONFIG), "w") as f:
-        json.dump(run_record(cfg), f, indent=2)
+    record = run_record(cfg)  # computed first: if it fails, the run's existing record stays as it was
+    write_text_atomic(os.path.join(cfg.output, RUN_CONFIG), json.dumps(record, indent=2))
 
     args = TrainingArguments(
         output_dir=cfg.output,
@@ -557,10 +589,7 @@ def _write_final(trainer: ControlTrainer, tokenizer, cfg: TrainConfig, final_dir
     else:
         model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
-        record = {**run_record(cfg), "final_metrics": metrics}
-        json.dump(record, f, indent=2)
+    record = {**run_record(cfg), "final_metrics": metrics}
+    write_text_atomic(os.path.join(tmp, RUN_CONFIG), json.dumps(record, indent=2))
     write_model_card(tmp, record, metrics)  # README.md: what this folder is, from what, with what result
-    if os.path.isdir(final_dir):
-        shutil.rmtree(final_dir)
-    os.replace(tmp, final_dir)
+    replace_dir(tmp, final_dir)  # a finished run's final/ is replaced, never missing
