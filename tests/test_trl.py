@@ -1,8 +1,11 @@
 """TRL's SFTTrainer and DPOTrainer on a tiny ControlModel: the alignment term in the optimised loss, frozen
 weights untouched, and the base model (disable_control) as the DPO reference without a second copy."""
 
+import os
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
@@ -128,6 +131,45 @@ def test_dpo_reference_is_the_base_in_eval_mode_with_dropout_after_the_policy_mo
         assert torch.equal(a, b)  # deterministic: no dropout in the reference pass
         torch.testing.assert_close(a, want, rtol=1e-5, atol=1e-5)
     assert [m.training for m in model.modules()] == modes  # the policy's mode is left as it was
+
+
+class RecordingSFTTrainer(ControlSFTTrainer):
+    """Records where each save writes (a subclass, so the trainer's own code runs unchanged)."""
+
+    saved_to: list
+    run_dir: str
+
+    def _save(self, output_dir=None, state_dict=None):
+        self.saved_to.append(os.path.relpath(output_dir, self.run_dir))
+        return super()._save(output_dir, state_dict)
+
+
+def test_trl_checkpoints_are_staged_use_the_given_state_and_load_with_validation(tmp_path):
+    from controlllm.errors import CheckpointError
+
+    _, model, tokenizer = control()
+    out = tmp_path / "sft"
+    args = SFTConfig(output_dir=str(out), **{**COMMON, "max_steps": 2, "learning_rate": 1e-3, "save_strategy": "steps",
+                                             "save_steps": 1, "save_total_limit": 1, "bf16": False})
+    trainer = RecordingSFTTrainer(model=model, args=args, processing_class=tokenizer,
+                                  train_dataset=Dataset.from_dict({"text": TOKENIZER_CORPUS * 4}))
+    trainer.saved_to, trainer.run_dir = [], str(out)
+    trainer.train()
+    print("checkpoint saves went to", trainer.saved_to, "; run folder:", sorted(os.listdir(out)))
+    assert trainer.saved_to == [os.path.join(".staging", "checkpoint-1"), os.path.join(".staging", "checkpoint-2")]
+    assert sorted(os.listdir(out)) == ["README.md", "checkpoint-2"]  # TRL's model card, the last checkpoint
+    # Under FSDP the Trainer passes the gathered state: that is what is saved, not the model's own (sharded) tensors.
+    gathered = {"base_model." + k: v + 1.0 if v.is_floating_point() else v for k, v in model.base_model.state_dict().items()}
+    trainer._save(str(tmp_path / "given"), state_dict=gathered)
+    saved = load_file(tmp_path / "given" / "control_model.safetensors")
+    assert saved.keys() == model.trainable_state_dict().keys()
+    assert all(torch.equal(v, gathered["base_model." + k]) for k, v in saved.items())
+    # A corrupt checkpoint is refused with the library's error, naming the file.
+    delta = out / "checkpoint-2" / "control_model.safetensors"
+    delta.write_bytes(delta.read_bytes()[:-64])
+    again = sft(control()[1], tokenizer, tmp_path / "again", bf16=False, max_steps=3)
+    with pytest.raises(CheckpointError, match="control_model.safetensors.*truncated"):
+        again.train(resume_from_checkpoint=str(out / "checkpoint-2"))
 
 
 def test_trainers_refuse_a_plain_model(tmp_path):

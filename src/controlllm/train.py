@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from .budget import DriftBudgetCallback
 from .config import ControlConfig
-from .errors import UsageError, UserError
+from .errors import CheckpointError, UsageError, UserError
 from .model import WEIGHTS_NAME, ControlModel, get_control_model, is_trainable_key, read_delta
 from .model_card import write_model_card
 from .monitor import use_compact_console
@@ -244,11 +245,11 @@ def load_full_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], 
     own = {k: v.shape for k, v in control.trainable_state_dict().items()}  # DTensor shapes are global
     wrong = sorted(set(own) ^ set(state)) or [k for k in sorted(own) if tuple(own[k]) != tuple(state[k].shape)]
     if wrong:
-        raise ValueError(f"The Control delta from {source!r} does not match this model: {wrong[:5]}")
+        raise CheckpointError(f"The Control delta from {source!r} does not match this model: {wrong[:5]}")
     result = set_model_state_dict(model, {"base_model." + k: v for k, v in state.items()},
                                   options=StateDictOptions(full_state_dict=True, strict=False))
     if result.unexpected_keys:
-        raise ValueError(f"The Control delta from {source!r} has keys this model lacks: {result.unexpected_keys[:5]}")
+        raise CheckpointError(f"The Control delta from {source!r} has keys this model lacks: {result.unexpected_keys[:5]}")
 
 
 def interpolation_weights(model: nn.Module) -> dict[int, float]:
@@ -278,7 +279,70 @@ def interpolation_weights(model: nn.Module) -> dict[int, float]:
 
 
 # ---------------------------------------------------------------------------- trainer
-class ControlTrainer(Trainer):
+class DeltaCheckpoints:
+    """What a transformers Trainer (the HF Trainer or TRL's) needs to checkpoint a ControlModel, shared
+    by `ControlTrainer` and the TRL trainers (`controlllm.integrations.trl`); put it before the Trainer
+    class in the bases.
+
+    - Each checkpoint is written under `.staging/` and renamed into place once complete, so a kill
+      mid-write never leaves a checkpoint that looks finished; then old ones are rotated
+      (`checkpoint_limit()`, by default `args.save_total_limit`).
+    - A ControlModel is saved as its Control delta (`ControlModel.save_pretrained`), with the gathered
+      state dict the Trainer passes under FSDP (the model's own tensors are shards there).
+    - Resuming reads the delta with `read_delta` (a missing or corrupt file is a `CheckpointError`) and
+      checks names and shapes.
+    Any other model is saved and loaded by the Trainer's own code.
+    """
+
+    def checkpoint_limit(self) -> int | None:
+        """How many checkpoints are kept (None: all)."""
+        return self.args.save_total_limit
+
+    def _save(self, output_dir=None, state_dict=None):
+        model = _unwrap(self.model)
+        if not isinstance(model, ControlModel):
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            model.save_pretrained(output_dir, state_dict=state_dict)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = _unwrap(model if model is not None else self.model)
+        wrapped = model if model is not None else self.model_wrapped
+        has_delta = os.path.isfile(os.path.join(resume_from_checkpoint, WEIGHTS_NAME))
+        if not isinstance(target, ControlModel) or (is_sharded(wrapped) and not has_delta):
+            # A full model, or FSDP's own sharded checkpoint files: the Trainer's loader applies.
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        state = read_delta(resume_from_checkpoint)  # a clear error when it is missing or corrupt
+        if is_sharded(wrapped):
+            load_full_trainable_state(wrapped, state, source=resume_from_checkpoint)
+        else:
+            target.load_trainable_state(state, source=resume_from_checkpoint)
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = self.args.output_dir
+        name = f"checkpoint-{self.state.global_step}"
+        staging = os.path.join(run_dir, STAGING)
+        self.args.output_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = run_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            replace_dir(os.path.join(staging, name), os.path.join(run_dir, name))
+            for extra in os.listdir(staging):  # files a trainer writes beside its checkpoint (TRL's model card)
+                if os.path.isfile(os.path.join(staging, extra)):
+                    os.replace(os.path.join(staging, extra), os.path.join(run_dir, extra))
+            shutil.rmtree(staging, ignore_errors=True)
+            _rotate_checkpoints(run_dir, self.checkpoint_limit())
+        self.accelerator.wait_for_everyone()
+
+
+class ControlTrainer(DeltaCheckpoints, Trainer):
     """The HF Trainer with: the alignment loss and interpolation weights in the logs, a stop on
     non-finite losses, checkpoints written under a temporary name and renamed, and Control deltas
     saved/loaded as deltas."""
@@ -288,6 +352,10 @@ class ControlTrainer(Trainer):
         self._sums = {"lm_loss": 0.0, "alignment_loss": 0.0, "n": 0, "tokens": 0}
         self._keep = save_total_limit_atomic
         self._interpolation_lr = interpolation_lr
+
+    def checkpoint_limit(self) -> int:
+        """How many checkpoints are kept: `save_total_limit_atomic`."""
+        return self._keep
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer; with `interpolation_lr`, the interpolators' parameters form their
@@ -369,52 +437,6 @@ class ControlTrainer(Trainer):
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
         super().log(logs, start_time)
 
-    def _save(self, output_dir=None, state_dict=None):
-        model = _unwrap(self.model)
-        if isinstance(model, ControlModel):
-            output_dir = output_dir or self.args.output_dir
-            if self.args.should_save:
-                # Under FSDP the Trainer passes the gathered full state: the model's own tensors are shards.
-                model.save_pretrained(output_dir, state_dict=state_dict)
-                if self.processing_class is not None:
-                    self.processing_class.save_pretrained(output_dir)
-            return
-        super()._save(output_dir, state_dict)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        target = _unwrap(model if model is not None else self.model)
-        delta = os.path.join(resume_from_checkpoint, WEIGHTS_NAME)
-        if isinstance(target, ControlModel) and os.path.isfile(delta):
-            wrapped = model if model is not None else self.model_wrapped
-            if is_sharded(wrapped):
-                load_full_trainable_state(wrapped, read_delta(resume_from_checkpoint), source=resume_from_checkpoint)
-            else:
-                target.load_trainable_state(read_delta(resume_from_checkpoint), source=resume_from_checkpoint)
-            return
-        # Otherwise (a full model, or FSDP's sharded checkpoint files) the Trainer's own loader applies.
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-    def _save_checkpoint(self, model, trial):
-        # Write the whole checkpoint under .staging/ and rename it into place once complete, so a
-        # kill mid-write never leaves a checkpoint that looks finished.
-        run_dir = self.args.output_dir
-        name = f"checkpoint-{self.state.global_step}"
-        staging = os.path.join(run_dir, STAGING)
-        self.args.output_dir = staging
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.output_dir = run_dir
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            target = os.path.join(run_dir, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(staging, name), target)
-            shutil.rmtree(staging, ignore_errors=True)
-            _rotate_checkpoints(run_dir, self._keep)
-        self.accelerator.wait_for_everyone()
-
 
 def _checkpoints(run_dir: str) -> list[str]:
     found = []
@@ -424,8 +446,8 @@ def _checkpoints(run_dir: str) -> list[str]:
     return sorted(found, key=lambda p: int(p.rsplit("-", 1)[1]))
 
 
-def _rotate_checkpoints(run_dir: str, keep: int) -> None:
-    for path in _checkpoints(run_dir)[:-keep] if keep > 0 else []:
+def _rotate_checkpoints(run_dir: str, keep: int | None) -> None:
+    for path in _checkpoints(run_dir)[:-keep] if keep else []:
         shutil.rmtree(path, ignore_errors=True)
 
 

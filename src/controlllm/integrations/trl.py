@@ -18,24 +18,25 @@ What the subclasses change, and why (tested with TRL 1.16):
   `disable_control()` and in eval mode (no dropout, whatever the policy's mode, which is restored
   after each call), so no second copy of the model is loaded or kept in memory
   (`precompute_ref_log_probs=True` works too).
-- Checkpoints and `save_model` write the Control delta (`ControlModel.save_pretrained`), not a full
-  state dict; resuming loads it back.
+- Checkpoints and `save_model` write the Control delta (`ControlModel.save_pretrained`, with the
+  gathered state dict under FSDP), not a full state dict; each checkpoint is staged and renamed into
+  place when complete, and resuming reads the delta back with validation: the same code as
+  `controlllm train` (`controlllm.train.DeltaCheckpoints`).
 """
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers.trainer import TRAINING_ARGS_NAME  # noqa: F401 (importable from here, as before)
 from trl import DPOTrainer, SFTTrainer
 from trl.trainer.utils import add_fused_lm_head
 
 from ..budget import DriftBudgetCallback
-from ..model import WEIGHTS_NAME, ControlModel
-
-TRAINING_ARGS_NAME = "training_args.bin"
+from ..model import ControlModel
+from ..train import DeltaCheckpoints
 
 
 class BaseModelReference(nn.Module):
@@ -101,8 +102,9 @@ def _unwrap(model):
     return model
 
 
-class ControlTrainerMixin:
-    """What a TRL trainer needs to train a ControlModel (see the module docstring)."""
+class ControlTrainerMixin(DeltaCheckpoints):
+    """What a TRL trainer needs to train a ControlModel (see the module docstring); checkpoints are
+    staged, saved and loaded as `controlllm train` does them (`controlllm.train.DeltaCheckpoints`)."""
 
     fused_outputs: tuple[str, ...] = ("log_probs",)
 
@@ -170,23 +172,6 @@ class ControlTrainerMixin:
             for i, w in self.control_model.interpolation_weights().items():
                 logs[f"w/{i}"] = round(w, 4)
         super().log(logs, start_time)
-
-    def _save(self, output_dir=None, state_dict=None):
-        output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        self.control_model.save_pretrained(output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        from safetensors.torch import load_file
-
-        target = _unwrap(model if model is not None else self.model)
-        target.load_trainable_state(load_file(os.path.join(resume_from_checkpoint, WEIGHTS_NAME)),
-                                    source=resume_from_checkpoint)
 
 
 class ControlSFTTrainer(ControlTrainerMixin, SFTTrainer):
