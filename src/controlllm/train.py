@@ -496,7 +496,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     very end, so a run that failed never looks finished. `model`/`tokenizer` may be passed
     instead of `cfg.model` (tests, notebooks).
     """
-    from .checkpoints import load_as_base
+    from .checkpoints import fold_run
     from .data import DataCollator, DataError, build_cpt_dataset, build_sft_dataset, read_chat_records, read_text_records
 
     if cfg.data is None:
@@ -516,9 +516,11 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
+    base_fold = None
     if model is None:
-        # A model folder, a .gguf, or a finished run (multi-stage: its result, folded, is the new base).
-        model, tokenizer, _ = load_as_base(cfg.model)
+        # A model folder, a .gguf, or a finished run (multi-stage: its result, folded, is the new base;
+        # dlerp/dlerp_in layers with the weights measured on its eval data, as `controlllm merge` folds).
+        model, tokenizer, _, base_fold = fold_run(cfg.model)
     train_set = build(train_records, tokenizer, cfg.seq_len)
     eval_set = build(eval_records, tokenizer, cfg.seq_len) if eval_records is not None else None
     if eval_set is not None and cfg.max_eval_samples and len(eval_set) > cfg.max_eval_samples:
@@ -532,7 +534,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     os.makedirs(cfg.output, exist_ok=True)
     shutil.rmtree(os.path.join(cfg.output, STAGING), ignore_errors=True)
     resume_from = get_last_checkpoint(cfg.output) if cfg.resume else None
-    record = run_record(cfg)  # computed first: if it fails, the run's existing record stays as it was
+    record = run_record(cfg, base_fold)  # computed first: if it fails, the run's existing record stays as it was
     write_text_atomic(os.path.join(cfg.output, RUN_CONFIG), json.dumps(record, indent=2))
 
     args = TrainingArguments(
@@ -581,7 +583,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     seconds = time.time() - start
     full_state = full_state_dict(trainer.model) if is_sharded(trainer.model) else None  # gathers on every rank
     if trainer.args.should_save:
-        _write_final(trainer, tokenizer, cfg, final_dir, metrics, full_state)
+        _write_final(trainer, tokenizer, cfg, final_dir, metrics, full_state, base_fold)
     trainer.accelerator.wait_for_everyone()
     # Mixed precision wraps the model's forward in autocast; the returned model computes as it was
     # given (float32 stays float32), like the saved weights.
@@ -591,18 +593,22 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     return TrainResult(cfg.output, final_dir, metrics, seconds, trainable, total, unwrapped)
 
 
-def run_record(cfg: TrainConfig) -> dict:
+def run_record(cfg: TrainConfig, base_fold: dict | None = None) -> dict:
     """What run_config.json holds: the run's settings and its lineage (the original base model and
-    every stage in order, this one last)."""
+    every stage in order, this one last). `base_fold` is how this stage's base was folded when it is
+    an earlier stage's Control delta (`controlllm.checkpoints.fold_record`: the weight of each layer
+    and where it comes from); it is recorded in this stage's lineage entry, so the stage is always
+    rebuilt onto the base it was trained on."""
     from .checkpoints import run_stages
 
     base_model, stages = run_stages(cfg.model)
     this = {k: getattr(cfg, k) for k in ("output", "method", "task", "data", "max_steps", "lr", "preset")}
+    this["base_fold"] = base_fold
     return {**dataclasses.asdict(cfg), "lineage": {"base_model": base_model, "stages": [*stages, this]}}
 
 
 def _write_final(trainer: ControlTrainer, tokenizer, cfg: TrainConfig, final_dir: str, metrics: dict,
-                 full_state: dict | None = None) -> None:
+                 full_state: dict | None = None, base_fold: dict | None = None) -> None:
     tmp = final_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model = _unwrap(trainer.model)
@@ -611,7 +617,7 @@ def _write_final(trainer: ControlTrainer, tokenizer, cfg: TrainConfig, final_dir
     else:
         model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    record = {**run_record(cfg), "final_metrics": metrics}
+    record = {**run_record(cfg, base_fold), "final_metrics": metrics}
     write_text_atomic(os.path.join(tmp, RUN_CONFIG), json.dumps(record, indent=2))
     write_model_card(tmp, record, metrics)  # README.md: what this folder is, from what, with what result
     replace_dir(tmp, final_dir)  # a finished run's final/ is replaced, never missing
