@@ -53,6 +53,28 @@ def test_sft_loss_is_lm_loss_plus_weighted_alignment(tmp_path):
     assert float(loss) - float(out.lm_loss) == pytest.approx(10 * float(out.alignment_loss), rel=1e-4)
 
 
+def test_sft_loss_under_gradient_accumulation_sums_to_the_whole_batch(tmp_path):
+    _, model, tokenizer = control(weight=10.0)
+    perturb_trainable(model)
+    trainer = sft(model, tokenizer, tmp_path, bf16=False, gradient_checkpointing=False, gradient_accumulation_steps=2,
+                  per_device_train_batch_size=3)
+    model.train()
+    loader = iter(trainer.get_train_dataloader())
+    micro = [trainer._prepare_inputs(next(loader)) for _ in range(2)]
+    tokens = [int((m["labels"][..., 1:] != -100).sum()) for m in micro]
+    assert tokens[0] != tokens[1]  # uneven micro-batches: each one's share of the accumulated batch matters
+    total = sum(tokens)  # what the Trainer passes as num_items_in_batch
+    assert trainer._loss_is_scaled_for_ga(total)  # the Trainer adds these losses up unscaled
+    losses = [float(trainer.compute_loss(model, dict(m), num_items_in_batch=total)) for m in micro]
+    # The whole accumulated batch: its mean LM loss plus 10 x its mean alignment, both over its label tokens.
+    outs = [model(input_ids=m["input_ids"], attention_mask=m["attention_mask"], labels=m["labels"]) for m in micro]
+    whole_lm = sum(float(o.lm_loss) * n for o, n in zip(outs, tokens)) / total
+    whole_align = sum(float(o.alignment_loss) * n for o, n in zip(outs, tokens)) / total
+    print("micro-batch tokens", tokens, "summed loss", sum(losses), "whole batch", whole_lm + 10 * whole_align)
+    assert whole_align > 1e-4
+    assert sum(losses) == pytest.approx(whole_lm + 10 * whole_align, rel=1e-5)
+
+
 def test_sft_under_a_drift_budget_adds_the_budget_term_and_adapts_multipliers(tmp_path):
     _, model, tokenizer = control(alignment_budget=1e-6)  # far below any drift: the multipliers must grow
     trainer = sft(model, tokenizer, tmp_path, bf16=False, gradient_checkpointing=False, max_steps=4)
