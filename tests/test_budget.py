@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from controlllm import ControlConfig, get_control_model
-from controlllm.budget import step_drift_budget
+from controlllm.budget import DRIFT_EMA, step_drift_budget
 
 from conftest import make_model
 
@@ -72,3 +72,24 @@ def test_budget_term_uses_multipliers():
     ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(3))
     out = model(input_ids=ids, labels=ids)
     assert out.loss.item() == pytest.approx(out.lm_loss.item() + 2.0 * out.alignment_loss.item() / 0.01, rel=1e-5)
+
+
+@pytest.mark.parametrize("alignment_loss", ["cosine", "nmse"])
+def test_logged_drift_is_the_quantity_the_budget_constrains(alignment_loss):
+    from conftest import perturb_trainable
+
+    model = get_control_model(make_model("llama"), ControlConfig(expanded_layers=LAYERS, alignment_loss=alignment_loss,
+                                                                  alignment_budget=1e-3))
+    perturb_trainable(model, scale=0.05)
+    model.train()
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(4))
+    out = model(input_ids=ids, labels=ids)
+    stats = model.layer_statistics(reset=False)
+    logged = [stats[f"drift/{i}"] for i in LAYERS]
+    running = {i: drift for i, (drift, _) in step_drift_budget(model).items()}
+    print(alignment_loss, "logged drift:", logged, "running drift / (1 - EMA):",
+          [running[i] / (1 - DRIFT_EMA) for i in LAYERS], "alignment loss:", float(out.alignment_loss))
+    # The running drift the budget holds starts from zero: one step puts (1 - EMA) x the step's drift in it.
+    for i, value in zip(LAYERS, logged):
+        assert running[i] == pytest.approx((1 - DRIFT_EMA) * value, rel=1e-5)
+    assert sum(logged) / len(logged) == pytest.approx(float(out.alignment_loss), rel=1e-5)

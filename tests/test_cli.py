@@ -152,6 +152,7 @@ def _other_base(path):
     ("no_config", ["no config.json"]),
     ("bad_control_config", ["cannot read the Control config"]),
     ("unknown_task", ["unknown task 'nosuch'"]),
+    ("missing_calibration", ["--calibration-data", "/no/such/calibration.txt", "does not exist"]),
 ])
 def test_user_mistakes_with_models_exit_2_in_one_line(tmp_path, finished_run, tiny_model_dir, capsys, case, words):
     import shutil
@@ -180,6 +181,9 @@ def test_user_mistakes_with_models_exit_2_in_one_line(tmp_path, finished_run, ti
         (run / "final" / "control_config.json").write_text("{not json")
     elif case == "unknown_task":
         args = ["eval", "--model", str(run), "--tasks", "nosuch"]
+    elif case == "missing_calibration":
+        args = ["merge", "--model", str(run), "--calibration-data", "/no/such/calibration.txt", "--output",
+                str(tmp_path / "merged")]
     code, out, err = run_cli(args, capsys)
     assert code == 2, err
     lines = err.strip().splitlines()  # progress bars of model loading may come before it
@@ -187,6 +191,17 @@ def test_user_mistakes_with_models_exit_2_in_one_line(tmp_path, finished_run, ti
     assert "Traceback" not in err
     for w in words:
         assert w in err, err
+
+
+@pytest.mark.parametrize("method", ["full", "control"])
+def test_train_on_a_run_with_a_damaged_record_exits_2(tmp_path, tiny_model_dir, text_file, capsys, method):
+    stage_a = tmp_path / "a"
+    assert run_cli(train_args(tiny_model_dir, text_file, stage_a, "--method", method), capsys)[0] == 0
+    (stage_a / "final" / "run_config.json").write_text('{"model": "x", "lineage": ')  # cut off mid-write
+    code, _, err = run_cli(train_args(stage_a, text_file, tmp_path / "b"), capsys)
+    print(err.strip().splitlines()[-1])
+    assert code == 2 and "Traceback" not in err and err.count("controlllm: error:") == 1, err
+    assert err.strip().splitlines()[-1].startswith("controlllm: error:") and "run_config.json" in err
 
 
 def test_internal_bugs_keep_their_traceback(tmp_path, tiny_model_dir, monkeypatch, capsys):

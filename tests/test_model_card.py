@@ -19,7 +19,7 @@ def finished_run(tmp_path_factory, tiny_model_dir, text_file):
 
 def test_final_has_a_model_card(finished_run, tiny_model_dir, text_file):
     card = (finished_run / "final" / "README.md").read_text()
-    fingerprint = json.loads((finished_run / "final" / "control_config.json").read_text())["base_model"]["frozen_sha256"]
+    fingerprint = json.loads((finished_run / "final" / "control_config.json").read_text())["base_model"]["frozen_model_sha256"]
     assert card.startswith("---\nlibrary_name: controlllm\n")
     assert f"- path: `{tiny_model_dir}`" in card and fingerprint in card
     assert "| interpolation | lerp |" in card and "| alignment_loss | nmse |" in card

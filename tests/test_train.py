@@ -199,3 +199,79 @@ def test_logged_losses_do_not_depend_on_gradient_accumulation(tmp_path, chat_fil
         assert two["alignment_loss"] == pytest.approx(one["alignment_loss"], rel=1e-2, abs=1e-6)
         assert two["loss"] == pytest.approx(one["loss"], abs=2e-4)  # the Trainer's own total, for reference
     assert len(logged[1]) == len(logged[2]) == 2
+
+
+def test_interpolation_lr_keeps_the_trainers_weight_decay_rule(tmp_path):
+    from transformers import TrainingArguments
+
+    from controlllm import ControlConfig, get_control_model
+    from controlllm.train import ControlTrainer
+
+    model = get_control_model(make_model("llama"), ControlConfig(expanded_layers=[1, 3], interpolation="dlerp",
+                                                                  train_interpolation=True))
+    args = TrainingArguments(output_dir=str(tmp_path), weight_decay=0.1, learning_rate=1e-3, use_cpu=True, report_to=[])
+
+    def settings(**kwargs):
+        optimizer = ControlTrainer(model=model, args=args, **kwargs).create_optimizer()
+        return {id(p): (g["weight_decay"], g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+
+    default, custom = settings(), settings(interpolation_lr=5e-2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert default.keys() == custom.keys()
+    for key, (decay, lr) in default.items():
+        if ".interpolator." in names[key]:
+            assert custom[key] == (0.0, 5e-2), names[key]
+        else:  # biases and norm weights stay without decay
+            assert custom[key] == (decay, lr), (names[key], custom[key], (decay, lr))
+    assert any(decay == 0.0 and "norm" in names[k] for k, (decay, _) in default.items())
+
+
+def test_a_failing_run_record_leaves_the_existing_one(tmp_path, text_file):
+    model, tokenizer = tiny()
+    damaged = tmp_path / "damaged"  # a run folder whose record cannot be read
+    damaged.mkdir()
+    (damaged / "run_config.json").write_text("{not json")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text('{"kept": true}')
+    with pytest.raises(ValueError):
+        train(TrainConfig(data=str(text_file), output=str(run), model=str(damaged), resume=True, **FAST),
+              model=model, tokenizer=tokenizer)
+    print("run_config.json after the failure:", repr((run / "run_config.json").read_text()))
+    assert json.loads((run / "run_config.json").read_text()) == {"kept": True}
+
+
+def test_metrics_are_rewritten_atomically_on_resume(tmp_path):
+    from controlllm.train import MetricsFile
+
+    path = tmp_path / "metrics.jsonl"
+    original = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4))
+    path.write_text(original)
+    with open(path) as reader:  # opened before the rewrite, as a plotting or tailing process would be
+        MetricsFile(str(path), resume_step=2)
+        seen = reader.read()
+    print("a reader of the old file saw", seen.count("\n"), "of 4 records")
+    assert seen == original  # the old file was replaced, not truncated and rewritten in place
+    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2]
+
+
+def test_final_is_never_missing_while_it_is_replaced(tmp_path, text_file, monkeypatch):
+    model, tokenizer = tiny()
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(text_file), output=str(run), **{**FAST, "max_steps": 2})
+    train(cfg, model=model, tokenizer=tokenizer)
+    delta = (run / "final" / "control_model.safetensors").read_bytes()
+    final, real_replace = str(run / "final"), os.replace
+
+    def replace(src, dst):  # the filesystem refuses to put the new final/ in place
+        if os.fspath(dst) == final and os.fspath(src) == final + ".tmp":
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    model, tokenizer = tiny()
+    with pytest.raises(OSError, match="disk full"):
+        train(TrainConfig(data=str(text_file), output=str(run), resume=True, **{**FAST, "max_steps": 2}),
+              model=model, tokenizer=tokenizer)
+    print("final/ after the failed replacement:", sorted(os.listdir(run)))
+    assert (run / "final" / "control_model.safetensors").read_bytes() == delta

@@ -1,8 +1,11 @@
 """TRL's SFTTrainer and DPOTrainer on a tiny ControlModel: the alignment term in the optimised loss, frozen
 weights untouched, and the base model (disable_control) as the DPO reference without a second copy."""
 
+import os
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
@@ -48,6 +51,28 @@ def test_sft_loss_is_lm_loss_plus_weighted_alignment(tmp_path):
     # ControlModel's own loss (logits and cross-entropy) = LM loss + 10 * alignment: TRL's fused loss plus our term.
     assert float(loss) == pytest.approx(float(out.loss), rel=1e-5)
     assert float(loss) - float(out.lm_loss) == pytest.approx(10 * float(out.alignment_loss), rel=1e-4)
+
+
+def test_sft_loss_under_gradient_accumulation_sums_to_the_whole_batch(tmp_path):
+    _, model, tokenizer = control(weight=10.0)
+    perturb_trainable(model)
+    trainer = sft(model, tokenizer, tmp_path, bf16=False, gradient_checkpointing=False, gradient_accumulation_steps=2,
+                  per_device_train_batch_size=3)
+    model.train()
+    loader = iter(trainer.get_train_dataloader())
+    micro = [trainer._prepare_inputs(next(loader)) for _ in range(2)]
+    tokens = [int((m["labels"][..., 1:] != -100).sum()) for m in micro]
+    assert tokens[0] != tokens[1]  # uneven micro-batches: each one's share of the accumulated batch matters
+    total = sum(tokens)  # what the Trainer passes as num_items_in_batch
+    assert trainer._loss_is_scaled_for_ga(total)  # the Trainer adds these losses up unscaled
+    losses = [float(trainer.compute_loss(model, dict(m), num_items_in_batch=total)) for m in micro]
+    # The whole accumulated batch: its mean LM loss plus 10 x its mean alignment, both over its label tokens.
+    outs = [model(input_ids=m["input_ids"], attention_mask=m["attention_mask"], labels=m["labels"]) for m in micro]
+    whole_lm = sum(float(o.lm_loss) * n for o, n in zip(outs, tokens)) / total
+    whole_align = sum(float(o.alignment_loss) * n for o, n in zip(outs, tokens)) / total
+    print("micro-batch tokens", tokens, "summed loss", sum(losses), "whole batch", whole_lm + 10 * whole_align)
+    assert whole_align > 1e-4
+    assert sum(losses) == pytest.approx(whole_lm + 10 * whole_align, rel=1e-5)
 
 
 def test_sft_under_a_drift_budget_adds_the_budget_term_and_adapts_multipliers(tmp_path):
@@ -103,6 +128,70 @@ def test_dpo_reference_is_the_base_model_without_a_copy(tmp_path):
     assert all(torch.equal(params[n], v) for n, v in frozen.items())
     logs = [r for r in trainer.state.log_history if "loss" in r]
     assert len(logs) == 2 and all(r["alignment_loss"] > 0 for r in logs)
+
+
+def test_dpo_reference_is_the_base_in_eval_mode_with_dropout_after_the_policy_moved(tmp_path):
+    tokenizer = make_tokenizer()
+    base = make_model("llama", vocab_size=len(tokenizer), attention_dropout=0.3)
+    model = get_control_model(base, ControlConfig(num_expanded_layers=None, expanded_layers=[1, 3]))
+    plain = clone(model).unload().eval()  # the base model in eval mode
+    add_fused_lm_head(plain)
+    before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    args = DPOConfig(output_dir=str(tmp_path / "dpo"), **{**COMMON, "max_steps": 2, "learning_rate": 1e-2})
+    trainer = ControlDPOTrainer(model=model, args=args, train_dataset=preference_data(), processing_class=tokenizer)
+    trainer.train()
+    assert any(not torch.equal(v, before[k]) for k, v in model.trainable_state_dict().items())  # the policy moved
+    model.train()
+    modes = [m.training for m in model.modules()]
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    first = trainer.compute_ref_log_probs(trainer.ref_model, batch)
+    second = trainer.compute_ref_log_probs(trainer.ref_model, batch)
+    expected = trainer.compute_ref_log_probs(plain, batch)
+    print("reference log-probs:", [round(float(x), 4) for x in first[0]], [round(float(x), 4) for x in second[0]],
+          "base in eval mode:", [round(float(x), 4) for x in expected[0]])
+    for a, b, want in zip(first, second, expected):
+        assert torch.equal(a, b)  # deterministic: no dropout in the reference pass
+        torch.testing.assert_close(a, want, rtol=1e-5, atol=1e-5)
+    assert [m.training for m in model.modules()] == modes  # the policy's mode is left as it was
+
+
+class RecordingSFTTrainer(ControlSFTTrainer):
+    """Records where each save writes (a subclass, so the trainer's own code runs unchanged)."""
+
+    saved_to: list
+    run_dir: str
+
+    def _save(self, output_dir=None, state_dict=None):
+        self.saved_to.append(os.path.relpath(output_dir, self.run_dir))
+        return super()._save(output_dir, state_dict)
+
+
+def test_trl_checkpoints_are_staged_use_the_given_state_and_load_with_validation(tmp_path):
+    from controlllm.errors import CheckpointError
+
+    _, model, tokenizer = control()
+    out = tmp_path / "sft"
+    args = SFTConfig(output_dir=str(out), **{**COMMON, "max_steps": 2, "learning_rate": 1e-3, "save_strategy": "steps",
+                                             "save_steps": 1, "save_total_limit": 1, "bf16": False})
+    trainer = RecordingSFTTrainer(model=model, args=args, processing_class=tokenizer,
+                                  train_dataset=Dataset.from_dict({"text": TOKENIZER_CORPUS * 4}))
+    trainer.saved_to, trainer.run_dir = [], str(out)
+    trainer.train()
+    print("checkpoint saves went to", trainer.saved_to, "; run folder:", sorted(os.listdir(out)))
+    assert trainer.saved_to == [os.path.join(".staging", "checkpoint-1"), os.path.join(".staging", "checkpoint-2")]
+    assert sorted(os.listdir(out)) == ["README.md", "checkpoint-2"]  # TRL's model card, the last checkpoint
+    # Under FSDP the Trainer passes the gathered state: that is what is saved, not the model's own (sharded) tensors.
+    gathered = {"base_model." + k: v + 1.0 if v.is_floating_point() else v for k, v in model.base_model.state_dict().items()}
+    trainer._save(str(tmp_path / "given"), state_dict=gathered)
+    saved = load_file(tmp_path / "given" / "control_model.safetensors")
+    assert saved.keys() == model.trainable_state_dict().keys()
+    assert all(torch.equal(v, gathered["base_model." + k]) for k, v in saved.items())
+    # A corrupt checkpoint is refused with the library's error, naming the file.
+    delta = out / "checkpoint-2" / "control_model.safetensors"
+    delta.write_bytes(delta.read_bytes()[:-64])
+    again = sft(control()[1], tokenizer, tmp_path / "again", bf16=False, max_steps=3)
+    with pytest.raises(CheckpointError, match="control_model.safetensors.*truncated"):
+        again.train(resume_from_checkpoint=str(out / "checkpoint-2"))
 
 
 def test_trainers_refuse_a_plain_model(tmp_path):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .alignment import alignment_per_token, nmse_alignment
+from .config import BUDGET_LOSSES
 from .interpolators import Interpolator
 
 # Names of the output projections of attention and MLP sub-blocks across architectures.
@@ -141,9 +142,12 @@ class ControlBlock(_Block):
     """Concat expansion: h = h_p + w (h_e - h_p), h_p from the frozen layer, h_e from its trainable copy.
 
     When `record` is set (by `ControlModel.forward`), the block keeps its per-token alignment loss
-    in `alignment` ([batch, seq], fp32), in training its per-token drift (nmse, detached) in `drift`, and the
+    in `alignment` ([batch, seq], fp32), in training its per-token drift (detached) in `drift`, and the
     weights it used in `last_weight`; otherwise it does no extra work, so generation pays only for
     the second branch.
+
+    The drift is the quantity a drift budget constrains, in one unit: the alignment loss itself when
+    it is scale-free ('nmse' or 'cosine': 0.5 relu(1 - margin - cos)^2), else ('mse', 'none') the nmse.
 
     Buffers `budget_multiplier` and `running_drift` hold the drift budget's state (see
     `controlllm.budget`); they are saved with the delta so a resumed run continues exactly.
@@ -184,7 +188,7 @@ class ControlBlock(_Block):
             self.alignment = (None if self.alignment_loss == "none"
                               else alignment_per_token(self.alignment_loss, h_p, h_e, self.alignment_margin))
             if self.training and torch.is_grad_enabled():  # only training observes the drift
-                self.drift = (self.alignment.detach() if self.alignment_loss == "nmse"
+                self.drift = (self.alignment.detach() if self.alignment_loss in BUDGET_LOSSES
                               else nmse_alignment(h_p.detach(), h_e.detach()))
             self.last_weight = w.detach()
         return _like(out_p, h)

@@ -5,7 +5,9 @@ paper's MSE at weight 1 stops a small model from learning; the scale-free nmse a
 longer holds it back). A budget states the constraint instead, per expanded layer l:
 
     running_drift_l <= budget      (running_drift: an EMA over optimizer steps of the layer's
-                                    alignment loss on the training batches, e.g. its nmse)
+                                    alignment loss on the training batches: its nmse, or
+                                    0.5 relu(1 - margin - cos)^2 for 'cosine'; the same
+                                    quantity is logged as drift/{l})
 
 and solves it by dual ascent. The loss is LM + mean_l(lambda_l * alignment_l) / budget, and after
 every optimizer step

@@ -38,18 +38,98 @@ def _is_unfinished_run(folder: str) -> bool:
                    for name in (CONFIG_NAME, "adapter_config.json", "config.json"))
 
 
+def read_run_config(folder: str | os.PathLike) -> dict:
+    """The content of `folder/run_config.json` ({} when there is none), with a `CheckpointError` naming
+    the file when it is unreadable or not a JSON object."""
+    path = os.path.join(os.fspath(folder), "run_config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read the run record {path}: {err} (the file is damaged; restore it, or pass "
+                              "the base model with --base where the command takes one)") from err
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"the run record {path} holds {type(saved).__name__}, not a JSON object")
+    return saved
+
+
 def run_base(folder: str, base: str | None = None) -> str | None:
     """The base model a run was trained from (`base` overrides it)."""
     if base is not None:
         return base
-    run_config = os.path.join(folder, "run_config.json")
-    if os.path.isfile(run_config):
-        try:
-            with open(run_config) as f:
-                return json.load(f).get("model")
-        except (OSError, ValueError, AttributeError) as err:
-            raise CheckpointError(f"cannot read {run_config}: {err}; pass the base model with --base") from err
-    return None
+    return read_run_config(folder).get("model")
+
+
+# How a run whose record predates recorded fold weights had its base folded: dlerp/dlerp_in layers with
+# sigmoid(b), the rule of earlier releases, so it is rebuilt onto the base it was trained on.
+LEGACY_FOLD = {"calibration_data": None, "layers": None}
+
+
+def measure_fold_weights(model, tokenizer, path: str | os.PathLike, calibration_data: str | None = None) -> str | None:
+    """Measure the weight each dlerp/dlerp_in layer of `model` (the ControlModel of the run at `path`)
+    is folded with, as `controlllm merge` does: the mean per-token weight
+    (`ControlModel.measure_merge_weights`) on `calibration_data`, else on the run's eval data, read
+    in the run's format (task, seq_len, max_eval_samples). Returns the data used, or None when nothing
+    was measured (no dynamic layer, or no data: the fold then uses sigmoid(b)). The rule for every
+    fold of a run: `controlllm merge` and a later stage's frozen base (`load_as_base`)."""
+    from .errors import UsageError
+    from .merge import calibration_batches
+
+    if calibration_data is not None and not os.path.isfile(calibration_data):
+        raise UsageError(f"--calibration-data {calibration_data!r} does not exist or is not a file")
+    if not any(b.interpolator.dynamic for b in model.control_blocks.values()):
+        return None
+    run = read_run_config(resolve_run_folder(path)) if path is not None else {}
+    data = calibration_data or run.get("eval_data")
+    if data is None:
+        return None
+    if not os.path.isfile(data):
+        raise CheckpointError(f"the eval data of the run {os.fspath(path)!r}, {data!r}, on which the weights of its "
+                              "dlerp/dlerp_in layers are measured for the fold, does not exist or is not a file; "
+                              "restore it (controlllm merge also takes --calibration-data)")
+    batches = calibration_batches(data, tokenizer, task=run.get("task", "cpt"), seq_len=run.get("seq_len", 256),
+                                  max_sequences=run.get("max_eval_samples", 64))
+    model.measure_merge_weights(batches, source=data)
+    return data
+
+
+def fold_record(model, calibration_data: str | None) -> dict:
+    """What a fold of `model` (a ControlModel) uses, for a run's record or merge_weights.json:
+    {"calibration_data": the data measured on or None, "layers": {layer: {"interpolation", "weight", "source"}}}."""
+    return {"calibration_data": calibration_data,
+            "layers": {str(i): entry for i, entry in model.merge_weights().items()}}
+
+
+def _apply_fold_record(model, record: dict, path) -> str | None:
+    """Give each dynamic layer of `model` the weight `record` holds for it (LEGACY_FOLD: none, sigmoid(b))."""
+    layers = record.get("layers")
+    if layers is None:
+        return None
+    for i, block in model.control_blocks.items():
+        if not block.interpolator.dynamic:
+            continue
+        entry = layers.get(str(i))
+        if not isinstance(entry, dict) or not isinstance(entry.get("weight"), (int, float)):
+            raise CheckpointError(f"the recorded fold of {os.fspath(path)!r} has no weight for its dlerp/dlerp_in layer "
+                                  f"{i} (recorded layers: {sorted(layers)})")
+        block.measured_weight = float(entry["weight"])
+        block.measured_on = f"{record.get('calibration_data')} (recorded when the later stage was trained)"
+    return record.get("calibration_data")
+
+
+def recorded_base_fold(folder: str | os.PathLike) -> dict | None:
+    """How the base of the run in `folder` was folded when the run was trained: the fold record of the
+    last stage of its lineage; LEGACY_FOLD for a record that predates it; None when there is no record
+    (a base folded now is measured)."""
+    saved = read_run_config(folder)
+    if not saved:
+        return None
+    stages = (saved.get("lineage") or {}).get("stages") or []
+    if stages and isinstance(stages[-1], dict) and "base_fold" in stages[-1]:
+        return stages[-1]["base_fold"]
+    return LEGACY_FOLD
 
 
 def load_model(path: str | os.PathLike | None = None, base: str | None = None, dtype=None):
@@ -76,8 +156,9 @@ def load_model(path: str | os.PathLike | None = None, base: str | None = None, d
     if kind == "full":
         model, tokenizer = load_pretrained(folder, dtype=dtype)
         return model, tokenizer, kind
-    # The base of a run may itself be a run (a multi-stage run): it is loaded and folded first.
-    base_model, tokenizer, _ = load_as_base(run_base(folder, base), dtype=dtype)
+    # The base of a run may itself be a run (a multi-stage run): it is loaded and folded first, as it
+    # was when this run was trained.
+    base_model, tokenizer, _ = load_run_base(folder, base, dtype=dtype)
     if kind == "control":
         from .model import ControlModel
 
@@ -89,18 +170,44 @@ def load_model(path: str | os.PathLike | None = None, base: str | None = None, d
     return model, tokenizer, kind
 
 
+def fold_run(path: str | os.PathLike | None = None, dtype=None, fold: dict | None = None):
+    """(model, tokenizer, kind, fold record): `load_as_base`, and how a Control delta was folded
+    (`fold_record`; None for other kinds).
+
+    With `fold=None` the dlerp/dlerp_in layers of a Control delta are folded with the weights
+    `measure_fold_weights` measures on the run's eval data, exactly as `controlllm merge` does
+    (sigmoid(b) when the run has none). A record given as `fold` (one returned before, e.g. saved in a
+    later stage's lineage; `LEGACY_FOLD`: sigmoid(b)) is used instead, so a later stage is rebuilt onto
+    the very base it was trained on.
+    """
+    model, tokenizer, kind = load_model(path, dtype=dtype)
+    record = None
+    if kind == "control":
+        calibration = measure_fold_weights(model, tokenizer, path) if fold is None else _apply_fold_record(model, fold, path)
+        record = fold_record(model, calibration)
+    if kind in ("control", "lora"):
+        model = model.merge_and_unload()
+    return model, tokenizer, kind, record
+
+
 def load_as_base(path: str | os.PathLike | None = None, dtype=None):
     """(model, tokenizer, kind) with the model a plain transformers model: a model folder or .gguf
     as it is, a finished run folded into plain weights (a Control delta merged with
-    `merge_and_unload`, a LoRA adapter merged, full weights as they are).
+    `merge_and_unload`, its dlerp/dlerp_in layers with the weights measured on the run's eval data
+    as `controlllm merge` does; a LoRA adapter merged; full weights as they are).
 
     This is how a later stage of a multi-stage run starts from an earlier stage's result: the
-    earlier stage's copies are folded into the weights the new stage freezes.
+    earlier stage's copies are folded into the weights the new stage freezes (`fold_run` also
+    returns the fold weights, which the new stage records in its lineage).
     """
-    model, tokenizer, kind = load_model(path, dtype=dtype)
-    if kind in ("control", "lora"):
-        model = model.merge_and_unload()
-    return model, tokenizer, kind
+    return fold_run(path, dtype=dtype)[:3]
+
+
+def load_run_base(folder: str | os.PathLike, base: str | None = None, dtype=None):
+    """(model, tokenizer, kind): the base the run in `folder` was trained on, rebuilt: its recorded base
+    (or `base`), folded with the weights recorded when the run was trained when that base is itself a
+    run (`recorded_base_fold`)."""
+    return fold_run(run_base(os.fspath(folder), base), dtype=dtype, fold=recorded_base_fold(folder))[:3]
 
 
 def run_stages(path: str | os.PathLike | None) -> tuple[str | None, list[dict]]:
@@ -108,9 +215,7 @@ def run_stages(path: str | os.PathLike | None) -> tuple[str | None, list[dict]]:
     for a model folder or None; the run's recorded lineage for a finished run folder."""
     if describe(path) == "base":
         return (None if path is None else os.fspath(path)), []
-    config_path = os.path.join(resolve_run_folder(path), "run_config.json")
-    with open(config_path) as f:
-        saved = json.load(f)
+    saved = read_run_config(resolve_run_folder(path))
     lineage = saved.get("lineage")
     if lineage:
         return lineage["base_model"], list(lineage["stages"])

@@ -147,9 +147,9 @@ def _base_reference(model, kind: str, args):
                 return model(input_ids=input_ids, attention_mask=attention_mask).logits
         return without_adapter
     if kind == "full":
-        from .checkpoints import load_as_base, resolve_run_folder, run_base
+        from .checkpoints import load_run_base, resolve_run_folder
 
-        base, _, _ = load_as_base(run_base(resolve_run_folder(args.model), args.base))
+        base, _, _ = load_run_base(resolve_run_folder(args.model), args.base)
         return base.eval()
     raise UsageError("kl: tasks need a trained model (a run folder) to compare with its base; got a base model")
 
@@ -178,29 +178,15 @@ def _check_tasks(tasks: list[str], limit: int | None) -> None:
 
 
 def _measure_merge_weights(model, tokenizer, args) -> str | None:
-    """Measure the fold weight of dynamic interpolators on --calibration-data or the run's eval data;
+    """Measure the fold weight of dynamic interpolators on --calibration-data or the run's eval data
+    (`controlllm.checkpoints.measure_fold_weights`, the rule a later stage's frozen base follows too);
     returns the data used (None when nothing was measured: the fold then uses sigmoid(b))."""
-    from .checkpoints import resolve_run_folder
-    from .merge import calibration_batches
+    from .checkpoints import measure_fold_weights
 
-    if not any(b.interpolator.dynamic for b in model.control_blocks.values()):
-        return None
-    run_config = os.path.join(resolve_run_folder(args.model), "run_config.json")
-    run = {}
-    if os.path.isfile(run_config):
-        with open(run_config) as f:
-            run = json.load(f)
-    path = args.calibration_data or run.get("eval_data")
-    if path is None:
+    path = measure_fold_weights(model, tokenizer, args.model, args.calibration_data)
+    if path is None and any(b.interpolator.dynamic for b in model.control_blocks.values()):
         print("controlllm: note: no --calibration-data and no eval data in the run: dlerp/dlerp_in layers are folded "
               "with sigmoid(b)", file=sys.stderr)
-        return None
-    if not os.path.isfile(path):
-        flag = "--calibration-data" if args.calibration_data else "the run's eval data (pass --calibration-data)"
-        raise FileNotFoundError(f"{flag}: {path!r} does not exist or is not a file")
-    batches = calibration_batches(path, tokenizer, task=run.get("task", "cpt"), seq_len=run.get("seq_len", 256),
-                                  max_sequences=run.get("max_eval_samples", 64))
-    model.measure_merge_weights(batches, source=path)
     return path
 
 
@@ -250,8 +236,9 @@ def run(argv: list[str] | None = None) -> int:
         model, tokenizer, kind = load_model(args.model, base=args.base)
         if kind != "control":
             raise UsageError(f"--model {args.model!r} holds a {kind} model; merge needs a Control delta")
-        calibration = _measure_merge_weights(model, tokenizer, args)
-        weights = {"calibration_data": calibration, "layers": model.merge_weights()}
+        from .checkpoints import fold_record
+
+        weights = fold_record(model, _measure_merge_weights(model, tokenizer, args))
         enc = tokenizer(args.check_text, return_tensors="pt")
         report = merge_fidelity(model, enc["input_ids"], enc["attention_mask"])  # measures, changes nothing
         merged = model.merge_and_unload()
@@ -260,7 +247,8 @@ def run(argv: list[str] | None = None) -> int:
         with open(os.path.join(args.output, MERGE_WEIGHTS), "w") as f:
             json.dump(weights, f, indent=2)
         print(json.dumps({"output": args.output, **report,
-                          "merge_weights": {i: round(v["weight"], 6) for i, v in weights["layers"].items()}}, indent=2))
+                          "merge_weights": {int(i): round(v["weight"], 6) for i, v in weights["layers"].items()}},
+                         indent=2))
         carry_card_to_merge(args.model, args.output, report, args.check_text)
         return 0
     if args.command == "dial":

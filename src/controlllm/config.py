@@ -93,10 +93,11 @@ class ControlConfig:
         default=0.0, metadata={"help": "Margin of the cosine alignment loss: relu(1 - margin - cos)."}
     )
     alignment_budget: float | None = field(
-        default=None, metadata={"help": "Drift budget per expanded layer, in units of the alignment loss ('nmse': "
-                                "relative squared drift, e.g. 0.01 = 10% RMS deviation). A per-layer multiplier "
-                                "replaces `alignment_weight` and is adapted to keep each layer's running drift at or "
-                                "below it. None: the fixed weight."}
+        default=None, metadata={"help": "Drift budget per expanded layer, in units of the alignment loss, which is also "
+                                "the logged drift/{i} ('nmse': relative squared drift, e.g. 0.01 = 10% RMS deviation; "
+                                "'cosine': 0.5 relu(1 - margin - cos)^2, e.g. 0.0005 = cos 0.968 at margin 0). A "
+                                "per-layer multiplier replaces `alignment_weight` and is adapted to keep each layer's "
+                                "running drift at or below it. None: the fixed weight."}
     )
     dial: float = field(
         default=1.0, metadata={"help": "Retention dial s in [0, 1], set after training (`controlllm.dial`): every "

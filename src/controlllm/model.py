@@ -101,17 +101,61 @@ def is_trainable_key(name: str) -> bool:
     return ".expanded_layer." in name or ".interpolator." in name or name.endswith(STATE_BUFFERS)
 
 
-def _frozen_fingerprint(blocks: dict[int, _Block], states: dict[int, dict] | None = None) -> str:
-    """sha256 over the frozen weights of the expanded layers (names, shapes, dtypes and bytes);
-    `states` gives each layer's frozen state when the modules' own tensors are sharded."""
+# Metadata keys of the base model's fingerprint: the whole frozen model, and per part (decoder layer i,
+# or "rest": embeddings, final norm, head). Deltas of earlier releases hold LEGACY_FINGERPRINT_KEY
+# instead (the expanded layers only) and are checked with that rule.
+FINGERPRINT_KEY = "frozen_model_sha256"
+FINGERPRINT_PARTS_KEY = "frozen_parts_sha256"
+LEGACY_FINGERPRINT_KEY = "frozen_sha256"
+OTHER_PART = "rest"
+
+
+def _hash_tensor(digest, name: str, tensor: torch.Tensor) -> None:
+    t = tensor.detach().to("cpu").contiguous()
+    digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _frozen_parts_fingerprint(base_model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
+    """{part: sha256} over every frozen tensor of the base model (names as in the model without blocks,
+    shapes, dtypes and bytes): one part per decoder layer ("3": layer 3) and "rest" (embeddings, final
+    norm, head). What training changes (copies, interpolators, budget state) is left out. `state` is
+    the whole state keyed as in the base model, for a sharded model whose own tensors are shards."""
+    state = base_model.state_dict() if state is None else state
+    names = {id(module): name for name, module in base_model.named_modules()}
+    prefixes = [(names[id(layer)] + ".", str(i)) for i, layer in enumerate(decoder_layers(base_model))]
+    digests = {part: hashlib.sha256() for _, part in prefixes}
+    digests[OTHER_PART] = hashlib.sha256()
+    for key in sorted(state):
+        if is_trainable_key(key):
+            continue
+        name = key.replace(".base_layer.", ".")  # the frozen layer inside a block is the original layer
+        part = next((p for prefix, p in prefixes if name.startswith(prefix)), OTHER_PART)
+        _hash_tensor(digests[part], name, state[key])
+    return {part: digest.hexdigest() for part, digest in digests.items()}
+
+
+def _whole_fingerprint(parts: dict[str, str]) -> str:
+    return hashlib.sha256("".join(f"{part}:{parts[part]};" for part in sorted(parts)).encode()).hexdigest()
+
+
+def _legacy_frozen_fingerprint(blocks: dict[int, _Block]) -> str:
+    """The rule of earlier releases: sha256 over the frozen weights of the expanded layers only."""
     digest = hashlib.sha256()
     for index in sorted(blocks):
-        state = states[index] if states is not None else blocks[index].base_layer.state_dict()
-        for name, tensor in sorted(state.items()):
+        for name, tensor in sorted(blocks[index].base_layer.state_dict().items()):
             t = tensor.detach().to("cpu").contiguous()
             digest.update(f"{index}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
             digest.update(t.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _describe_parts(parts: list[str]) -> str:
+    layers = sorted(int(p) for p in parts if p != OTHER_PART)
+    words = [f"decoder layers {layers}"] if layers else []
+    if OTHER_PART in parts:
+        words.append("the embeddings, final norm or head")
+    return " and ".join(words)
 
 
 def _base_description(model: nn.Module) -> dict:
@@ -327,7 +371,9 @@ class ControlModel(nn.Module):
     def layer_statistics(self, reset: bool = True, reduce=None) -> dict[str, float]:
         """Per expanded layer i, averaged over the training micro-batches since the last call:
         `w/{i}` (mean interpolation weight), `w_std/{i}` (its spread over tokens), `drift/{i}`
-        (nmse between the branches), and `multiplier/{i}` under a drift budget (its current value).
+        (the drift between the branches that a budget constrains, in the budget's unit: the alignment
+        loss for 'nmse' and 'cosine', the nmse for 'mse' and 'none'), and `multiplier/{i}` under a
+        drift budget (its current value).
 
         `reduce` sums a float64 tensor over the processes of a distributed run (e.g.
         `lambda t: accelerator.reduce(t, "sum")`), so the averages cover every rank's micro-batches;
@@ -467,20 +513,18 @@ class ControlModel(nn.Module):
         os.makedirs(save_directory, exist_ok=True)
         if save_base:
             self.save_base_model(os.path.join(save_directory, BASE_SUBFOLDER))
-        frozen = None
+        full = None
         if state_dict is None:
             state = {k: v.to("cpu").clone() for k, v in self.trainable_state_dict().items()}
         else:
             full = {k.removeprefix("base_model."): v for k, v in state_dict.items()}
             state = {k: v.detach().to("cpu").contiguous().clone() for k, v in full.items() if is_trainable_key(k)}
-            names = {module: name for name, module in self.base_model.named_modules()}
-            frozen = {}
-            for index, block in self._blocks.items():
-                prefix = names[block.base_layer] + "."
-                frozen[index] = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
         _atomic_save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
         meta = _base_description(self.base_model)
-        meta["frozen_sha256"] = _frozen_fingerprint(self._blocks, frozen)
+        # The whole frozen model, not only the expanded layers: a later stage's delta must refuse a base
+        # without the earlier stages folded in, whichever layers they changed.
+        parts = _frozen_parts_fingerprint(self.base_model, full)
+        meta[FINGERPRINT_KEY], meta[FINGERPRINT_PARTS_KEY] = _whole_fingerprint(parts), parts
         self.control_config.save_pretrained(save_directory, extra=meta)
 
     def save_base_model(self, directory: str | os.PathLike) -> None:
@@ -499,9 +543,11 @@ class ControlModel(nn.Module):
         """Load a saved delta onto `base_model` (a model or a model folder).
 
         `ControlModel.from_pretrained(path)` alone loads a checkpoint saved with `save_base=True`.
-        Fails with a clear error when the delta was trained on a different base: another
-        architecture or shape, or other frozen weights in the expanded layers
-        (`check_base_weights=False` skips the latter).
+        Fails with a clear error (`CheckpointError`) when the delta was trained on a different base:
+        another architecture or shape, or other frozen weights anywhere in the model (for a later
+        stage of a multi-stage run: a base without the earlier stages folded in);
+        `check_base_weights=False` skips the latter. Deltas saved by earlier releases fingerprint the
+        expanded layers only, and are checked on those.
         """
         if model_id is None:
             model_id = base_model
@@ -531,21 +577,37 @@ class ControlModel(nn.Module):
                     f"but the given base model has {key}={value!r}"
                 )
         model = cls(base_model, config)
-        if check_base_weights and "frozen_sha256" in expected:
-            found = _frozen_fingerprint(model._blocks)
-            if found != expected["frozen_sha256"]:
+        if check_base_weights and FINGERPRINT_KEY in expected:
+            parts = _frozen_parts_fingerprint(model.base_model)
+            found = _whole_fingerprint(parts)
+            if found != expected[FINGERPRINT_KEY]:
+                saved_parts = expected.get(FINGERPRINT_PARTS_KEY) or {}
+                differ = [p for p in parts if saved_parts.get(p) != parts[p]] or list(parts)
+                model.unload()
+                raise CheckpointError(
+                    f"The frozen weights of the base model differ from those the Control delta in {str(model_id)!r} "
+                    f"was trained on, in {_describe_parts(differ)} (sha256 {found[:12]} != "
+                    f"{expected[FINGERPRINT_KEY][:12]}); load it onto the base it was trained on (for a later stage of "
+                    "a multi-stage run: the earlier stages folded in, as loading the run folder does), or pass "
+                    "check_base_weights=False"
+                )
+        elif check_base_weights and LEGACY_FINGERPRINT_KEY in expected:
+            found = _legacy_frozen_fingerprint(model._blocks)
+            if found != expected[LEGACY_FINGERPRINT_KEY]:
                 layers = sorted(model._blocks)
                 model.unload()
                 raise CheckpointError(
                     f"The frozen weights of the expanded layers {layers} differ from those the Control "
-                    f"delta in {str(model_id)!r} was trained on (sha256 {found[:12]} != {expected['frozen_sha256'][:12]}); "
-                    "load it onto the same base model, or pass check_base_weights=False"
+                    f"delta in {str(model_id)!r} was trained on (sha256 {found[:12]} != "
+                    f"{expected[LEGACY_FINGERPRINT_KEY][:12]}); load it onto the same base model, or pass "
+                    "check_base_weights=False"
                 )
         model.load_trainable_state(read_delta(model_id), source=model_id)
         return model
 
     def load_trainable_state(self, state: dict[str, torch.Tensor], source="state dict") -> None:
-        """Copy a trained delta into the blocks, checking names and shapes."""
+        """Copy a trained delta into the blocks, checking names and shapes. The drift budget's buffers
+        that a delta of an earlier release lacks are set to zero, as in a new model."""
         # Deltas saved before merge weights were measured on request hold running gate statistics
         # of every evaluation pass; they define no weight, so they are dropped.
         state = {k: v for k, v in state.items() if not k.endswith(LEGACY_STATISTICS)}
@@ -560,6 +622,8 @@ class ControlModel(nn.Module):
         params = dict(self.base_model.named_parameters())
         params.update(dict(self.base_model.named_buffers()))
         with torch.no_grad():
+            for name in set(own) - set(state):  # a delta saved before the drift budget: its state starts at zero
+                params[name].zero_()
             for name, value in state.items():
                 target = params[name]
                 if target.shape != value.shape:

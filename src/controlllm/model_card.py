@@ -108,7 +108,10 @@ def build_model_card(folder: str | os.PathLike, run_config: dict, metrics: dict 
         meta = control["base_model"]
         lines += [f"- {k}: `{meta[k]}`" for k in ("class", "model_type", "num_hidden_layers", "hidden_size", "vocab_size")
                   if k in meta]
-        if meta.get("frozen_sha256"):
+        if meta.get("frozen_model_sha256"):
+            lines.append(f"- fingerprint (sha256 of the whole frozen model): `{meta['frozen_model_sha256']}`; loading "
+                         "the delta onto another base fails with an error")
+        elif meta.get("frozen_sha256"):  # a delta of an earlier release
             lines.append(f"- fingerprint (sha256 of the frozen expanded layers): `{meta['frozen_sha256']}`; loading "
                          "the delta onto another base fails with an error")
     if control and control.get("control_config"):

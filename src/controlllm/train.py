@@ -11,17 +11,19 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from .budget import DriftBudgetCallback
 from .config import ControlConfig
-from .errors import UsageError, UserError
+from .errors import CheckpointError, UsageError, UserError
 from .model import WEIGHTS_NAME, ControlModel, get_control_model, is_trainable_key, read_delta
 from .model_card import write_model_card
 from .monitor import use_compact_console
@@ -34,6 +36,36 @@ METRICS = "metrics.jsonl"
 FINAL = "final"
 DIALLED = "dialled"
 STAGING = ".staging"
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and a rename, so a reader
+    (or a run killed mid-write) sees the old content or the new one, never an empty or half file."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def replace_dir(new: str, target: str) -> None:
+    """Put the complete folder `new` in place of `target`: the old `target` is renamed aside first and
+    deleted only once `new` is in place (a failed rename puts it back), so there is always one."""
+    old = target + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(target):
+        os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if os.path.isdir(old) and not os.path.exists(target):
+            os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class TrainingError(UserError, RuntimeError):
@@ -74,7 +106,8 @@ class TrainConfig:
     alignment_weight: float | None = field(default=None, metadata={"help": "Weight of the alignment loss (no budget)."})
     alignment_margin: float | None = field(default=None, metadata={"help": "Margin of the cosine alignment loss."})
     alignment_budget: float | None = field(default=None, metadata={
-        "help": "Per-layer drift budget (nmse units, e.g. 0.01); replaces the fixed weight by adapted multipliers."})
+        "help": "Per-layer drift budget in units of the alignment loss, the logged drift/{i} (nmse: e.g. 0.01; cosine: "
+                "0.5 (1 - margin - cos)^2, e.g. 0.0005); replaces the fixed weight by adapted multipliers."})
     alignment_budget_lr: float | None = field(default=None, metadata={"help": "Dual-ascent step of the budget multipliers."})
     mix_data: str | None = field(default=None, metadata={
         "help": "General data (the --data format) mixed into training, any method: evenly spaced examples replace "
@@ -236,11 +269,11 @@ def load_full_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], 
     own = {k: v.shape for k, v in control.trainable_state_dict().items()}  # DTensor shapes are global
     wrong = sorted(set(own) ^ set(state)) or [k for k in sorted(own) if tuple(own[k]) != tuple(state[k].shape)]
     if wrong:
-        raise ValueError(f"The Control delta from {source!r} does not match this model: {wrong[:5]}")
+        raise CheckpointError(f"The Control delta from {source!r} does not match this model: {wrong[:5]}")
     result = set_model_state_dict(model, {"base_model." + k: v for k, v in state.items()},
                                   options=StateDictOptions(full_state_dict=True, strict=False))
     if result.unexpected_keys:
-        raise ValueError(f"The Control delta from {source!r} has keys this model lacks: {result.unexpected_keys[:5]}")
+        raise CheckpointError(f"The Control delta from {source!r} has keys this model lacks: {result.unexpected_keys[:5]}")
 
 
 def interpolation_weights(model: nn.Module) -> dict[int, float]:
@@ -270,7 +303,70 @@ def interpolation_weights(model: nn.Module) -> dict[int, float]:
 
 
 # ---------------------------------------------------------------------------- trainer
-class ControlTrainer(Trainer):
+class DeltaCheckpoints:
+    """What a transformers Trainer (the HF Trainer or TRL's) needs to checkpoint a ControlModel, shared
+    by `ControlTrainer` and the TRL trainers (`controlllm.integrations.trl`); put it before the Trainer
+    class in the bases.
+
+    - Each checkpoint is written under `.staging/` and renamed into place once complete, so a kill
+      mid-write never leaves a checkpoint that looks finished; then old ones are rotated
+      (`checkpoint_limit()`, by default `args.save_total_limit`).
+    - A ControlModel is saved as its Control delta (`ControlModel.save_pretrained`), with the gathered
+      state dict the Trainer passes under FSDP (the model's own tensors are shards there).
+    - Resuming reads the delta with `read_delta` (a missing or corrupt file is a `CheckpointError`) and
+      checks names and shapes.
+    Any other model is saved and loaded by the Trainer's own code.
+    """
+
+    def checkpoint_limit(self) -> int | None:
+        """How many checkpoints are kept (None: all)."""
+        return self.args.save_total_limit
+
+    def _save(self, output_dir=None, state_dict=None):
+        model = _unwrap(self.model)
+        if not isinstance(model, ControlModel):
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            model.save_pretrained(output_dir, state_dict=state_dict)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = _unwrap(model if model is not None else self.model)
+        wrapped = model if model is not None else self.model_wrapped
+        has_delta = os.path.isfile(os.path.join(resume_from_checkpoint, WEIGHTS_NAME))
+        if not isinstance(target, ControlModel) or (is_sharded(wrapped) and not has_delta):
+            # A full model, or FSDP's own sharded checkpoint files: the Trainer's loader applies.
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        state = read_delta(resume_from_checkpoint)  # a clear error when it is missing or corrupt
+        if is_sharded(wrapped):
+            load_full_trainable_state(wrapped, state, source=resume_from_checkpoint)
+        else:
+            target.load_trainable_state(state, source=resume_from_checkpoint)
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = self.args.output_dir
+        name = f"checkpoint-{self.state.global_step}"
+        staging = os.path.join(run_dir, STAGING)
+        self.args.output_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = run_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            replace_dir(os.path.join(staging, name), os.path.join(run_dir, name))
+            for extra in os.listdir(staging):  # files a trainer writes beside its checkpoint (TRL's model card)
+                if os.path.isfile(os.path.join(staging, extra)):
+                    os.replace(os.path.join(staging, extra), os.path.join(run_dir, extra))
+            shutil.rmtree(staging, ignore_errors=True)
+            _rotate_checkpoints(run_dir, self.checkpoint_limit())
+        self.accelerator.wait_for_everyone()
+
+
+class ControlTrainer(DeltaCheckpoints, Trainer):
     """The HF Trainer with: the alignment loss and interpolation weights in the logs, a stop on
     non-finite losses, checkpoints written under a temporary name and renamed, and Control deltas
     saved/loaded as deltas."""
@@ -281,17 +377,26 @@ class ControlTrainer(Trainer):
         self._keep = save_total_limit_atomic
         self._interpolation_lr = interpolation_lr
 
+    def checkpoint_limit(self) -> int:
+        """How many checkpoints are kept: `save_total_limit_atomic`."""
+        return self._keep
+
     def create_optimizer(self, model=None):
         """The Trainer's optimizer; with `interpolation_lr`, the interpolators' parameters form their
-        own group with that learning rate (the schedule scales both groups alike)."""
+        own group with that learning rate and no weight decay (the schedule scales every group alike).
+        The other parameters keep the Trainer's weight-decay rule (`get_decay_parameter_names`: no
+        decay on biases and norm weights)."""
         if self._interpolation_lr is None or self.optimizer is not None:
             return super().create_optimizer()
         model = _unwrap(self.model)
+        decay = set(self.get_decay_parameter_names(model))
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         gates = [p for n, p in named if ".interpolator." in n]
-        rest = [p for n, p in named if ".interpolator." not in n]
+        rest = [(n, p) for n, p in named if ".interpolator." not in n]
         optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
-        groups = [{"params": rest, "weight_decay": self.args.weight_decay}]
+        groups = [{"params": [p for n, p in rest if n in decay], "weight_decay": self.args.weight_decay},
+                  {"params": [p for n, p in rest if n not in decay], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
         if gates:
             groups.append({"params": gates, "weight_decay": 0.0, "lr": self._interpolation_lr})
         self.optimizer = optimizer_cls(groups, **kwargs)
@@ -356,52 +461,6 @@ class ControlTrainer(Trainer):
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
         super().log(logs, start_time)
 
-    def _save(self, output_dir=None, state_dict=None):
-        model = _unwrap(self.model)
-        if isinstance(model, ControlModel):
-            output_dir = output_dir or self.args.output_dir
-            if self.args.should_save:
-                # Under FSDP the Trainer passes the gathered full state: the model's own tensors are shards.
-                model.save_pretrained(output_dir, state_dict=state_dict)
-                if self.processing_class is not None:
-                    self.processing_class.save_pretrained(output_dir)
-            return
-        super()._save(output_dir, state_dict)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        target = _unwrap(model if model is not None else self.model)
-        delta = os.path.join(resume_from_checkpoint, WEIGHTS_NAME)
-        if isinstance(target, ControlModel) and os.path.isfile(delta):
-            wrapped = model if model is not None else self.model_wrapped
-            if is_sharded(wrapped):
-                load_full_trainable_state(wrapped, read_delta(resume_from_checkpoint), source=resume_from_checkpoint)
-            else:
-                target.load_trainable_state(read_delta(resume_from_checkpoint), source=resume_from_checkpoint)
-            return
-        # Otherwise (a full model, or FSDP's sharded checkpoint files) the Trainer's own loader applies.
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-    def _save_checkpoint(self, model, trial):
-        # Write the whole checkpoint under .staging/ and rename it into place once complete, so a
-        # kill mid-write never leaves a checkpoint that looks finished.
-        run_dir = self.args.output_dir
-        name = f"checkpoint-{self.state.global_step}"
-        staging = os.path.join(run_dir, STAGING)
-        self.args.output_dir = staging
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.output_dir = run_dir
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            target = os.path.join(run_dir, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(staging, name), target)
-            shutil.rmtree(staging, ignore_errors=True)
-            _rotate_checkpoints(run_dir, self._keep)
-        self.accelerator.wait_for_everyone()
-
 
 def _checkpoints(run_dir: str) -> list[str]:
     found = []
@@ -411,8 +470,8 @@ def _checkpoints(run_dir: str) -> list[str]:
     return sorted(found, key=lambda p: int(p.rsplit("-", 1)[1]))
 
 
-def _rotate_checkpoints(run_dir: str, keep: int) -> None:
-    for path in _checkpoints(run_dir)[:-keep] if keep > 0 else []:
+def _rotate_checkpoints(run_dir: str, keep: int | None) -> None:
+    for path in _checkpoints(run_dir)[:-keep] if keep else []:
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -425,8 +484,7 @@ class MetricsFile(TrainerCallback):
             # Drop records past the checkpoint we resume from: they will be logged again.
             with open(path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(path, "w") as f:
-                f.writelines(kept)
+            write_text_atomic(path, "".join(kept))  # never truncated in place: a crash keeps the old records
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
@@ -463,7 +521,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     very end, so a run that failed never looks finished. `model`/`tokenizer` may be passed
     instead of `cfg.model` (tests, notebooks).
     """
-    from .checkpoints import load_as_base
+    from .checkpoints import fold_run
     from .data import DataCollator, DataError, build_cpt_dataset, build_sft_dataset, read_chat_records, read_text_records
 
     if cfg.data is None:
@@ -478,14 +536,18 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     eval_records = read(cfg.eval_data) if cfg.eval_data else None
     mix_records = read(cfg.mix_data) if cfg.mix_data else None
     final_dir = os.path.join(cfg.output, FINAL)
+    if not os.path.isdir(final_dir) and os.path.isdir(final_dir + ".old"):
+        os.replace(final_dir + ".old", final_dir)  # killed while its final/ was being replaced: the old one stands
     if os.path.isdir(final_dir) and not cfg.resume:
         raise UsageError(f"{final_dir!r} already exists: this run has finished; choose another --output")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
+    base_fold = None
     if model is None:
-        # A model folder, a .gguf, or a finished run (multi-stage: its result, folded, is the new base).
-        model, tokenizer, _ = load_as_base(cfg.model)
+        # A model folder, a .gguf, or a finished run (multi-stage: its result, folded, is the new base;
+        # dlerp/dlerp_in layers with the weights measured on its eval data, as `controlllm merge` folds).
+        model, tokenizer, _, base_fold = fold_run(cfg.model)
     train_set = build(train_records, tokenizer, cfg.seq_len)
     if mix_records is not None:
         from .data import MixedDataset
@@ -503,8 +565,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     os.makedirs(cfg.output, exist_ok=True)
     shutil.rmtree(os.path.join(cfg.output, STAGING), ignore_errors=True)
     resume_from = get_last_checkpoint(cfg.output) if cfg.resume else None
-    with open(os.path.join(cfg.output, RUN_CONFIG), "w") as f:
-        json.dump(run_record(cfg), f, indent=2)
+    record = run_record(cfg, base_fold)  # computed first: if it fails, the run's existing record stays as it was
+    write_text_atomic(os.path.join(cfg.output, RUN_CONFIG), json.dumps(record, indent=2))
 
     args = TrainingArguments(
         output_dir=cfg.output,
@@ -552,7 +614,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     seconds = time.time() - start
     full_state = full_state_dict(trainer.model) if is_sharded(trainer.model) else None  # gathers on every rank
     if trainer.args.should_save:
-        _write_final(trainer, tokenizer, cfg, final_dir, metrics, full_state)
+        _write_final(trainer, tokenizer, cfg, final_dir, metrics, full_state, base_fold)
     trainer.accelerator.wait_for_everyone()
     # Mixed precision wraps the model's forward in autocast; the returned model computes as it was
     # given (float32 stays float32), like the saved weights.
@@ -570,18 +632,22 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     return TrainResult(cfg.output, final_dir, metrics, seconds, trainable, total, unwrapped, dial)
 
 
-def run_record(cfg: TrainConfig) -> dict:
+def run_record(cfg: TrainConfig, base_fold: dict | None = None) -> dict:
     """What run_config.json holds: the run's settings and its lineage (the original base model and
-    every stage in order, this one last)."""
+    every stage in order, this one last). `base_fold` is how this stage's base was folded when it is
+    an earlier stage's Control delta (`controlllm.checkpoints.fold_record`: the weight of each layer
+    and where it comes from); it is recorded in this stage's lineage entry, so the stage is always
+    rebuilt onto the base it was trained on."""
     from .checkpoints import run_stages
 
     base_model, stages = run_stages(cfg.model)
     this = {k: getattr(cfg, k) for k in ("output", "method", "task", "data", "max_steps", "lr", "preset")}
+    this["base_fold"] = base_fold
     return {**dataclasses.asdict(cfg), "lineage": {"base_model": base_model, "stages": [*stages, this]}}
 
 
 def _write_final(trainer: ControlTrainer, tokenizer, cfg: TrainConfig, final_dir: str, metrics: dict,
-                 full_state: dict | None = None) -> None:
+                 full_state: dict | None = None, base_fold: dict | None = None) -> None:
     tmp = final_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model = _unwrap(trainer.model)
@@ -590,10 +656,7 @@ def _write_final(trainer: ControlTrainer, tokenizer, cfg: TrainConfig, final_dir
     else:
         model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
-        record = {**run_record(cfg), "final_metrics": metrics}
-        json.dump(record, f, indent=2)
+    record = {**run_record(cfg, base_fold), "final_metrics": metrics}
+    write_text_atomic(os.path.join(tmp, RUN_CONFIG), json.dumps(record, indent=2))
     write_model_card(tmp, record, metrics)  # README.md: what this folder is, from what, with what result
-    if os.path.isdir(final_dir):
-        shutil.rmtree(final_dir)
-    os.replace(tmp, final_dir)
+    replace_dir(tmp, final_dir)  # a finished run's final/ is replaced, never missing

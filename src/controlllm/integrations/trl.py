@@ -15,30 +15,35 @@ What the subclasses change, and why (tested with TRL 1.16):
   `ControlModel.forward` would be dropped: these trainers add `alignment_weight * alignment_loss`,
   normalised like the LM loss under gradient accumulation, and log `alignment_loss` and `w/{i}`.
 - The DPO reference is the base model: `BaseModelReference` runs the same ControlModel under
-  `disable_control()`, so no second copy of the model is loaded or kept in memory
+  `disable_control()` and in eval mode (no dropout, whatever the policy's mode, which is restored
+  after each call), so no second copy of the model is loaded or kept in memory
   (`precompute_ref_log_probs=True` works too).
-- Checkpoints and `save_model` write the Control delta (`ControlModel.save_pretrained`), not a full
-  state dict; resuming loads it back.
+- Checkpoints and `save_model` write the Control delta (`ControlModel.save_pretrained`, with the
+  gathered state dict under FSDP), not a full state dict; each checkpoint is staged and renamed into
+  place when complete, and resuming reads the delta back with validation: the same code as
+  `controlllm train` (`controlllm.train.DeltaCheckpoints`).
 """
 
 from __future__ import annotations
 
-import os
+from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers.trainer import TRAINING_ARGS_NAME  # noqa: F401 (importable from here, as before)
 from trl import DPOTrainer, SFTTrainer
 from trl.trainer.utils import add_fused_lm_head
 
 from ..budget import DriftBudgetCallback
-from ..model import WEIGHTS_NAME, ControlModel
-
-TRAINING_ARGS_NAME = "training_args.bin"
+from ..model import ControlModel
+from ..train import DeltaCheckpoints
 
 
 class BaseModelReference(nn.Module):
     """The base model of a ControlModel as a model of its own: each call runs the ControlModel under
-    `disable_control()`, which computes exactly the base model's outputs, with the same weights.
+    `disable_control()` and in eval mode, which computes exactly the base model's outputs in eval
+    mode (deterministic: no dropout), with the same weights. The mode of every module of the
+    ControlModel is restored after the call, so the policy keeps training as it was.
 
     Like a transformers model it exposes `base_model` (the backbone, here run with control disabled)
     and `get_output_embeddings()`, which TRL's fused LM head uses, and a `state_dict()` of the frozen
@@ -53,17 +58,32 @@ class BaseModelReference(nn.Module):
         object.__setattr__(self, "control_model", control_model)
         self.config = control_model.config
 
+    @contextmanager
+    def _as_base(self):
+        """The ControlModel as its base model in eval mode; each module's mode is put back afterwards.
+
+        The reference is not a submodule of anything TRL switches to eval (nor is the policy a submodule
+        of the reference), so its mode is set here, on every call."""
+        control = self.control_model
+        modes = [(module, module.training) for module in control.modules()]
+        control.eval()
+        try:
+            with control.disable_control():
+                yield control
+        finally:
+            for module, training in modes:
+                module.training = training
+
     def forward(self, *args, **kwargs):
-        with self.control_model.disable_control():
-            return self.control_model(*args, **kwargs)
+        with self._as_base() as control:
+            return control(*args, **kwargs)
 
     @property
     def base_model(self):
-        control = self.control_model
-        backbone = control.base_model.base_model  # transformers' name for the decoder stack without the head
+        backbone = self.control_model.base_model.base_model  # transformers' name for the decoder stack without the head
 
         def run_backbone(*args, **kwargs):
-            with control.disable_control():
+            with self._as_base():
                 return backbone(*args, **kwargs)
 
         return run_backbone
@@ -82,8 +102,9 @@ def _unwrap(model):
     return model
 
 
-class ControlTrainerMixin:
-    """What a TRL trainer needs to train a ControlModel (see the module docstring)."""
+class ControlTrainerMixin(DeltaCheckpoints):
+    """What a TRL trainer needs to train a ControlModel (see the module docstring); checkpoints are
+    staged, saved and loaded as `controlllm train` does them (`controlllm.train.DeltaCheckpoints`)."""
 
     fused_outputs: tuple[str, ...] = ("log_probs",)
 
@@ -151,23 +172,6 @@ class ControlTrainerMixin:
             for i, w in self.control_model.interpolation_weights().items():
                 logs[f"w/{i}"] = round(w, 4)
         super().log(logs, start_time)
-
-    def _save(self, output_dir=None, state_dict=None):
-        output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        self.control_model.save_pretrained(output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        from safetensors.torch import load_file
-
-        target = _unwrap(model if model is not None else self.model)
-        target.load_trainable_state(load_file(os.path.join(resume_from_checkpoint, WEIGHTS_NAME)),
-                                    source=resume_from_checkpoint)
 
 
 class ControlSFTTrainer(ControlTrainerMixin, SFTTrainer):
