@@ -637,6 +637,9 @@ def write(results_dir: str, info: dict, base: dict | None, collected: dict, sett
         import shutil
 
         shutil.rmtree(runs_dir)
+    # The base model's per-item scores go with the per-run records: the report regenerates from them.
+    os.makedirs(runs_dir, exist_ok=True)
+    _atomic_text(os.path.join(runs_dir, "base.json"), json.dumps(base))
     for exp, runs in collected.items():
         for name, run in runs.items():
             os.makedirs(os.path.join(runs_dir, exp), exist_ok=True)
