@@ -332,7 +332,8 @@ class Bench:
         out["spanish"] = {"bpc": tasks.bpc(sp), "nll": sp["nll"], "chars": sp["chars"]}
         if val:
             v = tasks.per_text_scores(model, tok, self.spanish_val, batch_size=8)
-            out["spanish_val"] = {"bpc": tasks.bpc(v)}
+            # per text too, so the report can tell two learning rates apart on validation with a paired SE
+            out["spanish_val"] = {"bpc": tasks.bpc(v), "nll": v["nll"], "chars": v["chars"]}
         seconds["spanish"] = time.time() - start
         start = time.time()
         out["english"] = self.suite.evaluate_english(model, tok, reference=None if is_base else self.reference())
@@ -349,7 +350,13 @@ class Bench:
         return out
 
     def base_scores(self, keys) -> None:
-        """Score the base model on `keys` ('mc', 'cpt', 'seq') unless cached (one file each)."""
+        """Score the base model on `keys` ('mc', 'cpt', 'seq') unless cached (one file each) or among
+        the committed records (`base.json` next to the per-run records, with the same fingerprint)."""
+        committed = self.committed_base()
+        for key in keys:
+            if key in committed and (_read_json(self.base_path(key)) or {}).get("fingerprint") != self.fingerprint():
+                _write_json(self.base_path(key), {"fingerprint": self.fingerprint(), "scores": committed[key],
+                                                  "seconds": committed["seconds"].get(key)})
         todo = [k for k in keys if (_read_json(self.base_path(k)) or {}).get("fingerprint") != self.fingerprint()]
         if not todo:
             return
@@ -373,13 +380,27 @@ class Bench:
     def base_path(self, key: str) -> str:
         return os.path.join(self.runs, f"base-{key}.json")
 
+    def committed_base(self) -> dict:
+        """The base model's per-item scores committed with the per-run records (`base.json`, written
+        by the report), if they were made with this plan's evaluation sets; else {"seconds": {}}."""
+        done = _read_json(os.path.join(self.records, "base.json")) if self.records else None
+        if not done or done.get("fingerprint") != self.fingerprint():
+            return {"seconds": {}}
+        return {"seconds": dict(done.get("seconds", {})), **{k: done[k] for k in ("mc", "cpt", "seq") if k in done}}
+
     def base(self) -> dict:
-        out = {"seconds": {}}
+        """The base model's scores per key, from this run folder's cache, else from the committed
+        records; with the seconds each took and the fingerprint of the evaluation sets."""
+        out = {"fingerprint": self.fingerprint(), "seconds": {}}
+        committed = self.committed_base()
         for key in ("mc", "cpt", "seq"):
             cached = _read_json(self.base_path(key))
             if cached and cached.get("fingerprint") == self.fingerprint():
                 out[key] = cached["scores"]
                 out["seconds"][key] = cached["seconds"]
+            elif key in committed:
+                out[key] = committed[key]
+                out["seconds"][key] = committed["seconds"].get(key)
         return out
 
     def fingerprint(self) -> dict:
@@ -447,10 +468,23 @@ class Bench:
             if done and not done.get("failed") and _portable_config(done.get("config")) == wanted \
                     and alphas == tuple(wise_ft):
                 if path != own:
+                    os.makedirs(os.path.dirname(own), exist_ok=True)
                     _write_json(own, done)
                     print(f"[{time.strftime('%H:%M:%S')}] {experiment} {name}: finished earlier ({path})", flush=True)
                 return done
         return None
+
+    def planned(self, experiment: str, name: str) -> tuple[TrainConfig, tuple[float, ...]]:
+        """The TrainConfig a finished run must have been made with (seq: its stage 2), and its
+        WiSE-FT alphas: what `finished` compares a record against."""
+        s, variant, folder = self.s, self.s.variants(experiment)[name], self.folder(experiment, name)
+        if experiment == "cpt":
+            steps = checkpoint_steps(s.cpt_steps)
+            return (self.config(variant, "cpt", variant.lr, os.path.join(folder, "train"), s.cpt_steps, steps[0]),
+                    variant.wise_ft)
+        steps = checkpoint_steps(s.stage2_steps)
+        return (self.config(variant, "cpt", variant.lr, os.path.join(folder, "stage2"), s.stage2_steps, steps[0],
+                            model=os.path.join(folder, "stage1")), ())
 
     def run_cpt(self, name: str, variant: Variant) -> dict:
         s = self.s
@@ -625,12 +659,17 @@ def _write_json(path: str, data) -> None:
     os.replace(tmp, path)
 
 
-def collect(bench: Bench) -> dict:
-    """Every finished run on disk, per experiment and variant, in the plan's order."""
+def collect(bench: Bench, committed: bool = False) -> dict:
+    """Every finished run on disk, per experiment and variant, in the plan's order. With `committed`
+    (--report-only), a run missing from the run folder is taken from the committed per-run records
+    when it was made with the plan's settings, so the report regenerates on a new checkout from the
+    committed files alone."""
     out = {}
     for experiment in EXPERIMENTS:
-        for name in bench.s.variants(experiment):
+        for name, variant in bench.s.variants(experiment).items():
             result = _read_json(os.path.join(bench.folder(experiment, name), "result.json"))
+            if result is None and committed and not variant.missing_fields():
+                result = bench.finished(experiment, name, *bench.planned(experiment, name))
             if result:
                 out.setdefault(experiment, {})[name] = result
     return out
@@ -760,12 +799,17 @@ def main(argv=None) -> int:
     earlier = invocations_seconds(_read_json(invocation))  # this plan's earlier invocations, if resumed
 
     def publish(elapsed=None):
-        report.write(results, info, bench.base(), collect(bench), settings,
+        report.write(results, info, bench.base(), collect(bench, committed=args.report_only), settings,
                      elapsed=earlier + time.time() - started if elapsed is None else elapsed)
 
     if args.report_only:
-        committed = (_read_json(os.path.join(results, "retention.json")) or {}).get("elapsed_seconds", 0.0)
-        publish(invocations_seconds(_read_json(invocation)) or committed)
+        committed = _read_json(os.path.join(results, "retention.json")) or {}
+        # The machine and versions are those that ran the plan (the committed report's), not this one's.
+        ran = committed.get("environment", {})
+        info["environment"].update({k: ran[k] for k in ("machine", "python", "torch", "transformers", "peft")
+                                    if k in ran})
+        bench.base_scores(["mc", "cpt", "seq"])  # a no-op where the base model's scores are committed
+        publish(invocations_seconds(_read_json(invocation)) or committed.get("elapsed_seconds", 0.0))
         return 0
     if args.worker is not None or settings.workers == 1:
         mine = [tuple(j.split(":", 1)) for j in args.worker.split(",") if j] if args.worker else jobs
