@@ -300,6 +300,27 @@ def transformers_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]
     return out
 
 
+# llama.cpp multiplies Q8_0 weights with activations it rounds to 8 bits as well; transformers (on the
+# dequantised file) with float32 activations. Where the two best tokens are that close, greedy decoding
+# may take the other one, and from there the continuations part.
+Q8_0_TIE = 0.25
+
+
+@torch.no_grad()
+def divergence_gap(model, row) -> float:
+    """0 when llama.cpp decoded what transformers decoded; else, at the first token where they part, how
+    far (in logits) below transformers' best token llama.cpp's pick is, as transformers scores it."""
+    expected, got = row["transformers"], row["llama.cpp"]
+    step = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), None)
+    if step is None:
+        return 0.0
+    logits = model(torch.tensor([row["ids"] + expected[:step]])).logits[0, -1]
+    gap = float(logits[expected[step]] - logits[got[step]])
+    row["divergence"] = {"step": step, "logit_gap": round(gap, 4)}
+    print(json.dumps({"text": row["text"], **row["divergence"]}))
+    return gap
+
+
 def _agreement(model, tokenizer, gguf_file, texts, max_new_tokens, tmp_path):
     prompts = [{"text": t, "ids": tokenizer(t)["input_ids"]} for t in texts]
     answer = llama_cpp_greedy(gguf_file, prompts, max_new_tokens, tmp_path)
@@ -307,7 +328,7 @@ def _agreement(model, tokenizer, gguf_file, texts, max_new_tokens, tmp_path):
     rows = []
     for prompt, got in zip(prompts, answer["results"]):
         expected = transformers_greedy(model, prompt["ids"], max_new_tokens)
-        rows.append({"text": prompt["text"], "same_tokenization": got["tokenized"] == prompt["ids"],
+        rows.append({"text": prompt["text"], "ids": prompt["ids"], "same_tokenization": got["tokenized"] == prompt["ids"],
                      "transformers": expected, "llama.cpp": got["generated"]})
     print(json.dumps(rows))
     return rows
@@ -319,22 +340,30 @@ def _agreement(model, tokenizer, gguf_file, texts, max_new_tokens, tmp_path):
 @pytest.mark.parametrize("make", [make_tokenizer, digits_tokenizer])
 def test_llama_cpp_decodes_what_transformers_decodes(tmp_path, make, dtype):
     """A tiny random Llama (GQA, untied head) exported as `dtype`: llama.cpp tokenizes the texts as the
-    tokenizer does and greedy-decodes the same 12 tokens as transformers on the model loaded back."""
+    tokenizer does and greedy-decodes the same 12 tokens as transformers on the model loaded back
+    (q8_0: or parts from it only at a near tie, see Q8_0_TIE)."""
     tokenizer = make()
-    model = tiny(tokenizer, hidden_size=64, intermediate_size=128)
+    # Weights 10x the usual init spread: the greedy continuation varies instead of repeating one token.
+    model = tiny(tokenizer, hidden_size=64, intermediate_size=128, initializer_range=0.2)
     export_gguf(model, tmp_path / "m.gguf", dtype=dtype, tokenizer=tokenizer)
     # Compare with the weights as the file holds them (f16 / q8_0 rounding included).
     reference = model if dtype == "f32" else load_gguf(tmp_path / "m.gguf")[0]
     for row in _agreement(reference, tokenizer, tmp_path / "m.gguf", TEXTS, 12, tmp_path):
         assert row["same_tokenization"], row
-        assert row["llama.cpp"] == row["transformers"], row
+        if dtype == "q8_0":
+            assert divergence_gap(reference, row) <= Q8_0_TIE, row
+        else:
+            assert row["llama.cpp"] == row["transformers"], row
 
 
 @pytest.mark.llamacpp
 @pytest.mark.slow
 @requires_llama_cpp
-def test_llama_cpp_decodes_what_transformers_decodes_on_smollm2(tmp_path):
-    """The real SmolLM2-135M-Instruct, through a Control delta folded by merge, exported as f32."""
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+def test_llama_cpp_decodes_what_transformers_decodes_on_smollm2(tmp_path, dtype):
+    """The real SmolLM2-135M-Instruct, through a Control delta folded by merge, exported as `dtype`:
+    f32 decodes the same 16 tokens; q8_0 the same as transformers on the dequantised file, or parts from it
+    only at a near tie (see Q8_0_TIE)."""
     from controlllm import ControlConfig, get_control_model
     from controlllm.assets import load_pretrained
 
@@ -342,11 +371,17 @@ def test_llama_cpp_decodes_what_transformers_decodes_on_smollm2(tmp_path):
     control = get_control_model(model, ControlConfig(expanded_layers=[10, 20]))
     perturb_trainable(control, scale=0.002)
     merged = control.merge_and_unload().eval()
-    export_gguf(merged, tmp_path / "smollm2.gguf", tokenizer=tokenizer, name="SmolLM2-135M-Instruct (Control, merged)")
+    export_gguf(merged, tmp_path / "smollm2.gguf", dtype=dtype, tokenizer=tokenizer,
+                name="SmolLM2-135M-Instruct (Control, merged)")
+    if dtype != "f32":
+        merged = load_gguf(tmp_path / "smollm2.gguf")[0]
     chat = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
             for q in ("What is the capital of France?", "Write a haiku about the sea.")]
     texts = ["The capital of France is", "def fibonacci(n):", *chat]
     rows = _agreement(merged, tokenizer, tmp_path / "smollm2.gguf", texts, 16, tmp_path)
     for row in rows:
         assert row["same_tokenization"], row
-        assert row["llama.cpp"] == row["transformers"], row
+        if dtype == "q8_0":
+            assert divergence_gap(merged, row) <= Q8_0_TIE, row
+        else:
+            assert row["llama.cpp"] == row["transformers"], row
