@@ -223,7 +223,7 @@ def render(data: dict, output_dir: str) -> None:
               "the optimizer made (AdamW, fused, as the HF Trainer), the kernel's peak-RSS mark (VmHWM) reset, then "
               "one training step (forward with the LM loss, backward, AdamW step: the first step, which allocates "
               "AdamW's moments; its time includes first-call costs). Peak RSS is everything resident during that step: weights, quantised weights, "
-              "gradients, optimizer state, activations, and the ~0.4 GB of the Python process itself. Methods go "
+              "gradients, optimizer state, activations, and the ~0.56 GB of the Python process itself (the 'process baseline' column subtracts it). Methods go "
               "through `controlllm.train.prepare_model`. LoRA/QLoRA: r 16, alpha 32, every linear layer of the "
               f"decoder. Control: {COPIES} copies spread evenly, lerp w = 0.5 fixed, nmse alignment (the defaults). "
               "Quantised bases: every linear layer of the decoder in bitsandbytes nf4 (4-bit, double-quantised "
