@@ -56,8 +56,14 @@ def renumber_layer(layer: nn.Module, old_index: int, new_index: int) -> None:
 
 
 def copy_layer(layer: nn.Module, index: int, slot: int) -> nn.Module:
-    """A trainable deep copy of decoder layer `index` that caches its keys/values in slot `slot`."""
-    clone = copy.deepcopy(layer)
+    """A trainable deep copy of decoder layer `index` that caches its keys/values in slot `slot`.
+
+    A quantised layer (`controlllm.quantize`) is copied with its weights dequantised, in the dtype
+    it computes in: the copy computes exactly what the quantised layer computes."""
+    from .quantize import dequantized_copy, is_quantized_linear
+
+    quantized = any(is_quantized_linear(m) for m in layer.modules())
+    clone = dequantized_copy(layer) if quantized else copy.deepcopy(layer)
     renumber_layer(clone, index, slot)
     for p in clone.parameters():
         p.requires_grad_(True)

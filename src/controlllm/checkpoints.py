@@ -132,6 +132,18 @@ def recorded_base_fold(folder: str | os.PathLike) -> dict | None:
     return LEGACY_FOLD
 
 
+def run_quantization(folder: str) -> str | None:
+    """The `quantize_base` a run was trained with ('4bit', '8bit' or None), from its run_config.json."""
+    run_config = os.path.join(folder, "run_config.json")
+    if not os.path.isfile(run_config):
+        return None
+    try:
+        with open(run_config) as f:
+            return json.load(f).get("quantize_base")
+    except (OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"cannot read {run_config}: {err}") from err
+
+
 def load_model(path: str | os.PathLike | None = None, base: str | None = None, dtype=None):
     """(model, tokenizer, kind) for `path`: None (the default base model), a model folder or .gguf,
     or a run folder / its `final/` (Control delta, LoRA adapter, or full weights).
@@ -166,6 +178,11 @@ def load_model(path: str | os.PathLike | None = None, base: str | None = None, d
     else:
         from peft import PeftModel
 
+        quantization = run_quantization(folder)
+        if quantization is not None:  # QLoRA: the adapter goes onto the quantised base it was trained on
+            from .quantize import quantize_model
+
+            quantize_model(base_model, quantization)
         model = PeftModel.from_pretrained(base_model, folder)
     return model, tokenizer, kind
 
@@ -185,7 +202,15 @@ def fold_run(path: str | os.PathLike | None = None, dtype=None, fold: dict | Non
     if kind == "control":
         calibration = measure_fold_weights(model, tokenizer, path) if fold is None else _apply_fold_record(model, fold, path)
         record = fold_record(model, calibration)
-    if kind in ("control", "lora"):
+    if kind == "control":
+        model = model.merge_and_unload(dequantize=True)  # dequantises only a quantised base
+    elif kind == "lora":
+        if run_quantization(resolve_run_folder(path)) is not None:
+            raise CheckpointError(
+                f"{os.fspath(path)!r} is a LoRA run on a quantised base (QLoRA): merging it would re-quantise the "
+                "adapter into the 4/8-bit weights, so it cannot be the base of a next stage; use it with eval, "
+                "generate or dial"
+            )
         model = model.merge_and_unload()
     return model, tokenizer, kind, record
 
@@ -198,7 +223,9 @@ def load_as_base(path: str | os.PathLike | None = None, dtype=None):
 
     This is how a later stage of a multi-stage run starts from an earlier stage's result: the
     earlier stage's copies are folded into the weights the new stage freezes (`fold_run` also
-    returns the fold weights, which the new stage records in its lineage).
+    returns the fold weights, which the new stage records in its lineage). A Control run trained
+    on a quantised base is folded into its dequantised base (a full-precision model of the weights
+    it was trained against); a later stage may quantise it again.
     """
     return fold_run(path, dtype=dtype)[:3]
 

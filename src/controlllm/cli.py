@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--check-text", default="The quick brown fox jumps over the lazy dog.",
                    help="text on which the merge's fidelity (KL) is reported")
+    p.add_argument("--dequantize", action="store_true",
+                   help="a run trained on a quantised base (--quantize-base): dequantise the base and fold the copies "
+                        "into it, giving a full-precision model (without this flag such a merge is refused)")
     p.add_argument("--calibration-data", default=None,
                    help="data (the run's format: text for cpt, chats for sft) on which the mean weight of dlerp/dlerp_in "
                         "interpolators is measured for the fold (default: the run's --eval-data); recorded in "
@@ -244,12 +247,18 @@ def run(argv: list[str] | None = None) -> int:
         model, tokenizer, kind = load_model(args.model, base=args.base)
         if kind != "control":
             raise UsageError(f"--model {args.model!r} holds a {kind} model; merge needs a Control delta")
+        if model.quantization is not None and not args.dequantize:
+            raise UsageError(f"--model {args.model!r} was trained on a {model.quantization} base: folding its copies into "
+                             "quantised weights would re-quantise what was trained; pass --dequantize to merge into the "
+                             "dequantised base (a full-precision model)")
         from .checkpoints import fold_record
 
         weights = fold_record(model, _measure_merge_weights(model, tokenizer, args))
+        weights["dequantized_base"] = model.quantization
         enc = tokenizer(args.check_text, return_tensors="pt")
-        report = merge_fidelity(model, enc["input_ids"], enc["attention_mask"])  # measures, changes nothing
-        merged = model.merge_and_unload()
+        # measures, changes nothing
+        report = merge_fidelity(model, enc["input_ids"], enc["attention_mask"], dequantize=args.dequantize)
+        merged = model.merge_and_unload(dequantize=args.dequantize)
         merged.save_pretrained(args.output)
         tokenizer.save_pretrained(args.output)
         with open(os.path.join(args.output, MERGE_WEIGHTS), "w") as f:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 CONFIG_NAME = "control_config.json"
 
 EXPAND_TYPES = ("concat", "stack", "hybrid")
+QUANTIZATIONS = ("4bit", "8bit")  # of the frozen branch (controlllm.quantize)
 INTERPOLATIONS = ("lerp", "dlerp", "dlerp_in", "slerp")
 ALIGNMENT_LOSSES = ("mse", "nmse", "cosine", "none")
 LAYER_PLACEMENTS = ("even", "group_end")
@@ -109,6 +110,12 @@ class ControlConfig:
         default=0.5, metadata={"help": "Step of the budget multipliers' dual ascent per optimizer step, per unit of "
                                "relative violation (drift / budget - 1)."}
     )
+    quantize_base: str | None = field(
+        default=None, metadata={"help": "Keep the frozen decoder layers in bitsandbytes '4bit' (nf4) or '8bit' (int8) "
+                                "and build each trainable copy from the dequantised weights (`controlllm.quantize`); "
+                                "the model then starts equal to the quantised base, not the full-precision one. "
+                                "Embeddings and LM head stay full precision. Concat expansion only. None: no quantisation."}
+    )
 
     def __post_init__(self):
         if self.expand_type not in EXPAND_TYPES:
@@ -119,6 +126,15 @@ class ControlConfig:
             raise _allowed("alignment_loss", self.alignment_loss, ALIGNMENT_LOSSES)
         if self.layer_placement not in LAYER_PLACEMENTS:
             raise _allowed("layer_placement", self.layer_placement, LAYER_PLACEMENTS)
+        if self.quantize_base is not None:
+            if self.quantize_base not in QUANTIZATIONS:
+                raise _allowed("quantize_base", self.quantize_base, (None, *QUANTIZATIONS))
+            if self.expand_type != "concat":
+                raise ValueError(
+                    f"ControlConfig.quantize_base={self.quantize_base!r} works with expand_type='concat' (Control LLM) "
+                    f"only, not {self.expand_type!r}: a stack copy starts from the frozen layer's full-precision weights "
+                    "with its output projections zeroed and is merged as a new layer; use quantize_base=None for it"
+                )
         if self.num_expanded_layers is not None and self.expanded_layers is not None:
             raise ValueError(
                 "ControlConfig takes at most one of `num_expanded_layers` (a count, evenly spaced) and "

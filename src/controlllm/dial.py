@@ -114,6 +114,10 @@ class Dial:
             if isinstance(block, StackBlock):
                 start = dict(make_identity(_clone_layer(block.base_layer), type(block.base_layer).__name__)
                              .named_parameters())
+            elif model.quantization is not None:  # the copies started from the dequantised weights
+                from .quantize import dequantized_copy
+
+                start = dict(dequantized_copy(block.base_layer).named_parameters())
             else:
                 start = dict(block.base_layer.named_parameters())
             for name, p in block.expanded_layer.named_parameters():

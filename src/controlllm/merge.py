@@ -72,8 +72,9 @@ def merge_blocks(model: nn.Module, blocks: dict[int, _Block]) -> nn.Module:
 
 
 @torch.no_grad()
-def merge_fidelity(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
-    """How closely `model.merge_and_unload()` reproduces the unmerged ControlModel on these inputs.
+def merge_fidelity(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   dequantize: bool = False) -> dict:
+    """How closely `model.merge_and_unload(dequantize)` reproduces the unmerged ControlModel on these inputs.
 
     Works on a copy (the model is left as it is). Returns the mean and max over real tokens of
     KL(unmerged || merged) of the next-token distributions (nats), the max absolute logit
@@ -83,7 +84,7 @@ def merge_fidelity(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     model.eval()
     try:
         reference = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        merged = copy.deepcopy(model).merge_and_unload()
+        merged = copy.deepcopy(model).merge_and_unload(dequantize=dequantize)
         merged.eval()
         candidate = merged(input_ids=input_ids, attention_mask=attention_mask).logits.float()
     finally:

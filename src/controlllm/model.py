@@ -20,6 +20,7 @@ from .alignment import masked_layer_means
 from .block import ControlBlock, StackBlock, _Block
 from .config import ControlConfig, read_config_file
 from .errors import CheckpointError
+from .quantize import QuantizationError
 from .surgery import decoder_layers, hidden_size_of, install_blocks, remove_blocks
 
 WEIGHTS_NAME = "control_model.safetensors"
@@ -111,7 +112,9 @@ OTHER_PART = "rest"
 
 
 def _hash_tensor(digest, name: str, tensor: torch.Tensor) -> None:
-    t = tensor.detach().to("cpu").contiguous()
+    # A quantised layer's state holds its packed weights and quantisation state (scales, codebooks,
+    # a serialised header), some of them 0-dimensional: all are hashed as plain bytes.
+    t = torch.Tensor(tensor.detach()).to("cpu").contiguous()
     digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
     digest.update(t.reshape(-1).view(torch.uint8).numpy())
 
@@ -144,9 +147,11 @@ def _legacy_frozen_fingerprint(blocks: dict[int, _Block]) -> str:
     digest = hashlib.sha256()
     for index in sorted(blocks):
         for name, tensor in sorted(blocks[index].base_layer.state_dict().items()):
-            t = tensor.detach().to("cpu").contiguous()
+            # A quantised layer's state holds its packed weights and quantisation state (scales,
+            # codebooks, a serialised header), some of them 0-dimensional: all are hashed as bytes.
+            t = torch.Tensor(tensor.detach()).to("cpu").contiguous()
             digest.update(f"{index}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -175,6 +180,10 @@ class ControlModel(nn.Module):
     Created with `get_control_model(base_model, config)`; behaves like the base model (forward,
     generate, attributes are forwarded), adds the alignment loss inside `forward`, and saves only
     what was trained.
+
+    With `config.quantize_base` ('4bit' / '8bit') the base model's decoder layers are quantised in
+    place first (`controlllm.quantize`; a base already quantised to that kind is kept as it is) and
+    each copy is built from the dequantised weights: the model starts equal to the quantised base.
     """
 
     _weight_totals: dict | None = None  # {layer: [sum, count]} while measure_merge_weights runs
@@ -183,6 +192,7 @@ class ControlModel(nn.Module):
         super().__init__()
         if isinstance(base_model, ControlModel):
             raise ValueError("The model is already a ControlModel; wrap the original model once")
+        _prepare_quantization(base_model, config)
         self._requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
         self.base_model = base_model
         self.control_config = config
@@ -639,14 +649,26 @@ class ControlModel(nn.Module):
             p.requires_grad_(self._requires_grad.get(name, True))
 
     def unload(self) -> nn.Module:
-        """Remove the blocks without merging; returns the original base model."""
+        """Remove the blocks without merging; returns the original base model (still quantised
+        when `quantize_base` quantised it)."""
         remove_blocks(self.base_model)
         self._blocks = {}
         self._restore_requires_grad(self.base_model)
         return self.base_model
 
-    def merge_and_unload(self) -> nn.Module:
+    @property
+    def quantization(self) -> str | None:
+        """'4bit' / '8bit' when the frozen branch is quantised (`ControlConfig.quantize_base`), else None."""
+        return self.control_config.quantize_base
+
+    def merge_and_unload(self, dequantize: bool = False) -> nn.Module:
         """Fold every trained copy into its frozen layer and return a plain model of the base class.
+
+        On a quantised base this is refused unless `dequantize=True`: then every quantised layer
+        (frozen or not) is first replaced by a full-precision `nn.Linear` holding its dequantised
+        weight, so the merged model is a plain full-precision model of the weights that were
+        trained against (exactly the quantised base at dial 0 or before training), not a
+        re-quantised one.
 
         concat: W = W_p + w (W_e - W_p) per tensor, with w from `merge_weights()` (for dlerp and
         dlerp_in: the mean weight measured by `measure_merge_weights`, else sigmoid(b); slerp merges
@@ -656,17 +678,45 @@ class ControlModel(nn.Module):
         """
         from .merge import merge_blocks
 
+        if self.quantization is not None:
+            if not dequantize:
+                raise QuantizationError(
+                    f"the frozen branch of this model is quantised ({self.quantization}): folding the copies into "
+                    "quantised weights would re-quantise what was trained. Merge with dequantize=True (controlllm merge "
+                    "--dequantize): a full-precision model of the dequantised base with the copies folded in"
+                )
+            from .quantize import dequantize_model
+
+            dequantize_model(self.base_model)
+            self.control_config = dataclasses.replace(self.control_config, quantize_base=None)
         merged = merge_blocks(self.base_model, self._blocks)
         self._blocks = {}
         self._restore_requires_grad(merged)
         return merged
 
 
+def _prepare_quantization(base_model: nn.Module, config: ControlConfig) -> None:
+    """Quantise `base_model` as `config.quantize_base` asks (in place), or reject a base whose
+    quantisation the config does not declare (a delta saved from it would not say how to rebuild it)."""
+    from .quantize import quantization_of, quantize_model
+
+    present = quantization_of(base_model)
+    if config.quantize_base is None:
+        if present is not None:
+            raise QuantizationError(
+                f"the base model is quantised ({present}) but ControlConfig.quantize_base is None; pass "
+                f"ControlConfig(quantize_base={present!r}) so the saved delta records it"
+            )
+        return
+    quantize_model(base_model, config.quantize_base)
+
+
 def get_control_model(base_model: nn.Module, config: ControlConfig) -> ControlModel:
     """Wrap a transformers causal LM (modified in place) as a Control LLM model.
 
-    At initialisation the returned model computes exactly the base model's outputs; only the
-    copies (and trainable interpolators) require gradients.
+    At initialisation the returned model computes exactly the base model's outputs (with
+    `config.quantize_base`: the quantised base model's, see `ControlModel`); only the copies (and
+    trainable interpolators) require gradients.
     """
     if not isinstance(config, ControlConfig):
         raise TypeError(f"config must be a ControlConfig, got {type(config).__name__}")

@@ -119,6 +119,9 @@ class TrainConfig:
     max_kl: float | None = field(default=None, metadata={"help": "Dial budget: KL to the base on --keep-data (nats/token)."})
     max_keep_increase: float | None = field(default=None, metadata={
         "help": "Dial budget: bits/char increase on --keep-data."})
+    quantize_base: str | None = field(default=None, metadata={
+        "help": "Keep the frozen base in bitsandbytes '4bit' (nf4) or '8bit' (int8): method control (each copy built "
+                "from the dequantised weights) or lora (QLoRA). Embeddings and LM head stay full precision."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (method lora)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (method lora)."})
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: only at the end)."})
@@ -162,6 +165,9 @@ class TrainConfig:
                              "--eval-data (the new skill's held-out data)")
         if budget and self.keep_data is None:
             raise ValueError(f"--{budget[0].replace('_', '-')} is a dial budget: give --keep-data with it")
+        if self.quantize_base is not None and self.method in ("full", "freeze"):
+            raise ValueError(f"--quantize-base {self.quantize_base} keeps the base frozen in {self.quantize_base}; method "
+                             f"{self.method!r} trains the base's own weights. Use it with --method control or lora")
         # Validate the Control options early (named errors before anything loads).
         self.control_config(num_layers=None)
 
@@ -184,7 +190,7 @@ class TrainConfig:
 # TrainConfig fields passed on to ControlConfig when given.
 CONTROL_FIELDS = ("num_expanded_layers", "expanded_layers", "layer_placement", "interpolation", "interpolation_init",
                   "train_interpolation", "gate_norm", "alignment_loss", "alignment_weight", "alignment_margin",
-                  "alignment_budget", "alignment_budget_lr")
+                  "alignment_budget", "alignment_budget_lr", "quantize_base")
 
 
 # ----------------------------------------------------------------------------- models
@@ -213,9 +219,20 @@ def prepare_model(base: nn.Module, cfg: TrainConfig) -> nn.Module:
         return base
     from peft import LoraConfig, get_peft_model
 
+    if cfg.quantize_base is not None:  # QLoRA: LoRA on the quantised base
+        from .quantize import quantize_model
+
+        quantize_model(base, cfg.quantize_base)
+        for p in base.parameters():
+            p.requires_grad_(False)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
     return get_peft_model(base, lora)
+
+
+def _fsdp_requested() -> bool:
+    """Whether this process was launched to train with FSDP (accelerate's launcher or config)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
 
 
 def _unwrap(model):
@@ -535,6 +552,13 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     train_records = read(cfg.data)
     eval_records = read(cfg.eval_data) if cfg.eval_data else None
     mix_records = read(cfg.mix_data) if cfg.mix_data else None
+    if cfg.quantize_base is not None:
+        from .quantize import require_bitsandbytes
+
+        if _fsdp_requested():
+            raise UsageError(f"--quantize-base {cfg.quantize_base} does not work with FSDP: sharding splits the packed "
+                             "quantised weights and their scales apart; train on one process, or without --quantize-base")
+        require_bitsandbytes(f"--quantize-base {cfg.quantize_base}")
     final_dir = os.path.join(cfg.output, FINAL)
     if not os.path.isdir(final_dir) and os.path.isdir(final_dir + ".old"):
         os.replace(final_dir + ".old", final_dir)  # killed while its final/ was being replaced: the old one stands
