@@ -14,7 +14,11 @@ from controlllm import ControlConfig, ControlModel, get_control_model  # noqa: E
 from controlllm.cli import main as cli_main  # noqa: E402
 from controlllm.errors import CheckpointError, UsageError, UserError  # noqa: E402
 from controlllm.merge import merge_fidelity  # noqa: E402
-from controlllm.model import _frozen_fingerprint, is_trainable_key  # noqa: E402
+from controlllm.model import FINGERPRINT_KEY, _frozen_parts_fingerprint, _whole_fingerprint, is_trainable_key  # noqa: E402
+
+
+def _frozen_fingerprint(model):
+    return _whole_fingerprint(_frozen_parts_fingerprint(model.base_model))
 from controlllm.quantize import (QuantizationError, dequantized_copy, is_quantized_linear,  # noqa: E402
                                  quantization_of, quantize_model)
 from controlllm.train import TrainConfig, prepare_model, train  # noqa: E402
@@ -104,7 +108,7 @@ def test_training_keeps_the_quantized_weights_bit_identical(tmp_path, tiny_model
     assert moved  # the copies trained
     saved = json.load(open(os.path.join(result.final, "control_config.json")))
     assert saved["control_config"]["quantize_base"] == mode
-    assert saved["base_model"]["frozen_sha256"] == _frozen_fingerprint(trained.blocks)
+    assert saved["base_model"][FINGERPRINT_KEY] == _frozen_fingerprint(trained)
 
     # merge: refused as it is, explicit with --dequantize (a plain full-precision model)
     with pytest.raises(SystemExit) as exit_info:
@@ -139,12 +143,12 @@ def test_delta_reloaded_onto_the_same_quantized_base_reproduces_the_logits(tmp_p
 
 def test_fingerprint_covers_the_quantized_bytes_and_state():
     model = get_control_model(make_model("llama"), ControlConfig(num_expanded_layers=1, quantize_base="4bit"))
-    first = _frozen_fingerprint(model.blocks)
-    assert first == _frozen_fingerprint(model.blocks)
+    first = _frozen_fingerprint(model)
+    assert first == _frozen_fingerprint(model)
     layer = next(iter(model.blocks.values())).base_layer.mlp.up_proj
     with torch.no_grad():
         layer.weight.quant_state.absmax[0] += 1  # a scale, not the packed weight itself
-    assert _frozen_fingerprint(model.blocks) != first
+    assert _frozen_fingerprint(model) != first
 
 
 @pytest.mark.parametrize("mode", MODES)
