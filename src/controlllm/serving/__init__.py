@@ -1,0 +1,1 @@
+"""Serving trained models outside transformers: vLLM (unmerged, exact) and GGUF export."""
