@@ -29,10 +29,23 @@ def base_dir(tmp_path_factory):
     return H.write_base(tmp_path_factory.mktemp("base"))
 
 
+def _attention_layers(model) -> list[tuple[str, int]]:
+    """(module name, address of its KV cache) of each attention layer of the served model."""
+    from vllm.model_executor.layers.attention import Attention
+
+    caches = []
+    for name, module in model.named_modules():
+        if isinstance(module, Attention):
+            cache = module.kv_cache[0] if isinstance(module.kv_cache, (list, tuple)) else module.kv_cache
+            caches.append((name, cache.data_ptr()))  # views of one allocation: distinct starts
+    return caches
+
+
 def _engine_answers(folder: str, prompt_ids):
     llm = H.make_llm(folder)
     try:
-        return H.served(llm, prompt_ids, MAX_TOKENS)
+        (layers,) = llm.apply_model(_attention_layers)
+        return H.served(llm, prompt_ids, MAX_TOKENS), layers
     finally:
         del llm
         gc.collect()
@@ -68,7 +81,11 @@ def test_vllm_equals_transformers(case, base_dir, tmp_path):
         assert H.reference(base_model.eval(), prompt_ids[:1], 1)[0]["prompt_logprobs"] != expected[0]["prompt_logprobs"]
     info = export_run_for_vllm(source, tmp_path / "served")
     assert info["architecture"] == ARCHITECTURE
-    actual = _engine_answers(info["output"], prompt_ids)
+    actual, attention = _engine_answers(info["output"], prompt_ids)
+    # One attention layer, hence one paged KV cache, per frozen layer and per copy, each its own.
+    copies = [] if spec is None else [f"model.expanded_layers.{4 + j}.self_attn.attn" for j in range(len(H.EXPANDED))]
+    assert [name for name, _ in attention] == [f"model.layers.{i}.self_attn.attn" for i in range(4)] + copies
+    assert len({ptr for _, ptr in attention}) == len(attention)
     for e, a in zip(expected, actual):
         assert a["tokens"] == e["tokens"]
     error = H.max_logprob_error(expected, actual)
