@@ -33,6 +33,8 @@ def _layout(config) -> dict:
     if len(layers) != len(slots) or any(not 0 <= i < n for i in layers) or any(s < n for s in slots) \
             or len(set(slots)) != len(slots):
         raise ValueError(f"`{CONTROL_KEY}` is inconsistent with num_hidden_layers={n}: layers {layers}, slots {slots}")
+    if not 0.0 <= float(layout["dial"]) <= 1.0:
+        raise ValueError(f"`{CONTROL_KEY}.dial`={layout['dial']!r} must be in [0, 1] (0: the base model, 1: the trained model)")
     return layout
 
 
