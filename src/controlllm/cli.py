@@ -127,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="draw a run's metrics.jsonl as a PNG dashboard (loss, alignment, per-layer w and drift)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder holding metrics.jsonl (the --output of train)")
     p.add_argument("--output", default=None, help="PNG to write (default: RUN_DIR/dashboard.png)")
+
+    p = sub.add_parser("serve-export", help="write a folder `vllm serve` loads with the controlllm plugin: a Control "
+                                            "run served unmerged (both branches and the interpolation), or a plain model")
+    p.add_argument("--model", required=True, help="run folder (Control delta or full weights) or Llama model folder")
+    p.add_argument("--base", default=None, help="base model of a delta (default: from its run_config.json)")
+    p.add_argument("--output", required=True, help="folder to write; then: vllm serve OUTPUT")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="weights' dtype in the folder (default: float32, as loaded)")
     return parser
 
 
@@ -317,6 +325,15 @@ def run(argv: list[str] | None = None) -> int:
         from .plots import plot_run
 
         print(plot_run(args.run_dir, args.output))
+        return 0
+    if args.command == "serve-export":
+        import torch
+
+        from .serving.vllm_export import export_run_for_vllm
+
+        info = export_run_for_vllm(args.model, args.output, base=args.base,
+                                   dtype=getattr(torch, args.dtype) if args.dtype else None)
+        print(json.dumps({**info, "serve": f"vllm serve {args.output}"}, indent=2))
         return 0
     raise AssertionError(args.command)
 
