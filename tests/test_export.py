@@ -385,3 +385,22 @@ def test_llama_cpp_decodes_what_transformers_decodes_on_smollm2(tmp_path, dtype)
             assert divergence_gap(merged, row) <= Q8_0_TIE, row
         else:
             assert row["llama.cpp"] == row["transformers"], row
+
+
+@pytest.mark.parametrize("kind", ["control", "full"])
+def test_a_dialled_run_exports_at_its_dial(tmp_path, runs, kind):
+    """train -> dial -> export: the GGUF file holds the dialled model (Control folded at s w, full
+    fine-tuning's WiSE-FT weights), with the dial's section in its model card."""
+    from controlllm.checkpoints import load_as_base
+    from controlllm.dial import run_dial
+
+    run_dial(runs[kind], tmp_path / "dialled", value=0.5)
+    export_gguf(tmp_path / "dialled", tmp_path / "dialled.gguf")
+    reference, tokenizer, _ = load_as_base(tmp_path / "dialled")
+    trained, _, _ = load_as_base(runs[kind])
+    loaded, _ = load_gguf(tmp_path / "dialled.gguf")
+    assert max_logit_diff(reference.eval(), loaded, tokenizer) <= TOLERANCE["f32"]
+    assert max_logit_diff(trained.eval(), loaded, tokenizer) > 1e-3  # the dial took effect
+    from gguf import GGUFReader
+
+    assert "Retention dial" in GGUFReader(tmp_path / "dialled.gguf").fields["controlllm.model_card"].contents()
