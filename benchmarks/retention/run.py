@@ -618,8 +618,14 @@ def _portable_config(config: dict | None) -> dict | None:
     if not config or not isinstance(config.get("output"), str):
         return config
     runs = os.path.dirname(os.path.dirname(os.path.dirname(config["output"])))
+    # Options TrainConfig gained after a run was made, at their defaults, do not make it another run.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     return {k: os.path.relpath(v, runs) if isinstance(v, str) and v.startswith(runs + os.sep) else v
-            for k, v in config.items()}
+            for k, v in config.items() if k not in LATER_OPTIONS or v != defaults.get(k)}
+
+
+# TrainConfig fields added after the committed runs were made (their defaults change nothing).
+LATER_OPTIONS = ("mix_data", "mix_ratio", "keep_data", "max_kl", "max_keep_increase", "quantize_base")
 
 
 def _write_if_changed(path: str, text: str) -> None:
