@@ -220,8 +220,8 @@ def run(argv: list[str] | None = None) -> int:
         except (ValueError, TypeError) as err:
             raise UsageError(str(err)) from err
         result = train(cfg)
-        dialled = {"dialled": {"output": result.dial and os.path.join(cfg.output, "dialled"),
-                               "value": result.dial["value"]}} if result.dial else {}
+        dialled = {"dialled": {"output": os.path.join(cfg.output, "dialled"), "value": result.dial["value"]}} \
+            if result.dial else {}
         print(json.dumps({"final": result.final, "seconds": round(result.seconds, 1),
                           "trainable_parameters": result.trainable_parameters, **result.metrics, **dialled}, indent=2))
         return 0

@@ -20,6 +20,7 @@ forgetting budget. `controlllm dial` runs the three and writes the dialled model
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -112,7 +113,7 @@ class Dial:
     def _control_weight_ends(self, model: ControlModel) -> None:
         for index, block in model.blocks.items():
             if isinstance(block, StackBlock):
-                start = dict(make_identity(_clone_layer(block.base_layer), type(block.base_layer).__name__)
+                start = dict(make_identity(copy.deepcopy(block.base_layer), type(block.base_layer).__name__)
                              .named_parameters())
             elif model.quantization is not None:  # the copies started from the dequantised weights
                 from .quantize import dequantized_copy
@@ -152,12 +153,6 @@ class Dial:
             ("weights", "weights"): "WiSE-FT: theta_0 + s (theta - theta_0)",
         }[(self.kind, self.mode)]
         return {"kind": self.kind, "mode": self.mode, "value": self.value, "what": what}
-
-
-def _clone_layer(layer: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(layer)
 
 
 # ---------------------------------------------------------------------------------- scoring
@@ -501,9 +496,6 @@ def run_dial(model: str | os.PathLike, output: str | os.PathLike, learn_data: st
             f.write("\n".join(lines) + "\n")
         plot_dial_curve([p.to_dict() for p in points], chosen.value if chosen else None,
                         os.path.join(output, DIAL_PLOT), budget=budget if value is None else None)
-        from .model_card import write_model_card
-
-        write_model_card(output, _run_config(output), None)
     return record
 
 

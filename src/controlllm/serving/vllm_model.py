@@ -55,7 +55,8 @@ class ControlLlamaModel(LlamaModel):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layer_type: type[nn.Module] = LlamaDecoderLayer):
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
         if get_pp_group().world_size > 1:
-            raise NotImplementedError("ControlLlamaForCausalLM does not support pipeline parallelism")
+            raise ValueError(f"ControlLlamaForCausalLM runs on one pipeline stage; got pipeline_parallel_size="
+                             f"{get_pp_group().world_size} (allowed: 1; tensor parallelism is unaffected)")
         config = vllm_config.model_config.hf_config
         layout = _layout(config)
         self.slot_of = dict(zip(layout["expanded_layers"], layout["slots"]))
