@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast test-llamacpp test-serving bench-serving demo bench-retention bench-retention-quick bench-perf bench-perf-quick clean
+.PHONY: setup test test-fast test-llamacpp test-serving bench-serving demo bench-retention bench-retention-quick bench-frontier bench-frontier-quick bench-perf bench-perf-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -72,6 +72,14 @@ bench-retention: $(STAMP)
 
 bench-retention-quick: $(STAMP)
 	$(BIN)/python benchmarks/retention/run.py --quick
+
+# Method + dial frontiers at fair learning rates, cpt and csft, 3 seeds (hours on 2 cores; resumes
+# from the committed per-run records).
+bench-frontier: $(STAMP)
+	$(BIN)/python benchmarks/retention/frontier.py
+
+bench-frontier-quick: $(STAMP)
+	$(BIN)/python benchmarks/retention/frontier.py --quick
 
 bench-perf: $(STAMP)
 	$(BIN)/python benchmarks/perf/run.py

@@ -1,0 +1,471 @@
+"""Analysis and report of the method + dial frontier benchmark (frontier.py).
+
+Rules, stated once (they are repeated in the report):
+- A run's points: the base model (s = 0), the half-way checkpoint, the end (s = 1) and the dial
+  at the end (s in the plan's dial points). A method's frontier is the Pareto envelope of its
+  points (retention_report.pareto_envelope), read at a gain by linear interpolation between the
+  envelope points around it (retention_report.on_envelope).
+- A method's learning rate is the grid rate with the best validation gain at s = 1 (cpt: the lowest
+  Spanish validation bits/char; csft: the highest validation exact match, ties to the lower rate).
+- The reference is full fine-tuning at its chosen rate; the equal-gain levels are 50%, 75% and 90%
+  of its gain at s = 1.
+- Uncertainty: 400 bootstrap resamples of the test items, shared by every run and the base model;
+  the levels move with the reference in each resample. "Tied" with the best row at a level: the
+  paired bootstrap difference is within 2 of its SEs.
+- Seeds: the headline rows at 3 seeds (data order and initialisation); a verdict between two rows
+  holds across seeds when the difference has the same sign at every seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+from retention_report import _atomic_text, _jsonable, _sd, compare, on_envelope, pareto_envelope
+
+LN2 = math.log(2)
+BOOTSTRAP = 400
+LEVELS = (0.5, 0.75, 0.9)
+# The paper's claim, read on the frontier: 90% of full fine-tuning's gain at no more than 25% of its
+# forgetting (KL at s = 1).
+CLAIM_GAIN, CLAIM_LOSS = 0.9, 0.25
+MEASURES = {"kl": "KL(base || model) on English, nats/token", "english": "English bits/char increase"}
+GAIN_LABEL = {"cpt": "Spanish bits/char gain (base - run)", "csft": "arithmetic exact-match gain (run - base)"}
+SETTING = {"cpt": "continued pre-training on Spanish", "csft": "continued SFT on arithmetic (gold answers)"}
+
+
+# ----------------------------------------------------------------------------------- points
+def _arrays(point: dict, experiment: str) -> dict:
+    out = {"en_nll": np.array(point["english"]["nll"]), "en_chars": np.array(point["english"]["chars"], float),
+           "kl": np.array(point["english"]["kl"]), "tokens": np.array(point["english"]["tokens"], float)}
+    if experiment == "cpt":
+        out["sp_nll"] = np.array(point["spanish"]["nll"])
+        out["sp_chars"] = np.array(point["spanish"]["chars"], float)
+    else:
+        out["arith"] = np.array(point["arith"]["correct"], float)
+    return out
+
+
+def _values(a: dict, base: dict, idx: dict, experiment: str) -> dict:
+    """Gain and forgetting of one point for item resamples idx (rows = replicates)."""
+    sk, en = idx["skill"], idx["en"]
+    if experiment == "cpt":
+        gain = (base["sp_nll"][sk].sum(-1) - a["sp_nll"][sk].sum(-1)) / LN2 / base["sp_chars"][sk].sum(-1)
+    else:
+        gain = (a["arith"][sk] - base["arith"][sk]).mean(-1)
+    return {"gain": gain, "kl": a["kl"][en].sum(-1) / a["tokens"][en].sum(-1),
+            "english": (a["en_nll"][en].sum(-1) - base["en_nll"][en].sum(-1)) / LN2 / base["en_chars"][en].sum(-1)}
+
+
+def run_points(run: dict, base_point: dict) -> list[dict]:
+    """The run's points: the base (s = 0), its checkpoints and its dial points, labelled."""
+    last = run["checkpoints"][-1]["step"]
+    out = [dict(base_point, label="base", kind="base")]
+    for c in run["checkpoints"]:
+        out.append(dict(c, label="end" if c["step"] == last else f"step {c['step']}", kind="trajectory"))
+    for d in run.get("dial", []):
+        out.append(dict(d, label=f"s {d['value']:g}", kind="dial"))
+    return out
+
+
+def validation_gain(experiment: str, run: dict) -> float:
+    """The new skill on validation at s = 1 (higher is better)."""
+    end = run["checkpoints"][-1]
+    return -end["spanish_val"]["bpc"] if experiment == "cpt" else end["arith_val"]["exact_match"]
+
+
+def grid_runs(family: str, runs: dict) -> dict:
+    """The family's grid runs at the first seed, without mixed data: {lr: run}."""
+    return {r["lr"]: r for n, r in runs.items() if r.get("family") == family and n.startswith(f"{family}@")
+            and "-seed" not in n and not r.get("mix") and not r.get("failed") and n.split("@")[1][0].isdigit()}
+
+
+def chosen_rate(experiment: str, family: str, rates, runs: dict) -> float | None:
+    """The grid rate with the best validation gain at s = 1 (ties: the lower rate); None until every
+    rate of the grid has finished."""
+    grid = grid_runs(family, runs)
+    if any(lr not in grid for lr in rates):
+        return None
+    return max(sorted(rates), key=lambda lr: (validation_gain(experiment, grid[lr]), -lr))
+
+
+# --------------------------------------------------------------------------------- analysis
+class Curves:
+    """Every run's points as estimates and bootstrap replicates, sharing one item resampling."""
+
+    def __init__(self, experiment: str, base: dict, runs: dict, seed: int = 0):
+        self.experiment = experiment
+        base_point = base[experiment]
+        self.base = _arrays(base_point, experiment)
+        n_sk = len(self.base["sp_nll"] if experiment == "cpt" else self.base["arith"])
+        n_en = len(self.base["en_nll"])
+        rng = np.random.default_rng(seed)
+        identity = {"skill": np.arange(n_sk)[None], "en": np.arange(n_en)[None]}
+        boot = {"skill": rng.integers(0, n_sk, (BOOTSTRAP, n_sk)), "en": rng.integers(0, n_en, (BOOTSTRAP, n_en))}
+        self.points, self.est, self.reps = {}, {}, {}
+        for name, run in runs.items():
+            if run.get("failed"):
+                continue
+            pts = run_points(run, base_point)
+            est = {k: [] for k in ("gain", *MEASURES)}
+            reps = {k: [] for k in est}
+            for p in pts:
+                arr = _arrays(p, experiment)
+                v, b = _values(arr, self.base, identity, experiment), _values(arr, self.base, boot, experiment)
+                for k in est:
+                    est[k].append(float(v[k][0]))
+                    reps[k].append(b[k])
+            self.est[name] = {k: np.array(v) for k, v in est.items()}
+            self.reps[name] = {k: np.stack(v, 1) for k, v in reps.items()}  # (B, points)
+            self.points[name] = [{"label": p["label"], "kind": p["kind"], **{k: self.est[name][k][i] for k in est},
+                                  **{f"{k}_se": float(self.reps[name][k][:, i].std(ddof=1)) for k in est}}
+                                 for i, p in enumerate(pts)]
+
+    def end(self, name: str, key: str, reps: bool = False):
+        """The value at s = 1 (the run's end point)."""
+        i = [p["label"] for p in self.points[name]].index("end")
+        return self.reps[name][key][:, i] if reps else float(self.est[name][key][i])
+
+    def read(self, name: str, measure: str, level: float, levels_b: np.ndarray) -> tuple[float | None, np.ndarray]:
+        """Forgetting on the run's frontier at gain `level` (and per replicate at `levels_b`)."""
+        est = on_envelope(self.est[name]["gain"], self.est[name][measure], level)
+        b = [on_envelope(g, v, float(lv)) for g, v, lv in zip(self.reps[name]["gain"], self.reps[name][measure], levels_b)]
+        return est, np.array([np.nan if x is None else x for x in b], float)
+
+
+def _se(x: np.ndarray) -> float | None:
+    ok = x[~np.isnan(x)]
+    return _sd(list(ok)) if len(ok) > 1 and len(ok) >= 0.8 * len(x) else None
+
+
+def rows_of(experiment: str, runs: dict, families) -> dict:
+    """The frontier rows: each family at its chosen rate (seed 42), gentle full fine-tuning (its
+    lowest rate) and the mixed-data rows; {row: run name}."""
+    out = {}
+    for family, (_, rates) in families.items():
+        lr = chosen_rate(experiment, family, rates, runs)
+        if lr is None:
+            continue
+        out[family] = f"{family}@{lr:g}"
+        if family == "full" and min(rates) != lr:
+            out["full-gentle"] = f"full@{min(rates):g}"
+        if f"{family}@chosen-mix" in runs and not runs[f"{family}@chosen-mix"].get("failed"):
+            out[f"{family} + mix"] = f"{family}@chosen-mix"
+    return out
+
+
+def analyse(experiment: str, base: dict, runs: dict, families, seeds) -> dict | None:
+    """The grid table, the frontier rows at equal gain, the seed table and the verdict of one setting."""
+    ok = {n: r for n, r in runs.items() if not r.get("failed")}
+    curves = Curves(experiment, base, ok)
+    grid = []
+    for family, (_, rates) in families.items():
+        chosen = chosen_rate(experiment, family, rates, ok)
+        for lr, run in sorted(grid_runs(family, ok).items()):
+            name = f"{family}@{lr:g}"
+            grid.append({"family": family, "lr": lr, "run": name, "chosen": lr == chosen,
+                         "val_gain": validation_gain(experiment, run), **end_summary(experiment, base, curves, run, name)})
+    rows = rows_of(experiment, ok, families)
+    out = {"grid": grid, "rows": rows, "points": curves.points, "levels": [], "equal_gain": {}, "seeds": {},
+           "failed": sorted(n for n, r in runs.items() if r.get("failed"))}
+    if "full" not in rows:
+        return out
+    ref = rows["full"]
+    ref_gain, ref_gain_b = curves.end(ref, "gain"), curves.end(ref, "gain", reps=True)
+    if ref_gain <= 0:  # nothing learned: no gain levels to compare at
+        out["reference"] = {"run": ref, "gain": ref_gain, "kl": curves.end(ref, "kl")}
+        return out
+    ref_kl, ref_kl_b = curves.end(ref, "kl"), curves.end(ref, "kl", reps=True)
+    out["reference"] = {"run": ref, "gain": ref_gain, "kl": ref_kl}
+    for frac in LEVELS:
+        level, levels_b = frac * ref_gain, frac * ref_gain_b
+        out["levels"].append(level)
+        reads = {(row, m): curves.read(name, m, level, levels_b) for row, name in rows.items() for m in MEASURES}
+        table = {}
+        for m in MEASURES:
+            reached = {row: reads[(row, m)] for row in rows if reads[(row, m)][0] is not None}
+            best = min(reached, key=lambda r: reached[r][0]) if reached else None
+            for row in rows:
+                est, b = reads[(row, m)]
+                cell = table.setdefault(row, {})
+                cell[m] = est
+                cell[f"{m}_se"] = _se(b) if est is not None else None
+                if est is None or best is None:
+                    continue
+                if row == best:
+                    cell[f"{m}_vs_best"] = "best"
+                    continue
+                diff = b - reached[best][1]
+                ok_b = ~np.isnan(diff)
+                se = _sd(list(diff[ok_b])) if ok_b.sum() > 1 else None
+                cell[f"{m}_diff_best"] = est - reached[best][0]
+                cell[f"{m}_diff_best_se"] = se
+                cell[f"{m}_vs_best"] = compare(est - reached[best][0], se)
+            if best is not None:
+                table.setdefault("_best", {})[m] = best
+        kl_ratio = {row: (table[row]["kl"] / ref_kl if table[row]["kl"] is not None and ref_kl > 0 else None)
+                    for row in rows}
+        for row in rows:
+            table[row]["kl_ratio"] = kl_ratio[row]
+        out["equal_gain"][f"{frac:g}"] = table
+    out["claim"] = {row: {"kl_ratio_at_90": out["equal_gain"]["0.9"][row]["kl_ratio"],
+                          "meets": (out["equal_gain"]["0.9"][row]["kl_ratio"] is not None
+                                    and out["equal_gain"]["0.9"][row]["kl_ratio"] <= CLAIM_LOSS)}
+                    for row in rows}
+    out["any_rate"] = any_rate(curves, ok, families, out["levels"])
+    out["seeds"] = seed_table(experiment, curves, ok, rows, families, seeds, out["levels"])
+    return out
+
+
+def end_summary(experiment: str, base: dict, curves: Curves, run: dict, name: str) -> dict:
+    """A run at s = 1: gain, KL, English and the MC change, with SEs."""
+    out = {k: curves.end(name, k) for k in ("gain", *MEASURES)}
+    out.update({f"{k}_se": float(curves.end(name, k, reps=True).std(ddof=1)) for k in ("gain", *MEASURES)})
+    mc = run["checkpoints"][-1].get("mc")
+    if mc and base.get("mc"):
+        b = base["mc"]["mc"] if "mc" in base["mc"] else base["mc"]
+        changes = [np.mean(mc[t]["correct"]) - np.mean(b[t]["correct"]) for t in mc if t in b]
+        out["mc_change"] = float(np.mean(changes)) if changes else None
+    out["train_seconds"] = run.get("train_seconds")
+    return out
+
+
+def any_rate(curves: Curves, runs: dict, families, levels) -> dict:
+    """KL at each level on the envelope of all of a family's grid points (an oracle learning rate)."""
+    out = {}
+    for family in families:
+        names = [f"{family}@{lr:g}" for lr in grid_runs(family, runs)]
+        if not names:
+            continue
+        g = np.concatenate([curves.est[n]["gain"] for n in names])
+        v = np.concatenate([curves.est[n]["kl"] for n in names])
+        out[family] = {"runs": len(names), "kl": [on_envelope(g, v, lv) for lv in levels]}
+    return out
+
+
+def seed_table(experiment: str, curves: Curves, runs: dict, rows: dict, families, seeds, levels) -> dict:
+    """KL at each level per seed for the rows run at several seeds; mean and spread across seeds; for
+    each pair of seeded rows whether the sign of their difference is the same at every seed."""
+    from frontier import SEEDED
+
+    seeded = {}
+    for row in SEEDED:
+        family = best_control(experiment, None, runs, None, curves=curves, rows=rows, families=families) \
+            if row == "control-best" else ("full" if row == "full-gentle" else row)
+        if family is None or row not in rows and row != "control-best":
+            continue
+        first = rows.get(row) if row != "control-best" else rows.get(family)
+        tag = "lowest" if row == "full-gentle" else "chosen"
+        job_family = "control-best" if row == "control-best" else family
+        names = [first] + [f"{job_family}@{tag}-seed{s}" for s in seeds[1:]]
+        label = f"{row} ({family})" if row == "control-best" else row
+        per = {}
+        for seed, name in zip(seeds, names):
+            if name in curves.est:
+                per[seed] = [on_envelope(curves.est[name]["gain"], curves.est[name]["kl"], lv) for lv in levels]
+        seeded[label] = per
+    out = {"rows": {}, "pairs": []}
+    for label, per in seeded.items():
+        vals = np.array([[np.nan if x is None else x for x in v] for v in per.values()], float)
+        out["rows"][label] = {"seeds": sorted(per), "kl": {str(s): v for s, v in per.items()},
+                              "mean": [None if np.isnan(c).all() else float(np.nanmean(c)) for c in vals.T] if len(vals) else [],
+                              "sd": [None if (~np.isnan(c)).sum() < 2 else float(np.nanstd(c, ddof=1)) for c in vals.T]
+                              if len(vals) else []}
+    labels = list(seeded)
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            common = sorted(set(seeded[a]) & set(seeded[b]))
+            if len(common) < 2:
+                continue
+            for k, lv in enumerate(levels):
+                d = [seeded[a][s][k] - seeded[b][s][k] for s in common
+                     if seeded[a][s][k] is not None and seeded[b][s][k] is not None]
+                if len(d) == len(common):
+                    out["pairs"].append({"a": a, "b": b, "level": lv, "seeds": len(common), "diffs": d,
+                                         "holds": "a below" if all(x < 0 for x in d) else
+                                         "a above" if all(x > 0 for x in d) else "mixed"})
+    return out
+
+
+def best_control(experiment: str, base: dict | None, runs: dict, settings, curves: Curves | None = None,
+                 rows: dict | None = None, families=None) -> str | None:
+    """The Control family whose chosen-rate run has the least KL at 75% of full fine-tuning's gain on
+    its frontier (chosen on the test frontier: the choice favours Control); None until full
+    fine-tuning's and every Control family's grids are finished."""
+    families = families if families is not None else settings.families
+    ok = {n: r for n, r in runs.items() if not r.get("failed")}
+    rows = rows if rows is not None else rows_of(experiment, ok, families)
+    controls = [f for f in families if families[f][0].get("method") == "control"]
+    if "full" not in rows or any(f not in rows for f in controls) or not controls:
+        return None
+    curves = curves or Curves(experiment, base, {n: ok[n] for n in set(rows.values())})
+    level_b = 0.75 * curves.end(rows["full"], "gain", reps=True)
+    level = 0.75 * curves.end(rows["full"], "gain")
+    reads = {f: curves.read(rows[f], "kl", level, level_b)[0] for f in controls}
+    return min(controls, key=lambda f: (reads[f] is None, reads[f] if reads[f] is not None else 0.0, controls.index(f)))
+
+
+# ----------------------------------------------------------------------------------- output
+def headline(experiment: str, base: dict, run: dict) -> str:
+    end = run["checkpoints"][-1]
+    if experiment == "cpt":
+        skill = f"Spanish bpc {base['cpt']['spanish']['bpc']:.3f} -> {end['spanish']['bpc']:.3f}" if "cpt" in base \
+            else f"Spanish bpc {end['spanish']['bpc']:.3f}"
+    else:
+        skill = f"exact match {end['arith']['exact_match']:.3f}"
+    return f"{skill}, KL {end['english']['kl_mean']:.4f}"
+
+
+def rules() -> str:
+    """The rules of this module's docstring, as a markdown list."""
+    text = __doc__.split("(they are repeated in the report):\n", 1)[1]
+    return "\n".join(line[2:] if line.startswith("  ") else line for line in text.strip().splitlines())
+
+
+def _f(x, fmt="{:.4f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def _pm(x, se, fmt="{:.4f}"):
+    return "-" if x is None else fmt.format(x) + ("" if se is None else f" ± {fmt.format(se)}")
+
+
+def markdown(an_all: dict, settings, base: dict, command: str, done: int, total: int) -> str:
+    lines = ["# Method + dial frontiers (SmolLM2-135M-Instruct)", "",
+             f"Command: `{command}` ({done} of {total} planned runs finished"
+             f"{'' if done < total else ', the plan is complete'}). Per-run records: "
+             "`benchmarks/results/retention_runs/frontier/`; this file, the JSON and the plots are regenerated "
+             "from them by `--report-only`.", "",
+             f"Training: cpt {settings.cpt_steps} steps x {settings.cpt_batch} x {settings.cpt_seq} tokens of Spanish; "
+             f"csft {settings.sft_steps} steps x {settings.sft_batch} arithmetic word problems; float32, one thread "
+             f"per run. Test: {settings.spanish_test} Spanish texts, {settings.arith_test} arithmetic items (exact "
+             f"match), {settings.english_texts} English texts (KL, bits/char), {settings.mc_items} items each of "
+             "ARC-Easy, PIQA, HellaSwag at s = 1. Dial points: s = " + ", ".join(f"{s:g}" for s in settings.dial_points)
+             + ".", "",
+             "Rules:", "", rules(), ""]
+    for experiment, an in an_all.items():
+        lines += [f"## {experiment}: {SETTING[experiment]}", ""]
+        b = base[experiment]
+        skill = (f"Spanish test {b['spanish']['bpc']:.3f} bits/char" if experiment == "cpt"
+                 else f"arithmetic exact match {b['arith']['exact_match']:.3f}")
+        lines += [f"Base model: {skill}.", "", "### Learning-rate grids (s = 1; chosen on validation)", "",
+                  "| family | lr | validation | gain | KL | English bpc Δ | MC acc Δ | train s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for g in an["grid"]:
+            val = f"{-g['val_gain']:.4f} bpc" if experiment == "cpt" else f"{g['val_gain']:.3f} EM"
+            lines.append(f"| {g['family']} | {g['lr']:g}{' **chosen**' if g['chosen'] else ''} | {val} | "
+                         f"{_pm(g['gain'], g['gain_se'], '{:.3f}')} | {_pm(g['kl'], g['kl_se'])} | "
+                         f"{_pm(g['english'], g['english_se'])} | {_f(g.get('mc_change'), '{:+.3f}')} | "
+                         f"{_f(g.get('train_seconds'), '{:.0f}')} |")
+        if not an.get("levels"):
+            why = (f"full fine-tuning at its chosen rate ({an['reference']['run']}) gained nothing"
+                   if an.get("reference") else "full fine-tuning's grid is not finished")
+            lines += ["", f"No equal-gain comparison: {why}.", ""]
+            continue
+        ref = an["reference"]
+        lines += ["", f"### Frontiers at equal gain (reference: {ref['run']}, gain {ref['gain']:.3f}, KL {ref['kl']:.4f} "
+                  "at s = 1)", "",
+                  "KL on each row's frontier (trajectory + dial) at a share of the reference's gain; ± bootstrap SE; "
+                  "'tied' / 'above': against the row with the least KL at that level (paired bootstrap, 2 SEs); "
+                  "ratio: KL / the reference's KL at s = 1 (the paper's claim: <= 0.25 at 90% of the gain).", "",
+                  "| row | run | " + " | ".join(f"KL @ {int(f * 100)}% ({lv:.3f})" for f, lv in zip(LEVELS, an["levels"]))
+                  + " | ratio @ 90% | English Δ @ 75% |", "|---|---|" + "---|" * len(LEVELS) + "---|---|"]
+        for row, name in an["rows"].items():
+            cells = []
+            for f in LEVELS:
+                c = an["equal_gain"][f"{f:g}"][row]
+                tag = c.get("kl_vs_best")
+                cells.append("not reached" if c["kl"] is None else
+                             f"{_pm(c['kl'], c['kl_se'])}{' **best**' if tag == 'best' else f' ({tag})' if tag else ''}")
+            c90, c75 = an["equal_gain"]["0.9"][row], an["equal_gain"]["0.75"][row]
+            lines.append(f"| {row} | {name} | " + " | ".join(cells) + f" | {_f(c90['kl_ratio'], '{:.2f}')} | "
+                         f"{_pm(c75['english'], c75['english_se'])} |")
+        if an.get("any_rate"):
+            lines += ["", "Any rate (the envelope of every grid rate's points, an oracle choice of rate): KL at "
+                      + ", ".join(f"{int(f * 100)}%" for f in LEVELS) + ": "
+                      + "; ".join(f"{fam} " + " / ".join(_f(x) for x in v["kl"]) for fam, v in an["any_rate"].items())
+                      + "."]
+        seeds = an.get("seeds", {})
+        if seeds.get("rows"):
+            lines += ["", "### Seeds (KL on the frontier per seed; mean ± sd across seeds)", "",
+                      "| row | seeds | " + " | ".join(f"KL @ {int(f * 100)}%" for f in LEVELS)
+                      + " | item SE @ 75% (seed 42) |", "|---|---|" + "---|" * len(LEVELS) + "---|"]
+            for label, r in seeds["rows"].items():
+                cells = [(_f(m) + ("" if sd is None else f" ± {sd:.4f}")) if m is not None else "-"
+                         for m, sd in zip(r["mean"] or [None] * len(LEVELS), r["sd"] or [None] * len(LEVELS))]
+                row = label.split(" (")[1][:-1] if label.startswith("control-best (") else label
+                item_se = an["equal_gain"]["0.75"].get(row, {}).get("kl_se")
+                lines.append(f"| {label} | {', '.join(map(str, r['seeds']))} | " + " | ".join(cells)
+                             + f" | {_f(item_se)} |")
+            if seeds["pairs"]:
+                lines += ["", "Across seeds, the sign of each pair's KL difference at the three levels "
+                          "(below / above: the same at every seed; mixed: not):"]
+                pairs = {}
+                for p in seeds["pairs"]:
+                    pairs.setdefault((p["a"], p["b"]), []).append(p["holds"].replace("a ", ""))
+                lines += [f"- {a} vs {b}: {' / '.join(h)}" for (a, b), h in pairs.items()]
+        lines += ["", f"![{experiment}](retention_frontier_{experiment}.png)", ""]
+        if an["failed"]:
+            lines += [f"Failed runs: {', '.join(an['failed'])}.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: str, experiment: str, an: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    rows = an["rows"] or {g["family"]: g["run"] for g in an["grid"]}
+    for ax, (m, label) in zip(axes, MEASURES.items()):
+        for k, (row, name) in enumerate(rows.items()):
+            pts = an["points"].get(name)
+            if not pts:
+                continue
+            colour = colours[k % len(colours)]
+            env = pareto_envelope([p["gain"] for p in pts], [p[m] for p in pts])
+            ax.plot([g for g, _ in env], [v for _, v in env], "-", color=colour, lw=1.4, label=f"{row} ({name.split('@')[1]})")
+            for kind, marker in (("trajectory", "o"), ("dial", "x")):
+                sel = [p for p in pts if p["kind"] == kind]
+                ax.plot([p["gain"] for p in sel], [p[m] for p in sel], marker, color=colour, ms=5, ls="none")
+        for lv in an.get("levels", []):
+            ax.axvline(lv, color="grey", lw=0.5, ls=":")
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_xlabel(GAIN_LABEL[experiment], fontsize=9)
+        ax.set_ylabel(label, fontsize=9)
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"{experiment}: {SETTING[experiment]}. Lines: each method's frontier at its validation-chosen rate "
+                 "(o: checkpoints, x: dial points); dotted: 50/75/90% of full fine-tuning's gain", fontsize=9)
+    fig.tight_layout()
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write(results_dir: str, settings, base: dict, collected: dict, command: str, records: str,
+          progress: tuple[int, int]) -> None:
+    """retention_frontier.{md,json} and one PNG per setting from the finished runs, and the base
+    model's scores next to the per-run records (so `--report-only` needs the records only)."""
+    if not base or "mc" not in base:
+        return
+    os.makedirs(records, exist_ok=True)
+    _atomic_text(os.path.join(records, "base.json"), json.dumps(base))
+    analyses = {e: analyse(e, base, runs, settings.families, settings.seeds)
+                for e, runs in collected.items() if e in base and runs}
+    if not analyses:
+        return
+    done, planned = progress
+    payload = {"command": command, "finished_runs": done, "planned_runs": planned, "levels": list(LEVELS),
+               "analysis": _jsonable(analyses)}
+    _atomic_text(os.path.join(results_dir, "retention_frontier.json"), json.dumps(payload, indent=1))
+    _atomic_text(os.path.join(results_dir, "retention_frontier.md"),
+                 markdown(analyses, settings, base, command, done, planned))
+    for experiment, an in analyses.items():
+        plot(os.path.join(results_dir, f"retention_frontier_{experiment}.png"), experiment, an)
+

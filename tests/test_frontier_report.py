@@ -1,0 +1,155 @@
+"""The frontier benchmark's analysis (benchmarks/retention/frontier_report.py): the learning rate
+chosen on validation only, each row read on the Pareto envelope of its trajectory and dial points,
+the equal-gain levels from the reference, the Control family picked for the seed rows, the verdict
+across seeds; and `frontier.py --report-only` regenerating the committed results byte for byte."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks", "retention"))
+report = pytest.importorskip("frontier_report")
+
+N = 10  # items per probe
+TOKENS = 20  # tokens per English text
+CHARS = 100  # characters per Spanish text
+FAMILIES = {"full": ({"method": "full"}, (1e-4, 3e-4)),
+            "control-a": ({"method": "control"}, (1e-4, 1e-3)),
+            "control-b": ({"method": "control"}, (1e-3,))}
+
+
+def _point(gain_nats, kl, val_bpc=2.0, en=80.0):
+    """A scored model: Spanish texts gaining `gain_nats` nats each over the base, KL per token `kl`."""
+    return {"spanish": {"nll": [100.0 - gain_nats] * N, "chars": [CHARS] * N, "bpc": (100.0 - gain_nats) / math.log(2) / CHARS},
+            "spanish_val": {"bpc": val_bpc},
+            "english": {"nll": [en] * N, "chars": [100] * N, "kl": [kl * TOKENS] * N, "tokens": [TOKENS] * N,
+                        "kl_mean": kl, "bpc": 0.0}}
+
+
+BASE = {"cpt": _point(0.0, 0.0)}
+
+
+def _run(family, lr, end, half=None, dial=(), val_bpc=2.0, seed=42, name=None):
+    """end/half: (gain nats, KL); dial: (s, gain nats, KL)."""
+    half = half or (end[0] / 2, end[1] / 4)
+    return {"experiment": "cpt", "variant": name or f"{family}@{lr:g}", "family": family, "lr": lr, "seed": seed,
+            "mix": False, "checkpoints": [{"step": 5, **_point(*half)}, {"step": 10, **_point(*end, val_bpc=val_bpc)}],
+            "dial": [{"value": s, "step": 10, **_point(g, kl)} for s, g, kl in dial]}
+
+
+def _gain(nats):
+    return nats / math.log(2) / CHARS
+
+
+def _runs(**extra):
+    runs = {
+        "full@0.0001": _run("full", 1e-4, (10.0, 0.10), val_bpc=2.1),
+        "full@0.0003": _run("full", 3e-4, (20.0, 0.40), dial=[(0.5, 12.0, 0.05)], val_bpc=2.0),
+        "control-a@0.0001": _run("control-a", 1e-4, (8.0, 0.02), val_bpc=2.3),
+        "control-a@0.001": _run("control-a", 1e-3, (16.0, 0.30), dial=[(0.5, 10.0, 0.04)], val_bpc=2.2),
+        "control-b@0.001": _run("control-b", 1e-3, (18.0, 0.35), dial=[(0.5, 15.0, 0.20)], val_bpc=2.1),
+    }
+    runs.update(extra)
+    for name, run in runs.items():
+        run["variant"] = name
+    return runs
+
+
+def test_the_rate_is_chosen_on_validation_only_and_waits_for_the_whole_grid():
+    runs = _runs()
+    assert report.chosen_rate("cpt", "full", (1e-4, 3e-4), runs) == 3e-4  # lower validation bpc, whatever its KL
+    assert report.chosen_rate("cpt", "full", (1e-4, 3e-4, 1e-3), runs) is None  # 1e-3 not run yet
+    runs["full@0.0001"]["checkpoints"][-1]["spanish_val"]["bpc"] = 2.0  # a tie goes to the lower rate
+    assert report.chosen_rate("cpt", "full", (1e-4, 3e-4), runs) == 1e-4
+
+
+def test_seed_and_mixed_runs_are_not_grid_points():
+    runs = _runs(**{"full@chosen-seed1": _run("full", 3e-4, (1.0, 0.0), val_bpc=0.1, seed=1)})
+    runs["full@chosen-mix"] = dict(_run("full", 3e-4, (1.0, 0.0), val_bpc=0.1), mix=True)
+    assert sorted(report.grid_runs("full", runs)) == [1e-4, 3e-4]
+
+
+def test_rows_are_read_on_the_envelope_of_their_trajectory_and_dial_at_shares_of_the_reference_gain():
+    an = report.analyse("cpt", BASE, _runs(), FAMILIES, (42,))
+    assert an["rows"] == {"full": "full@0.0003", "full-gentle": "full@0.0001", "control-a": "control-a@0.001",
+                          "control-b": "control-b@0.001"}
+    ref = _gain(20.0)
+    assert an["levels"] == pytest.approx([0.5 * ref, 0.75 * ref, 0.9 * ref])
+    at50 = an["equal_gain"]["0.5"]
+    # full@3e-4's envelope: (0, 0), half (10 nats, 0.1), dial (12, 0.05), end (20, 0.4): the half-way
+    # point is dominated by the dial point, so 10 nats is read between (0, 0) and (12, 0.05)
+    assert at50["full"]["kl"] == pytest.approx(0.05 * 10 / 12)
+    # control-a@1e-3: half (8, 0.075), dial (10, 0.04), end (16, 0.3): 10 nats is the dial point
+    assert at50["control-a"]["kl"] == pytest.approx(0.04)
+    assert at50["control-a"]["kl_vs_best"] == "best"
+    assert at50["full"]["kl_vs_best"] == "above"  # every item moves alike: the SEs are 0
+    # 90% = 18 nats: control-a's best gain is 16 nats, not reached
+    assert an["equal_gain"]["0.9"]["control-a"]["kl"] is None
+    assert an["equal_gain"]["0.9"]["control-b"]["kl"] == pytest.approx(0.35)
+    assert an["claim"]["control-b"]["kl_ratio_at_90"] == pytest.approx(0.35 / 0.40)
+    assert not an["claim"]["control-b"]["meets"]
+
+
+def test_no_levels_before_full_fine_tuning_has_its_grid_or_when_it_gained_nothing():
+    runs = _runs()
+    del runs["full@0.0001"]
+    assert report.analyse("cpt", BASE, runs, FAMILIES, (42,))["levels"] == []
+    flat = _runs()
+    for name in ("full@0.0001", "full@0.0003"):
+        flat[name] = _run("full", flat[name]["lr"], (0.0, 0.1), val_bpc=flat[name]["checkpoints"][-1]["spanish_val"]["bpc"])
+    an = report.analyse("cpt", BASE, flat, FAMILIES, (42,))
+    assert an["levels"] == [] and an["reference"]["gain"] == 0.0
+
+
+def test_best_control_is_the_least_kl_at_three_quarters_of_the_reference_gain():
+    runs = _runs()
+    # 75% of 20 nats = 15 nats: control-a reaches 16 nats at 0.3 (interpolated 0.04 -> 0.3 between 10 and 16
+    # nats: 0.2567), control-b has a dial point at 15 nats, KL 0.2
+    assert report.best_control("cpt", BASE, runs, None, families=FAMILIES) == "control-b"
+    del runs["control-a@0.0001"]
+    assert report.best_control("cpt", BASE, runs, None, families=FAMILIES) is None  # a grid is unfinished
+
+
+def test_a_verdict_across_seeds_needs_the_same_sign_at_every_seed():
+    fam = {"full": FAMILIES["full"], "lora-r16": ({"method": "lora"}, (1e-3,))}
+    runs = {"full@0.0001": _run("full", 1e-4, (10.0, 0.10), val_bpc=2.1),
+            "full@0.0003": _run("full", 3e-4, (20.0, 0.40), val_bpc=2.0),
+            "full@chosen-seed1": _run("full", 3e-4, (20.0, 0.30), seed=1),
+            "lora-r16@0.001": _run("lora-r16", 1e-3, (20.0, 0.50)),
+            "lora-r16@chosen-seed1": _run("lora-r16", 1e-3, (20.0, 0.20), seed=1)}
+    an = report.analyse("cpt", BASE, runs, fam, (42, 1))
+    seeds = an["seeds"]
+    assert seeds["rows"]["full"]["seeds"] == [1, 42] and seeds["rows"]["lora-r16"]["seeds"] == [1, 42]
+    pair = [p for p in seeds["pairs"] if {p["a"], p["b"]} == {"full", "lora-r16"}]
+    # seed 42: full below LoRA at every level; seed 1: above
+    assert pair and all(p["holds"] == "mixed" for p in pair)
+    runs["lora-r16@chosen-seed1"] = _run("lora-r16", 1e-3, (20.0, 0.60), seed=1)
+    an = report.analyse("cpt", BASE, runs, fam, (42, 1))
+    pair = [p for p in an["seeds"]["pairs"] if {p["a"], p["b"]} == {"full", "lora-r16"}]
+    assert all(p["holds"] == ("a below" if p["a"] == "full" else "a above") for p in pair)
+
+
+COMMITTED = os.path.join(ROOT, "benchmarks", "results", "retention_runs", "frontier")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(COMMITTED, "base.json")), reason="no committed frontier records")
+def test_report_only_regenerates_the_committed_frontier_results_from_the_records(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(COMMITTED, results / "retention_runs" / "frontier")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "retention", "frontier.py"), "--report-only",
+                          "--runs", str(tmp_path / "runs"), "--results", str(results)],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in ("retention_frontier.md", "retention_frontier.json"):
+        with open(os.path.join(ROOT, "benchmarks", "results", name), encoding="utf-8") as f:
+            committed = f.read()
+        assert (results / name).read_text(encoding="utf-8") == committed, name
+    assert json.loads((results / "retention_frontier.json").read_text())["finished_runs"] > 0
