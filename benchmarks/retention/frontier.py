@@ -15,11 +15,12 @@ Forgetting, both: KL to the base model and bits/char on held-out English; multip
 PIQA, HellaSwag) at the end of each run.
 
 Rows: every method's grid (full 3e-5/1e-4/3e-4, LoRA, freeze-8, stack-8, three Control presets on 8
-copies from the authors' 5e-5 up) at seed 42 in both settings; then the headline rows at seeds 1 and 2 (full at its
-chosen rate, gentle full = its lowest rate, LoRA and the best Control at their chosen rates); then
-in cpt each method at its chosen rate with 10% general English mixed in (`TrainConfig.mix_data`).
+copies from the authors' 5e-5 up) at seed 42, each setting's grids followed by its headline rows at
+seeds 1 and 2 (full at its chosen rate, gentle full = its lowest rate, LoRA and the best Control at
+their chosen rates); then in cpt each method at its chosen rate with 10% general English mixed in
+(`TrainConfig.mix_data`).
 
-    .venv/bin/python benchmarks/retention/frontier.py                # the plan; resumes; ~9 min per run per worker
+    .venv/bin/python benchmarks/retention/frontier.py                # the plan; resumes; ~10 min per run per worker
     .venv/bin/python benchmarks/retention/frontier.py --estimate     # list the jobs and what is finished
     .venv/bin/python benchmarks/retention/frontier.py --report-only  # rewrite the report from the records
     .venv/bin/python benchmarks/retention/frontier.py --quick        # smoke run of every code path
@@ -141,11 +142,12 @@ PLANS = {"frontier": lambda: Settings(plan="frontier"), "frontier-quick": quick_
 
 
 def jobs(s: Settings) -> list[Job]:
-    """The plan's jobs in the order they start: every grid in cpt, then in csft (the families in
-    FAMILIES' order), the seeds of both, then the mixed-data rows."""
-    out = [Job(experiment, fam, f"{lr:g}") for experiment in EXPERIMENTS
-           for fam, (_, rates) in s.families.items() for lr in rates]
+    """The plan's jobs in the order they start: per setting (cpt first) every grid (the families in
+    FAMILIES' order), then that setting's seed rows, so that one setting's verdict across seeds comes
+    before the next setting starts; then the mixed-data rows."""
+    out = []
     for experiment in EXPERIMENTS:
+        out += [Job(experiment, fam, f"{lr:g}") for fam, (_, rates) in s.families.items() for lr in rates]
         for seed in s.seeds[1:]:
             for row in SEEDED:
                 if row == "full-gentle":

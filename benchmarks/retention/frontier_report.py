@@ -11,7 +11,8 @@ Rules, stated once (they are repeated in the report):
   of its gain at s = 1.
 - Uncertainty: 400 bootstrap resamples of the test items, shared by every run and the base model;
   the levels move with the reference in each resample. "Tied" with the best row at a level: the
-  paired bootstrap difference is within 2 of its SEs.
+  paired bootstrap difference is within 2 of its SEs; "uncertain": the two rows reach the level
+  together in fewer than 80% of the resamples (no SE, no verdict).
 - Seeds: the headline rows at 3 seeds (data order and initialisation); a verdict between two rows
   holds across seeds when the difference has the same sign at every seed.
 """
@@ -29,6 +30,7 @@ from retention_report import _atomic_text, _jsonable, _sd, compare, on_envelope,
 LN2 = math.log(2)
 BOOTSTRAP = 400
 LEVELS = (0.5, 0.75, 0.9)
+MIN_REACHED = 0.8  # share of resamples in which a row must reach a level for an SE and a verdict
 # The paper's claim, read on the frontier: 90% of full fine-tuning's gain at no more than 25% of its
 # forgetting (KL at s = 1).
 CLAIM_GAIN, CLAIM_LOSS = 0.9, 0.25
@@ -137,8 +139,9 @@ class Curves:
 
 
 def _se(x: np.ndarray) -> float | None:
+    """SE over the resamples that reach the level; None when fewer than MIN_REACHED of them do."""
     ok = x[~np.isnan(x)]
-    return _sd(list(ok)) if len(ok) > 1 and len(ok) >= 0.8 * len(x) else None
+    return _sd(list(ok)) if len(ok) > 1 and len(ok) >= MIN_REACHED * len(x) else None
 
 
 def rows_of(experiment: str, runs: dict, families) -> dict:
@@ -200,10 +203,11 @@ def analyse(experiment: str, base: dict, runs: dict, families, seeds) -> dict | 
                     continue
                 diff = b - reached[best][1]
                 ok_b = ~np.isnan(diff)
-                se = _sd(list(diff[ok_b])) if ok_b.sum() > 1 else None
+                se = _sd(list(diff[ok_b])) if ok_b.mean() >= MIN_REACHED else None
                 cell[f"{m}_diff_best"] = est - reached[best][0]
                 cell[f"{m}_diff_best_se"] = se
-                cell[f"{m}_vs_best"] = compare(est - reached[best][0], se)
+                # no verdict where the two rows reach the level together in too few resamples
+                cell[f"{m}_vs_best"] = compare(est - reached[best][0], se) if se is not None else "uncertain"
             if best is not None:
                 table.setdefault("_best", {})[m] = best
         kl_ratio = {row: (table[row]["kl"] / ref_kl if table[row]["kl"] is not None and ref_kl > 0 else None)
