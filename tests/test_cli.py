@@ -214,3 +214,24 @@ def test_internal_bugs_keep_their_traceback(tmp_path, tiny_model_dir, monkeypatc
     monkeypatch.setattr("controlllm.checkpoints.load_model", lambda *a, **k: (_ for _ in ()).throw(OSError("bug")))
     with pytest.raises(OSError, match="bug"):
         main(["generate", "--model", str(tiny_model_dir), "--prompt", "Hi"])
+
+
+def test_merge_replaces_an_earlier_merge_whole_and_refuses_a_folder_of_other_files(tmp_path, tiny_model_dir, text_file,
+                                                                                    capsys):
+    run = tmp_path / "run"
+    assert run_cli(train_args(tiny_model_dir, text_file, run, "--lr", "1e-2"), capsys)[0] == 0
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")  # an earlier merge (or a damaged one): replaced
+    (merged / "stale.safetensors").write_text("old shard")
+    code, _, _ = run_cli(["merge", "--model", str(run), "--output", str(merged)], capsys)
+    assert code == 0 and not (merged / "stale.safetensors").exists()
+    assert json.loads((merged / "config.json").read_text())["num_hidden_layers"] == 4
+    assert (merged / "merge_weights.json").is_file()
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or p.name.endswith(".old")] == []
+
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("mine")
+    code, _, err = run_cli(["merge", "--model", str(run), "--output", str(other)], capsys)
+    assert code == 2 and "other files" in err and (other / "todo.txt").read_text() == "mine"

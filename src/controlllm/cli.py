@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import typing
 
@@ -251,7 +252,12 @@ def run(argv: list[str] | None = None) -> int:
         from .checkpoints import load_model
         from .merge import merge_fidelity
         from .model_card import carry_card_to_merge
+        from .train import replace_dir
 
+        output = os.fspath(args.output)
+        if os.path.isdir(output) and os.listdir(output) and not os.path.isfile(os.path.join(output, "config.json")):
+            raise UsageError(f"--output {output!r} is a folder with other files in it; merge writes a whole model folder "
+                             "there (replacing it): give a new or empty folder, or an earlier merge's")
         model, tokenizer, kind = load_model(args.model, base=args.base)
         if kind != "control":
             raise UsageError(f"--model {args.model!r} holds a {kind} model; merge needs a Control delta")
@@ -267,10 +273,17 @@ def run(argv: list[str] | None = None) -> int:
         # measures, changes nothing
         report = merge_fidelity(model, enc["input_ids"], enc["attention_mask"], dequantize=args.dequantize)
         merged = model.merge_and_unload(dequantize=args.dequantize)
-        merged.save_pretrained(args.output)
-        tokenizer.save_pretrained(args.output)
-        with open(os.path.join(args.output, MERGE_WEIGHTS), "w") as f:
-            json.dump(weights, f, indent=2)
+        # Written whole into a staging folder, then put in place: a killed merge leaves the old output or none.
+        staging = f"{os.path.abspath(output).rstrip(os.sep)}.tmp-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            merged.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            with open(os.path.join(staging, MERGE_WEIGHTS), "w") as f:
+                json.dump(weights, f, indent=2)
+            replace_dir(staging, output)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         print(json.dumps({"output": args.output, **report,
                           "merge_weights": {int(i): round(v["weight"], 6) for i, v in weights["layers"].items()}},
                          indent=2))
@@ -293,6 +306,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "eval":
         from .checkpoints import load_model
         from .evaluation import evaluate
+        from .train import write_text_atomic
 
         tasks = [t for t in args.tasks.split(",") if t]
         _check_tasks(tasks, args.limit)
@@ -304,8 +318,7 @@ def run(argv: list[str] | None = None) -> int:
         text = json.dumps(results, indent=2)
         print(text)
         if args.output:
-            with open(args.output, "w") as f:
-                f.write(text + "\n")
+            write_text_atomic(args.output, text + "\n")
         return 0
     if args.command == "demo":
         from .demo import run_demo
