@@ -1,5 +1,6 @@
 """Training: every method on a tiny model, frozen weights, checkpoints, resume after SIGKILL, errors."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -150,6 +151,32 @@ def test_resume_after_sigkill_reaches_same_weights(tmp_path, tiny_model_dir, tex
     assert any(float(v) > 0 for k, v in a.items() if k.endswith("budget_multiplier"))
     steps = [json.loads(l)["step"] for l in open(killed / "metrics.jsonl") if '"loss"' in l]
     assert steps == list(range(1, 13))  # no step logged twice
+
+
+@pytest.mark.parametrize("method", ["control", "full", "lora"])
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, text_file, method):
+    model, tokenizer = tiny()
+    cfg = TrainConfig(data=str(text_file), output=str(tmp_path / "run"), method=method, **{**FAST, "max_steps": 2})
+    train(cfg, model=model, tokenizer=tokenizer)
+    final = tmp_path / "run" / "final"
+    before = {p.name: p.read_bytes() for p in final.iterdir() if p.suffix == ".safetensors"}
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    model, tokenizer = tiny()
+    result = train(dataclasses.replace(cfg, resume=True), model=model, tokenizer=tokenizer)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert {p.name: p.read_bytes() for p in final.iterdir() if p.suffix == ".safetensors"} == before
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+    # the returned model is the finished one
+    saved = load_file(final / next(iter(before)))
+    if method == "lora":
+        from peft import get_peft_model_state_dict
+
+        own = get_peft_model_state_dict(result.model)
+    else:
+        own = trainable_state(result.model) if method == "control" else result.model.state_dict()
+    assert saved and set(saved) <= set(own)
+    for key, value in saved.items():
+        assert torch.equal(own[key].detach(), value), key
 
 
 def test_non_finite_loss_stops_and_names_the_step(tmp_path, text_file):

@@ -631,13 +631,19 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     )
     use_compact_console(trainer, cfg.progress)  # quiet without progress: metrics.jsonl still has every record
     start = time.time()
-    trainer.train(resume_from_checkpoint=resume_from)
+    # Resuming a finished run leaves it as it is: the Trainer would take one step past max_steps and
+    # rewrite final/. The model is the last checkpoint's (what final/ holds).
+    finished = resume_step >= cfg.max_steps and os.path.isdir(final_dir)
+    if finished:
+        trainer._load_from_checkpoint(resume_from)
+    else:
+        trainer.train(resume_from_checkpoint=resume_from)
     metrics = {}
     if eval_set is not None:
         metrics = trainer.evaluate()
     seconds = time.time() - start
     full_state = full_state_dict(trainer.model) if is_sharded(trainer.model) else None  # gathers on every rank
-    if trainer.args.should_save:
+    if trainer.args.should_save and not finished:
         _write_final(trainer, tokenizer, cfg, final_dir, metrics, full_state, base_fold)
     trainer.accelerator.wait_for_everyone()
     # Mixed precision wraps the model's forward in autocast; the returned model computes as it was
