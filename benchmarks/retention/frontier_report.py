@@ -170,6 +170,8 @@ def analyse(experiment: str, base: dict, runs: dict, families, seeds) -> dict | 
         for lr, run in sorted(grid_runs(family, ok).items()):
             name = f"{family}@{lr:g}"
             grid.append({"family": family, "lr": lr, "run": name, "chosen": lr == chosen,
+                         "edge": ("top" if lr == max(rates) else "bottom" if lr == min(rates) else None)
+                         if lr == chosen and len(rates) > 1 else None,
                          "val_gain": validation_gain(experiment, run), **end_summary(experiment, base, curves, run, name)})
     rows = rows_of(experiment, ok, families)
     out = {"grid": grid, "rows": rows, "points": curves.points, "levels": [], "equal_gain": {}, "seeds": {},
@@ -360,10 +362,15 @@ def markdown(an_all: dict, settings, base: dict, command: str, done: int, total:
                   "|---|---|---|---|---|---|---|---|"]
         for g in an["grid"]:
             val = f"{-g['val_gain']:.4f} bpc" if experiment == "cpt" else f"{g['val_gain']:.3f} EM"
-            lines.append(f"| {g['family']} | {g['lr']:g}{' **chosen**' if g['chosen'] else ''} | {val} | "
+            mark = (" **chosen**" + (f" ({g['edge']} of the grid)" if g.get("edge") else "")) if g["chosen"] else ""
+            lines.append(f"| {g['family']} | {g['lr']:g}{mark} | {val} | "
                          f"{_pm(g['gain'], g['gain_se'], '{:.3f}')} | {_pm(g['kl'], g['kl_se'])} | "
                          f"{_pm(g['english'], g['english_se'])} | {_f(g.get('mc_change'), '{:+.3f}')} | "
                          f"{_f(g.get('train_seconds'), '{:.0f}')} |")
+        edges = [g["family"] for g in an["grid"] if g.get("edge") == "top"]
+        if edges:
+            lines += ["", f"Chosen at the top of its grid: {', '.join(edges)} (a higher rate might gain more on "
+                      "validation; the grid does not say)."]
         if not an.get("levels"):
             why = (f"full fine-tuning at its chosen rate ({an['reference']['run']}) gained nothing"
                    if an.get("reference") else "full fine-tuning's grid is not finished")
