@@ -293,7 +293,8 @@ class FrontierBench(retention.Bench):
         same run as full@chosen at that seed, not run twice."""
         if job.rate != "lowest":
             return False
-        return self.resolve(dataclasses.replace(job, rate="chosen"), done) == self.resolve(job, done)
+        lowest = self.resolve(job, done)
+        return lowest is not None and self.resolve(dataclasses.replace(job, rate="chosen"), done) == lowest
 
     def progress(self, done: dict) -> tuple[int, int]:
         """(finished, planned) jobs; a duplicate of another job counts as neither."""
