@@ -140,6 +140,7 @@ def test_a_verdict_across_seeds_needs_the_same_sign_at_every_seed():
 COMMITTED = os.path.join(ROOT, "benchmarks", "results", "retention_runs", "frontier")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isfile(os.path.join(COMMITTED, "base.json")), reason="no committed frontier records")
 def test_report_only_regenerates_the_committed_frontier_results_from_the_records(tmp_path):
     results = tmp_path / "results"
