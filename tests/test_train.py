@@ -297,8 +297,8 @@ def test_final_is_never_missing_while_it_is_replaced(tmp_path, text_file, monkey
 
     monkeypatch.setattr(os, "replace", replace)
     model, tokenizer = tiny()
-    with pytest.raises(OSError, match="disk full"):
-        train(TrainConfig(data=str(text_file), output=str(run), resume=True, **{**FAST, "max_steps": 2}),
+    with pytest.raises(OSError, match="disk full"):  # resumed to train on (4 steps): final/ is written again
+        train(TrainConfig(data=str(text_file), output=str(run), resume=True, **{**FAST, "max_steps": 4}),
               model=model, tokenizer=tokenizer)
     print("final/ after the failed replacement:", sorted(os.listdir(run)))
     assert (run / "final" / "control_model.safetensors").read_bytes() == delta
