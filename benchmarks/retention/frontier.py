@@ -76,10 +76,7 @@ FAMILIES = {  # in the order their grids run: the rows the verdict rests on firs
     "freeze-8": (dict(method="freeze", num_expanded_layers=8), (1e-4, 3e-4, 1e-3)),
     "control-paper-cpt-8": (dict(method="control", preset="paper-cpt", num_expanded_layers=8), CONTROL_RATES),
 }
-# Rows run at 3 seeds: full at its chosen rate, gentle full (its grid's lowest rate), LoRA, and the
-# Control family with the least KL on its frontier (report.best_control; chosen on the test frontier,
-# which favours Control).
-SEEDED = ("full", "full-gentle", "lora-r16", "control-best")
+SEEDED = report.SEEDED  # the rows run at 3 seeds
 MIX_RATIO = 0.1
 
 
@@ -197,11 +194,6 @@ class FrontierBench(retention.Bench):
         out["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
         return out
 
-    def fingerprint(self) -> dict:
-        keys = ("mc_items", "english_texts", "text_chars", "spanish_val", "spanish_test", "arith_val", "arith_test",
-                "answer_tokens")
-        return {k: getattr(self.s, k) for k in keys}
-
     def base_scores(self, keys=("mc", "cpt", "csft")) -> None:
         """Score the base model on `keys` unless cached in the run folder or committed (base.json)."""
         committed = _read_json(os.path.join(self.records, "base.json")) or {}
@@ -273,20 +265,21 @@ class FrontierBench(retention.Bench):
                   else dict(steps=s.sft_steps, batch=s.sft_batch, seq=128, train_items=s.arith_train))
         return _jsonable({**self.fingerprint(), **budget, "dial_points": list(s.dial_points)})
 
-    def resolve(self, job: Job, done: dict) -> float | None:
-        """The job's learning rate, or None while the grid it depends on is unfinished."""
-        if job.rate not in ("chosen", "lowest"):
-            return float(job.rate)
+    def resolve(self, job: Job, done: dict) -> tuple[str, float] | None:
+        """The job's method family (control-best: the best Control family) and learning rate, or None
+        while the grids it depends on are unfinished."""
         family = job.family
         if family == "control-best":
             family = report.best_control(job.experiment, self.base(), done.get(job.experiment, {}), self.s)
             if family is None:
                 return None
+        if job.rate not in ("chosen", "lowest"):
+            return family, float(job.rate)
         rates = self.s.families[family][1]
         chosen = report.chosen_rate(job.experiment, family, rates, done.get(job.experiment, {}))
-        if job.rate == "lowest":  # known once the grid is: it may be the chosen rate (then no new run)
-            return None if chosen is None else min(rates)
-        return chosen
+        if chosen is None:  # "lowest" too: it may turn out to be the chosen rate (then no new run)
+            return None
+        return family, (min(rates) if job.rate == "lowest" else chosen)
 
     def duplicate(self, job: Job, done: dict) -> bool:
         """Gentle full fine-tuning (its grid's lowest rate) when validation chose that rate anyway: the
@@ -379,11 +372,10 @@ class FrontierBench(retention.Bench):
             for job in jobs(self.s):
                 if (wanted and job.experiment not in wanted) or job.experiment in done and job.name in done[job.experiment]:
                     continue
-                lr = self.resolve(job, done)
-                if lr is None or self.duplicate(job, done) or not self.claim(job):
+                resolved = self.resolve(job, done)
+                if resolved is None or self.duplicate(job, done) or not self.claim(job):
                     continue
-                family = job.family if job.family != "control-best" else \
-                    report.best_control(job.experiment, self.base(), done.get(job.experiment, {}), self.s)
+                family, lr = resolved
                 try:
                     if not self.finished(job.experiment, job.name):
                         self.run_job(job, family, lr)

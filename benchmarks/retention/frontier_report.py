@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-from retention_report import _atomic_text, _jsonable, _sd, compare, on_envelope, pareto_envelope
+from retention_report import _atomic_text, _jsonable, _sd, compare, on_envelope, pareto_envelope, save_figure
 
 LN2 = math.log(2)
 BOOTSTRAP = 400
@@ -34,6 +34,10 @@ MIN_REACHED = 0.8  # share of resamples in which a row must reach a level for an
 # The paper's claim, read on the frontier: 90% of full fine-tuning's gain at no more than 25% of its
 # forgetting (KL at s = 1).
 CLAIM_GAIN, CLAIM_LOSS = 0.9, 0.25
+# Rows run at 3 seeds: full at its chosen rate, gentle full (its grid's lowest rate), LoRA, and the
+# Control family with the least KL on its frontier (best_control; chosen on the test frontier, which
+# favours Control).
+SEEDED = ("full", "full-gentle", "lora-r16", "control-best")
 MEASURES = {"kl": "KL(base || model) on English, nats/token", "english": "English bits/char increase"}
 GAIN_LABEL = {"cpt": "Spanish bits/char gain (base - run)", "csft": "arithmetic exact-match gain (run - base)"}
 SETTING = {"cpt": "continued pre-training on Spanish", "csft": "continued SFT on arithmetic (gold answers)"}
@@ -255,8 +259,6 @@ def any_rate(curves: Curves, runs: dict, families, levels) -> dict:
 def seed_table(experiment: str, curves: Curves, runs: dict, rows: dict, families, seeds, levels) -> dict:
     """KL at each level per seed for the rows run at several seeds; mean and spread across seeds; for
     each pair of seeded rows whether the sign of their difference is the same at every seed."""
-    from frontier import SEEDED
-
     seeded = {}
     for row in SEEDED:
         family = best_control(experiment, None, runs, None, curves=curves, rows=rows, families=families) \
@@ -452,11 +454,7 @@ def plot(path: str, experiment: str, an: dict) -> None:
     axes[0].legend(fontsize=7, loc="upper left")
     fig.suptitle(f"{experiment}: {SETTING[experiment]}. Lines: each method's frontier at its validation-chosen rate "
                  "(o: checkpoints, x: dial points); dotted: 50/75/90% of full fine-tuning's gain", fontsize=9)
-    fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def write(results_dir: str, settings, base: dict, collected: dict, command: str, records: str,

@@ -786,6 +786,13 @@ def plot(path: str, experiment: str, summary: dict, analysis: dict) -> None:
     axes[0].legend(fontsize=7, loc="upper left")
     fig.suptitle(f"{experiment.upper()}: forgetting against gain along training (points: checkpoints from the "
                  "origin, or a WiSE-FT model by mixing coefficient; hollow squares: merged Control models; bars: bootstrap SEs)", fontsize=9)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> None:
+    """Lay out `fig`, write it to `path` atomically (a temporary file, then a rename) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = f"{path}.tmp-{os.getpid()}.png"
     fig.savefig(tmp, dpi=110)
