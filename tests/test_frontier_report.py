@@ -145,6 +145,14 @@ COMMITTED = os.path.join(ROOT, "benchmarks", "results", "retention_runs", "front
 def test_report_only_regenerates_the_committed_frontier_results_from_the_records(tmp_path):
     results = tmp_path / "results"
     shutil.copytree(COMMITTED, results / "retention_runs" / "frontier")
+    script = os.path.join(ROOT, "benchmarks", "retention", "frontier.py")
+    # --estimate on a fresh run folder reads the base model's scores from the committed base.json too
+    listed = subprocess.run([sys.executable, script, "--estimate", "--runs", str(tmp_path / "runs"),
+                             "--results", str(results)], capture_output=True, text=True, timeout=900)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    records = sum(n.endswith(".json") for e in ("cpt", "csft") if os.path.isdir(os.path.join(COMMITTED, e))
+                  for n in os.listdir(os.path.join(COMMITTED, e)))
+    assert sum(line.split()[-1] == "done" for line in listed.stdout.splitlines()) == records
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "retention", "frontier.py"), "--report-only",
                           "--runs", str(tmp_path / "runs"), "--results", str(results)],
                          capture_output=True, text=True, timeout=900)

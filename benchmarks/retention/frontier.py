@@ -222,11 +222,15 @@ class FrontierBench(retention.Bench):
         gc.collect()
 
     def base(self) -> dict:
+        """The base model's scores from the run folder, else from the committed base.json (a fresh checkout)."""
         out = {"fingerprint": self.fingerprint(), "seconds": {}}
+        committed = _read_json(os.path.join(self.records, "base.json")) or {}
         for key in ("mc", "cpt", "csft"):
             cached = _read_json(self.base_path(key))
             if cached and cached.get("fingerprint") == self.fingerprint():
                 out[key], out["seconds"][key] = cached["scores"], cached["seconds"]
+            elif committed.get("fingerprint") == self.fingerprint() and key in committed:
+                out[key], out["seconds"][key] = committed[key], committed.get("seconds", {}).get(key)
         return out
 
     # ------------------------------------------------------------------------------- runs
