@@ -21,7 +21,7 @@ report = pytest.importorskip("frontier_report")
 N = 10  # items per probe
 TOKENS = 20  # tokens per English text
 CHARS = 100  # characters per Spanish text
-FAMILIES = {"full": ({"method": "full"}, (1e-4, 3e-4)),
+FAMILIES = {"full": ({"method": "full"}, (1e-4, 3e-4, 1e-3)),
             "control-a": ({"method": "control"}, (1e-4, 1e-3)),
             "control-b": ({"method": "control"}, (1e-3,))}
 
@@ -53,6 +53,7 @@ def _runs(**extra):
     runs = {
         "full@0.0001": _run("full", 1e-4, (10.0, 0.10), val_bpc=2.1),
         "full@0.0003": _run("full", 3e-4, (20.0, 0.40), dial=[(0.5, 12.0, 0.05)], val_bpc=2.0),
+        "full@0.001": _run("full", 1e-3, (22.0, 0.90), val_bpc=2.05),
         "control-a@0.0001": _run("control-a", 1e-4, (8.0, 0.02), val_bpc=2.3),
         "control-a@0.001": _run("control-a", 1e-3, (16.0, 0.30), dial=[(0.5, 10.0, 0.04)], val_bpc=2.2),
         "control-b@0.001": _run("control-b", 1e-3, (18.0, 0.35), dial=[(0.5, 15.0, 0.20)], val_bpc=2.1),
@@ -65,16 +66,40 @@ def _runs(**extra):
 
 def test_the_rate_is_chosen_on_validation_only_and_waits_for_the_whole_grid():
     runs = _runs()
-    assert report.chosen_rate("cpt", "full", (1e-4, 3e-4), runs) == 3e-4  # lower validation bpc, whatever its KL
-    assert report.chosen_rate("cpt", "full", (1e-4, 3e-4, 1e-3), runs) is None  # 1e-3 not run yet
-    runs["full@0.0001"]["checkpoints"][-1]["spanish_val"]["bpc"] = 2.0  # a tie goes to the lower rate
-    assert report.chosen_rate("cpt", "full", (1e-4, 3e-4), runs) == 1e-4
+    assert report.chosen_rate("cpt", "control-a", (1e-4, 1e-3), runs) == 1e-3  # lower validation bpc, whatever its KL
+    assert report.chosen_rate("cpt", "control-a", (1e-4, 1e-3, 3e-3), runs) is None  # 3e-3 not run yet
+    runs["control-a@0.0001"]["checkpoints"][-1]["spanish_val"]["bpc"] = 2.2  # a tie goes to the lower rate
+    assert report.chosen_rate("cpt", "control-a", (1e-4, 1e-3), runs) == 1e-4
+    assert report.chosen_rate("cpt", "full", (1e-4, 3e-4, 1e-3), runs) == 3e-4
+
+
+def test_the_reference_chosen_at_the_edge_of_its_grid_waits_for_one_rate_beyond_it():
+    rates = (1e-4, 3e-4, 1e-3)
+    runs = _runs()
+    assert report.beyond_rate("cpt", "full", rates, runs) is False  # an inner rate: no run beyond
+    assert report.beyond_rate("cpt", "control-a", (1e-4, 1e-3), runs) is False  # not the reference
+    runs["full@0.0001"]["checkpoints"][-1]["spanish_val"]["bpc"] = 1.9  # validation now picks the lowest rate
+    below = report.BEYOND["full"][0]
+    assert report.beyond_rate("cpt", "full", rates, runs) == below
+    assert report.chosen_rate("cpt", "full", rates, runs) is None  # waits for the run beyond the grid
+    assert report.analyse("cpt", BASE, runs, FAMILIES, (42,))["levels"] == []
+    runs["full@beyond"] = _run("full", below, (6.0, 0.02), val_bpc=1.95, name="full@beyond")
+    assert report.chosen_rate("cpt", "full", rates, runs) == 1e-4  # now an inner rate of the four
+    an = report.analyse("cpt", BASE, runs, FAMILIES, (42,))
+    assert an["rows"]["full"] == "full@0.0001" and an["levels"]
+    assert [(g["lr"], g["beyond"], g["edge"]) for g in an["grid"] if g["family"] == "full" and g["chosen"]] == \
+        [(1e-4, False, None)]
+    runs["full@beyond"]["checkpoints"][-1]["spanish_val"]["bpc"] = 1.8
+    an = report.analyse("cpt", BASE, runs, FAMILIES, (42,))
+    assert report.chosen_rate("cpt", "full", rates, runs) == below and an["rows"]["full"] == "full@beyond"
+    assert [(g["beyond"], g["edge"]) for g in an["grid"] if g["chosen"] and g["family"] == "full"] == [(True, "bottom")]
+    assert an["rows"]["full-gentle"] == "full@0.0001"  # gentle stays the grid's lowest rate
 
 
 def test_seed_and_mixed_runs_are_not_grid_points():
     runs = _runs(**{"full@chosen-seed1": _run("full", 3e-4, (1.0, 0.0), val_bpc=0.1, seed=1)})
     runs["full@chosen-mix"] = dict(_run("full", 3e-4, (1.0, 0.0), val_bpc=0.1), mix=True)
-    assert sorted(report.grid_runs("full", runs)) == [1e-4, 3e-4]
+    assert sorted(report.grid_runs("full", runs)) == [1e-4, 3e-4, 1e-3]
 
 
 def test_rows_are_read_on_the_envelope_of_their_trajectory_and_dial_at_shares_of_the_reference_gain():
@@ -103,7 +128,7 @@ def test_no_levels_before_full_fine_tuning_has_its_grid_or_when_it_gained_nothin
     del runs["full@0.0001"]
     assert report.analyse("cpt", BASE, runs, FAMILIES, (42,))["levels"] == []
     flat = _runs()
-    for name in ("full@0.0001", "full@0.0003"):
+    for name in ("full@0.0001", "full@0.0003", "full@0.001"):
         flat[name] = _run("full", flat[name]["lr"], (0.0, 0.1), val_bpc=flat[name]["checkpoints"][-1]["spanish_val"]["bpc"])
     an = report.analyse("cpt", BASE, flat, FAMILIES, (42,))
     assert an["levels"] == [] and an["reference"]["gain"] == 0.0
@@ -122,6 +147,7 @@ def test_a_verdict_across_seeds_needs_the_same_sign_at_every_seed():
     fam = {"full": FAMILIES["full"], "lora-r16": ({"method": "lora"}, (1e-3,))}
     runs = {"full@0.0001": _run("full", 1e-4, (10.0, 0.10), val_bpc=2.1),
             "full@0.0003": _run("full", 3e-4, (20.0, 0.40), val_bpc=2.0),
+            "full@0.001": _run("full", 1e-3, (22.0, 0.90), val_bpc=2.05),
             "full@chosen-seed1": _run("full", 3e-4, (20.0, 0.30), seed=1),
             "lora-r16@0.001": _run("lora-r16", 1e-3, (20.0, 0.50)),
             "lora-r16@chosen-seed1": _run("lora-r16", 1e-3, (20.0, 0.20), seed=1)}

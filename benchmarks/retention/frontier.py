@@ -15,7 +15,9 @@ Forgetting, both: KL to the base model and bits/char on held-out English; multip
 PIQA, HellaSwag) at the end of each run.
 
 Rows: every method's grid (full 3e-5/1e-4/3e-4, LoRA, freeze-8, stack-8, three Control presets on 8
-copies from the authors' 5e-5 up) at seed 42, each setting's grids followed by its headline rows at
+copies from the authors' 5e-5 up) at seed 42, and for full fine-tuning (the reference, whose gain
+sets the levels) one rate beyond the edge of its grid where validation chose that edge; each setting's
+grids followed by its headline rows at
 seeds 1 and 2 (full at its chosen rate, gentle full = its lowest rate, LoRA and the best Control at
 their chosen rates); then in cpt each method at its chosen rate with 10% general English mixed in
 (`TrainConfig.mix_data`).
@@ -86,7 +88,8 @@ class Job:
 
     experiment: str
     family: str
-    rate: str  # a learning rate ('3e-05'), 'chosen' (the family's validation choice) or 'lowest'
+    rate: str  # a learning rate ('3e-05'), 'chosen' (the family's validation choice), 'lowest' or
+    # 'beyond' (the reference's rate beyond the edge of its grid that validation chose; report.BEYOND)
     seed: int = SEEDS[0]
     mix: bool = False
 
@@ -145,6 +148,7 @@ def jobs(s: Settings) -> list[Job]:
     out = []
     for experiment in EXPERIMENTS:
         out += [Job(experiment, fam, f"{lr:g}") for fam, (_, rates) in s.families.items() for lr in rates]
+        out += [Job(experiment, fam, "beyond") for fam in s.families if fam in report.BEYOND]
         for seed in s.seeds[1:]:
             for row in SEEDED:
                 if row == "full-gentle":
@@ -277,17 +281,24 @@ class FrontierBench(retention.Bench):
             family = report.best_control(job.experiment, self.base(), done.get(job.experiment, {}), self.s)
             if family is None:
                 return None
+        rates = self.s.families[family][1]
+        if job.rate == "beyond":
+            extra = report.beyond_rate(job.experiment, family, rates, done.get(job.experiment, {}))
+            return None if extra is None else (family, extra or None)  # (family, None): no such run needed
         if job.rate not in ("chosen", "lowest"):
             return family, float(job.rate)
-        rates = self.s.families[family][1]
         chosen = report.chosen_rate(job.experiment, family, rates, done.get(job.experiment, {}))
         if chosen is None:  # "lowest" too: it may turn out to be the chosen rate (then no new run)
             return None
         return family, (min(rates) if job.rate == "lowest" else chosen)
 
     def duplicate(self, job: Job, done: dict) -> bool:
-        """Gentle full fine-tuning (its grid's lowest rate) when validation chose that rate anyway: the
-        same run as full@chosen at that seed, not run twice."""
+        """A job not to run: gentle full fine-tuning (its grid's lowest rate) when validation chose that
+        rate anyway (the same run as full@chosen at that seed), or the run beyond the reference's grid
+        when validation chose an inner rate."""
+        if job.rate == "beyond":
+            resolved = self.resolve(job, done)
+            return resolved is not None and resolved[1] is None
         if job.rate != "lowest":
             return False
         lowest = self.resolve(job, done)
@@ -458,9 +469,14 @@ def main(argv=None) -> int:
     if args.estimate:
         done = bench.results()
         for job in jobs(settings):
-            state = "done" if job.name in done.get(job.experiment, {}) else \
-                "waits for its grid" if bench.resolve(job, done) is None else \
-                "same run as full@chosen" if bench.duplicate(job, done) else "to run"
+            if job.name in done.get(job.experiment, {}):
+                state = "done"
+            elif bench.resolve(job, done) is None:
+                state = "waits for its grid"
+            elif bench.duplicate(job, done):
+                state = "not needed (an inner rate was chosen)" if job.rate == "beyond" else "same run as full@chosen"
+            else:
+                state = "to run"
             print(f"{job.experiment:5s} {job.name:40s} {state}")
         return 0
     if args.report_only:

@@ -7,6 +7,9 @@ Rules, stated once (they are repeated in the report):
   envelope points around it (retention_report.on_envelope).
 - A method's learning rate is the grid rate with the best validation gain at s = 1 (cpt: the lowest
   Spanish validation bits/char; csft: the highest validation exact match, ties to the lower rate).
+  Full fine-tuning (the reference) is not left at the edge of its grid: where validation chooses
+  its lowest (highest) grid rate, one more run at 1e-5 (1e-3) is made and the choice is made again
+  over the four rates (once; "beyond the grid" in the table).
 - The reference is full fine-tuning at its chosen rate; the equal-gain levels are 50%, 75% and 90%
   of its gain at s = 1.
 - Uncertainty: 400 bootstrap resamples of the test items, shared by every run and the base model;
@@ -38,6 +41,10 @@ CLAIM_GAIN, CLAIM_LOSS = 0.9, 0.25
 # Control family with the least KL on its frontier (best_control; chosen on the test frontier, which
 # favours Control).
 SEEDED = ("full", "full-gentle", "lora-r16", "control-best")
+# The reference (full fine-tuning) defines the equal-gain levels, so its rate is not left at the edge
+# of its grid: where validation chooses the lowest (highest) grid rate, one more run at the rate below
+# (above) is made, once, and the choice is made over the grid and that rate. {family: (below, above)}
+BEYOND = {"full": (1e-5, 1e-3)}
 MEASURES = {"kl": "KL(base || model) on English, nats/token", "english": "English bits/char increase"}
 GAIN_LABEL = {"cpt": "Spanish bits/char gain (base - run)", "csft": "arithmetic exact-match gain (run - base)"}
 SETTING = {"cpt": "continued pre-training on Spanish", "csft": "continued SFT on arithmetic (gold answers)"}
@@ -83,19 +90,51 @@ def validation_gain(experiment: str, run: dict) -> float:
     return -end["spanish_val"]["bpc"] if experiment == "cpt" else end["arith_val"]["exact_match"]
 
 
+def grid_names(family: str, runs: dict) -> dict:
+    """The family's grid runs at the first seed, without mixed data (the run beyond the grid too): {lr: name}."""
+    return {r["lr"]: n for n, r in runs.items() if r.get("family") == family and n.startswith(f"{family}@")
+            and "-seed" not in n and not r.get("mix") and not r.get("failed")
+            and (n.split("@")[1][0].isdigit() or n.split("@")[1] == "beyond")}
+
+
 def grid_runs(family: str, runs: dict) -> dict:
-    """The family's grid runs at the first seed, without mixed data: {lr: run}."""
-    return {r["lr"]: r for n, r in runs.items() if r.get("family") == family and n.startswith(f"{family}@")
-            and "-seed" not in n and not r.get("mix") and not r.get("failed") and n.split("@")[1][0].isdigit()}
+    """grid_names' runs: {lr: run}."""
+    return {lr: runs[n] for lr, n in grid_names(family, runs).items()}
 
 
-def chosen_rate(experiment: str, family: str, rates, runs: dict) -> float | None:
-    """The grid rate with the best validation gain at s = 1 (ties: the lower rate); None until every
-    rate of the grid has finished."""
+def _best_on_validation(experiment: str, rates, grid: dict) -> float:
+    return max(sorted(rates), key=lambda lr: (validation_gain(experiment, grid[lr]), -lr))
+
+
+def beyond_rate(experiment: str, family: str, rates, runs: dict) -> float | None | bool:
+    """The rate beyond the edge of the reference's grid that validation chose (BEYOND), False when
+    no such run is needed (another family, or an inner rate chosen), None until the grid has finished."""
+    if family not in BEYOND or len(rates) < 2:
+        return False
     grid = grid_runs(family, runs)
     if any(lr not in grid for lr in rates):
         return None
-    return max(sorted(rates), key=lambda lr: (validation_gain(experiment, grid[lr]), -lr))
+    first = _best_on_validation(experiment, rates, grid)
+    below, above = BEYOND[family]
+    return below if first == min(rates) else above if first == max(rates) else False
+
+
+def chosen_rate(experiment: str, family: str, rates, runs: dict) -> float | None:
+    """The grid rate with the best validation gain at s = 1 (ties: the lower rate), for the reference
+    over its grid and the rate beyond the edge validation chose; None until those runs have finished."""
+    grid = grid_runs(family, runs)
+    if any(lr not in grid for lr in rates):
+        return None
+    extra = beyond_rate(experiment, family, rates, runs)
+    if extra is not False and extra not in grid:
+        return None
+    return _best_on_validation(experiment, tuple(rates) + ((extra,) if extra is not False else ()), grid)
+
+
+def rates_of(experiment: str, family: str, rates, runs: dict) -> tuple:
+    """The rates the family's choice is made over: its grid, plus the rate beyond its edge where one is needed."""
+    extra = beyond_rate(experiment, family, rates, runs)
+    return tuple(sorted(tuple(rates) + ((extra,) if extra not in (False, None) else ())))
 
 
 # --------------------------------------------------------------------------------- analysis
@@ -156,7 +195,7 @@ def rows_of(experiment: str, runs: dict, families) -> dict:
         lr = chosen_rate(experiment, family, rates, runs)
         if lr is None:
             continue
-        out[family] = f"{family}@{lr:g}"
+        out[family] = f"{family}@{lr:g}" if lr in rates else f"{family}@beyond"
         if family == "full" and min(rates) != lr:
             out["full-gentle"] = f"full@{min(rates):g}"
         if f"{family}@chosen-mix" in runs and not runs[f"{family}@chosen-mix"].get("failed"):
@@ -171,11 +210,12 @@ def analyse(experiment: str, base: dict, runs: dict, families, seeds) -> dict | 
     grid = []
     for family, (_, rates) in families.items():
         chosen = chosen_rate(experiment, family, rates, ok)
-        for lr, run in sorted(grid_runs(family, ok).items()):
-            name = f"{family}@{lr:g}"
-            grid.append({"family": family, "lr": lr, "run": name, "chosen": lr == chosen,
-                         "edge": ("top" if lr == max(rates) else "bottom" if lr == min(rates) else None)
-                         if lr == chosen and len(rates) > 1 else None,
+        tried = rates_of(experiment, family, rates, ok)
+        for lr, name in sorted(grid_names(family, ok).items()):
+            run = ok[name]
+            grid.append({"family": family, "lr": lr, "run": name, "chosen": lr == chosen, "beyond": lr not in rates,
+                         "edge": ("top" if lr == max(tried) else "bottom" if lr == min(tried) else None)
+                         if lr == chosen and len(tried) > 1 else None,
                          "val_gain": validation_gain(experiment, run), **end_summary(experiment, base, curves, run, name)})
     rows = rows_of(experiment, ok, families)
     out = {"grid": grid, "rows": rows, "points": curves.points, "levels": [], "equal_gain": {}, "seeds": {},
@@ -247,7 +287,7 @@ def any_rate(curves: Curves, runs: dict, families, levels) -> dict:
     """KL at each level on the envelope of all of a family's grid points (an oracle learning rate)."""
     out = {}
     for family in families:
-        names = [f"{family}@{lr:g}" for lr in grid_runs(family, runs)]
+        names = list(grid_names(family, runs).values())
         if not names:
             continue
         g = np.concatenate([curves.est[n]["gain"] for n in names])
@@ -365,14 +405,16 @@ def markdown(an_all: dict, settings, base: dict, command: str, done: int, total:
         for g in an["grid"]:
             val = f"{-g['val_gain']:.4f} bpc" if experiment == "cpt" else f"{g['val_gain']:.3f} EM"
             mark = (" **chosen**" + (f" ({g['edge']} of the grid)" if g.get("edge") else "")) if g["chosen"] else ""
+            mark = (" (beyond the grid)" if g.get("beyond") else "") + mark
             lines.append(f"| {g['family']} | {g['lr']:g}{mark} | {val} | "
                          f"{_pm(g['gain'], g['gain_se'], '{:.3f}')} | {_pm(g['kl'], g['kl_se'])} | "
                          f"{_pm(g['english'], g['english_se'])} | {_f(g.get('mc_change'), '{:+.3f}')} | "
                          f"{_f(g.get('train_seconds'), '{:.0f}')} |")
-        edges = [g["family"] for g in an["grid"] if g.get("edge") == "top"]
-        if edges:
-            lines += ["", f"Chosen at the top of its grid: {', '.join(edges)} (a higher rate might gain more on "
-                      "validation; the grid does not say)."]
+        for edge, more in (("top", "higher"), ("bottom", "lower")):
+            edges = [g["family"] for g in an["grid"] if g.get("edge") == edge]
+            if edges:
+                lines += ["", f"Chosen at the {edge} of its grid: {', '.join(edges)} (a {more} rate might gain more "
+                          "on validation; the grid does not say)."]
         if not an.get("levels"):
             why = (f"full fine-tuning at its chosen rate ({an['reference']['run']}) gained nothing"
                    if an.get("reference") else "full fine-tuning's grid is not finished")
