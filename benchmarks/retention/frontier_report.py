@@ -492,7 +492,11 @@ def plot(path: str, experiment: str, an: dict) -> None:
             ax.axvline(lv, color="grey", lw=0.5, ls=":")
         ax.axhline(0, color="grey", lw=0.6)
         ax.set_xlabel(GAIN_LABEL[experiment], fontsize=9)
-        ax.set_ylabel(label, fontsize=9)
+        # forgetting spans orders of magnitude between methods: a log scale keeps the low rows apart
+        ax.set_yscale("symlog", linthresh=1e-3)
+        if m == "kl":
+            ax.set_ylim(bottom=0)  # KL is never negative
+        ax.set_ylabel(label + " (log scale above 0.001)", fontsize=9)
     axes[0].legend(fontsize=7, loc="upper left")
     fig.suptitle(f"{experiment}: {SETTING[experiment]}. Lines: each method's frontier at its validation-chosen rate "
                  "(o: checkpoints, x: dial points); dotted: 50/75/90% of full fine-tuning's gain", fontsize=9)
