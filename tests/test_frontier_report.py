@@ -121,6 +121,9 @@ def test_rows_are_read_on_the_envelope_of_their_trajectory_and_dial_at_shares_of
     assert an["equal_gain"]["0.9"]["control-b"]["kl"] == pytest.approx(0.35)
     assert an["claim"]["control-b"]["kl_ratio_at_90"] == pytest.approx(0.35 / 0.40)
     assert not an["claim"]["control-b"]["meets"]
+    words = report.reading(an)
+    assert "at 50% control-a (0.0400)" in words and "at 75% full (0.1813)" in words  # 0.05 + 3/8 * 0.35
+    assert "gain): no row." in words and words.endswith("best or tied at some level: control-a.")
 
 
 def test_no_levels_before_full_fine_tuning_has_its_grid_or_when_it_gained_nothing():

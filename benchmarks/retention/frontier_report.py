@@ -381,6 +381,26 @@ def _pm(x, se, fmt="{:.4f}"):
     return "-" if x is None else fmt.format(x) + ("" if se is None else f" ± {fmt.format(se)}")
 
 
+def reading(an: dict) -> str:
+    """One setting's frontier table in words: the row with the least KL at each level and the rows tied
+    with it, the rows meeting the paper's claim, and where the Control rows stand."""
+    parts = []
+    for f in LEVELS:
+        table = an["equal_gain"][f"{f:g}"]
+        best = table.get("_best", {}).get("kl")
+        if best is None:
+            parts.append(f"at {int(f * 100)}% no row reaches the level")
+            continue
+        tied = [r for r in an["rows"] if table[r].get("kl_vs_best") == "tied"]
+        parts.append(f"at {int(f * 100)}% {best} ({table[best]['kl']:.4f})" + (f", tied: {', '.join(tied)}" if tied else ""))
+    meets = [f"{r} ({c['kl_ratio_at_90']:.2f})" for r, c in an["claim"].items() if c["meets"]]
+    controls = [r for r in an["rows"] if r.startswith("control-")]
+    on = [r for r in controls if any(an["equal_gain"][f"{f:g}"][r].get("kl_vs_best") in ("best", "tied") for f in LEVELS)]
+    return ("Reading: least KL on the frontier " + "; ".join(parts) + ". Meets the paper's claim (<= "
+            f"{CLAIM_LOSS:g}x at {int(CLAIM_GAIN * 100)}% of the gain): " + (", ".join(meets) if meets else "no row")
+            + ". Control rows best or tied at some level: " + (", ".join(on) if on else "none") + ".")
+
+
 def markdown(an_all: dict, settings, base: dict, command: str, done: int, total: int) -> str:
     lines = ["# Method + dial frontiers (SmolLM2-135M-Instruct)", "",
              f"Command: `{command}` ({done} of {total} planned runs finished"
@@ -438,6 +458,7 @@ def markdown(an_all: dict, settings, base: dict, command: str, done: int, total:
             c90, c75 = an["equal_gain"]["0.9"][row], an["equal_gain"]["0.75"][row]
             lines.append(f"| {row} | {name} | " + " | ".join(cells) + f" | {_f(c90['kl_ratio'], '{:.2f}')} | "
                          f"{_pm(c75['english'], c75['english_se'])} |")
+        lines += ["", reading(an)]
         if an.get("any_rate"):
             lines += ["", "Any rate (the envelope of every grid rate's points, an oracle choice of rate): KL at "
                       + ", ".join(f"{int(f * 100)}%" for f in LEVELS) + ": "
