@@ -182,9 +182,8 @@ def test_report_only_regenerates_the_committed_frontier_results_from_the_records
     records = sum(n.endswith(".json") for e in ("cpt", "csft") if os.path.isdir(os.path.join(COMMITTED, e))
                   for n in os.listdir(os.path.join(COMMITTED, e)))
     assert sum(line.split()[-1] == "done" for line in listed.stdout.splitlines()) == records
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "retention", "frontier.py"), "--report-only",
-                          "--runs", str(tmp_path / "runs"), "--results", str(results)],
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run([sys.executable, script, "--report-only", "--runs", str(tmp_path / "runs"),
+                          "--results", str(results)], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     for name in ("retention_frontier.md", "retention_frontier.json"):
         with open(os.path.join(ROOT, "benchmarks", "results", name), encoding="utf-8") as f:

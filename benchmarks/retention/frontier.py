@@ -200,17 +200,8 @@ class FrontierBench(retention.Bench):
 
     def base_scores(self, keys=("mc", "cpt", "csft")) -> None:
         """Score the base model on `keys` unless cached in the run folder or committed (base.json)."""
-        committed = _read_json(os.path.join(self.records, "base.json")) or {}
-        todo = []
-        for key in keys:
-            cached = _read_json(self.base_path(key))
-            if cached and cached.get("fingerprint") == self.fingerprint():
-                continue
-            if committed.get("fingerprint") == self.fingerprint() and key in committed:
-                _write_json(self.base_path(key), {"fingerprint": self.fingerprint(), "scores": committed[key],
-                                                  "seconds": committed.get("seconds", {}).get(key)})
-                continue
-            todo.append(key)
+        have = self.base()
+        todo = [key for key in keys if key not in have]
         if not todo:
             return
         model, _ = load_pretrained(None)

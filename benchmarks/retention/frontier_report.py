@@ -122,13 +122,10 @@ def beyond_rate(experiment: str, family: str, rates, runs: dict) -> float | None
 def chosen_rate(experiment: str, family: str, rates, runs: dict) -> float | None:
     """The grid rate with the best validation gain at s = 1 (ties: the lower rate), for the reference
     over its grid and the rate beyond the edge validation chose; None until those runs have finished."""
-    grid = grid_runs(family, runs)
-    if any(lr not in grid for lr in rates):
+    grid, tried = grid_runs(family, runs), rates_of(experiment, family, rates, runs)
+    if any(lr not in grid for lr in tried):
         return None
-    extra = beyond_rate(experiment, family, rates, runs)
-    if extra is not False and extra not in grid:
-        return None
-    return _best_on_validation(experiment, tuple(rates) + ((extra,) if extra is not False else ()), grid)
+    return _best_on_validation(experiment, tried, grid)
 
 
 def rates_of(experiment: str, family: str, rates, runs: dict) -> tuple:
@@ -195,7 +192,7 @@ def rows_of(experiment: str, runs: dict, families) -> dict:
         lr = chosen_rate(experiment, family, rates, runs)
         if lr is None:
             continue
-        out[family] = f"{family}@{lr:g}" if lr in rates else f"{family}@beyond"
+        out[family] = grid_names(family, runs)[lr]
         if family == "full" and min(rates) != lr:
             out["full-gentle"] = f"full@{min(rates):g}"
         if f"{family}@chosen-mix" in runs and not runs[f"{family}@chosen-mix"].get("failed"):
