@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import make_model, make_tokenizer  # noqa: E402
 
-from controlllm.train import TrainConfig, TrainingError, train, trainable_state  # noqa: E402
+from controlllm.training.train import TrainConfig, TrainingError, train, trainable_state  # noqa: E402
 
 
 def main(data: str, output: str, method: str, batch_size: str, fault: str = "none") -> None:

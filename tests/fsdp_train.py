@@ -13,7 +13,7 @@ from conftest import make_model  # noqa: E402
 
 from controlllm import ControlConfig, get_control_model  # noqa: E402
 from controlllm.surgery import decoder_layers  # noqa: E402
-from controlllm.train import (full_state_dict, interpolation_weights, load_full_trainable_state,  # noqa: E402
+from controlllm.training.train import (full_state_dict, interpolation_weights, load_full_trainable_state,  # noqa: E402
                               trainable_state)
 
 GLOBAL_BATCH, SEQ, LR = 4, 16, 0.5

@@ -123,7 +123,7 @@ def test_eval_kl_for_lora_and_full_runs(tmp_path, tiny_model_dir, text_file, cap
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model_dir, text_file):
-    from controlllm.train import TrainConfig, train
+    from controlllm.training.train import TrainConfig, train
 
     output = tmp_path_factory.mktemp("runs") / "done"
     train(TrainConfig(model=str(tiny_model_dir), data=str(text_file), output=str(output), max_steps=2, batch_size=2,

@@ -1,4 +1,4 @@
-"""Tests for controlllm.data: reading records, CPT packing, SFT label masking, batching."""
+"""Tests for controlllm.training.data: reading records, CPT packing, SFT label masking, batching."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from controlllm.data import (
+from controlllm.training.data import (
     FALLBACK_CHAT_TEMPLATE,
     IGNORE_INDEX,
     DataCollator,
@@ -326,7 +326,7 @@ def test_sft_labels_with_the_default_model_tokenizer():
 
 
 def test_mixed_dataset_keeps_the_length_and_spreads_the_mix_evenly():
-    from controlllm.data import DataError, MixedDataset, mix_positions
+    from controlllm.training.data import DataError, MixedDataset, mix_positions
 
     main, mix = list(range(100, 120)), ["a", "b", "c"]
     mixed = MixedDataset(main, mix, 0.25)

@@ -440,7 +440,7 @@ def test_lm_eval_plugin_wraps_the_base_with_control(model, tokenizer, saved_mode
     monkeypatch.setattr(controlllm, "ControlModel", StubControlModel, raising=False)
     from lm_eval.api.registry import get_model
 
-    from controlllm.lm_eval_plugin import ControlLMEval
+    from controlllm.integrations.lm_eval import ControlLMEval
 
     assert get_model("controlllm") is ControlLMEval
     lm = ControlLMEval(pretrained=saved_model, control="/delta/folder", device="cpu", dtype="float32", batch_size=2)

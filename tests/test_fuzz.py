@@ -16,7 +16,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from conftest import batch, make_model, make_tokenizer  # noqa: E402
 from controlllm import ControlConfig, get_control_model  # noqa: E402
-from controlllm.data import DataError, build_sft_dataset, read_chat_records, read_text_records  # noqa: E402
+from controlllm.training.data import DataError, build_sft_dataset, read_chat_records, read_text_records  # noqa: E402
 
 FIELDS = [f.name for f in dataclasses.fields(ControlConfig)]
 # No shrinking: a failure is reported as found, so a failing run stays as fast as a passing one.

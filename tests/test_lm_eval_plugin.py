@@ -61,7 +61,7 @@ def test_plugin_scores_a_local_task_like_controlllm_eval(tmp_path, base_and_delt
     tasks.mkdir()
     (tasks / "controlllm_local_mc.yaml").write_text(TASK.format(data=data))
 
-    import controlllm.lm_eval_plugin  # noqa: F401  (registers the "controlllm" model)
+    import controlllm.integrations.lm_eval  # noqa: F401  (registers the "controlllm" model)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 

@@ -281,7 +281,7 @@ def test_return_dict_false_gives_a_tuple():
 def test_alignment_under_accumulation_sums_to_the_whole_batch_on_uneven_sft_answers(alignment_loss):
     """The alignment is averaged over the positions the LM loss is computed on, so micro-batches
     weighted by their share of the Trainer's token count add up to the whole batch's alignment."""
-    from controlllm.data import DataCollator, build_sft_dataset
+    from controlllm.training.data import DataCollator, build_sft_dataset
 
     from conftest import make_tokenizer
 

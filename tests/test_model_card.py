@@ -5,7 +5,7 @@ import json
 import pytest
 
 from controlllm.model_card import build_model_card
-from controlllm.train import TrainConfig, train
+from controlllm.training.train import TrainConfig, train
 
 FAST = dict(max_steps=2, batch_size=2, seq_len=32, save_steps=2, logging_steps=1, progress=False, lr=1e-3)
 

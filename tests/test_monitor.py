@@ -1,7 +1,7 @@
 """Console lines of a run: compact records instead of the Trainer's raw dicts."""
 
-from controlllm.monitor import format_record, per_layer
-from controlllm.train import TrainConfig, train
+from controlllm.training.monitor import format_record, per_layer
+from controlllm.training.train import TrainConfig, train
 
 from conftest import make_model, make_tokenizer
 

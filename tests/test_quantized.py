@@ -21,7 +21,7 @@ def _frozen_fingerprint(model):
     return _whole_fingerprint(_frozen_parts_fingerprint(model.base_model))
 from controlllm.quantize import (QuantizationError, dequantized_copy, is_quantized_linear,  # noqa: E402
                                  quantization_of, quantize_model)
-from controlllm.train import TrainConfig, prepare_model, train  # noqa: E402
+from controlllm.training.train import TrainConfig, prepare_model, train  # noqa: E402
 
 from conftest import batch, clone, make_model, make_tokenizer, perturb_trainable  # noqa: E402
 

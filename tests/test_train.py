@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from controlllm import ControlModel
-from controlllm.data import DataError
-from controlllm.train import TrainConfig, TrainingError, train, trainable_state
+from controlllm.training.data import DataError
+from controlllm.training.train import TrainConfig, TrainingError, train, trainable_state
 
 from conftest import make_model, make_tokenizer
 
@@ -232,7 +232,7 @@ def test_interpolation_lr_keeps_the_trainers_weight_decay_rule(tmp_path):
     from transformers import TrainingArguments
 
     from controlllm import ControlConfig, get_control_model
-    from controlllm.train import ControlTrainer
+    from controlllm.training.train import ControlTrainer
 
     model = get_control_model(make_model("llama"), ControlConfig(expanded_layers=[1, 3], interpolation="dlerp",
                                                                   train_interpolation=True))
@@ -269,7 +269,7 @@ def test_a_failing_run_record_leaves_the_existing_one(tmp_path, text_file):
 
 
 def test_metrics_are_rewritten_atomically_on_resume(tmp_path):
-    from controlllm.train import MetricsFile
+    from controlllm.training.train import MetricsFile
 
     path = tmp_path / "metrics.jsonl"
     original = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4))

@@ -39,7 +39,7 @@ from controlllm import block as block_module  # noqa: E402
 from controlllm.assets import load_pretrained  # noqa: E402
 from controlllm.demo import english_texts, spanish_chapters  # noqa: E402
 from controlllm.dial import Dial, dial_curve  # noqa: E402
-from controlllm.train import TrainConfig, train  # noqa: E402
+from controlllm.training.train import TrainConfig, train  # noqa: E402
 
 VALUES = (0.25, 0.5, 0.75, 1.0)
 VAL_CHARS = 1000

@@ -32,7 +32,7 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 from controlllm.assets import load_pretrained  # noqa: E402
 from controlllm.demo import english_texts, spanish_chapters  # noqa: E402
 from controlllm.evaluation import heldout_loss, kl_to_reference  # noqa: E402
-from controlllm.train import TrainConfig, train  # noqa: E402
+from controlllm.training.train import TrainConfig, train  # noqa: E402
 
 NMSE8 = dict(method="control", num_expanded_layers=8, interpolation="lerp", alignment_loss="nmse",
              train_interpolation=False)

@@ -10,7 +10,7 @@ then the kernel's high-water mark (VmHWM) is reset and one training step runs (f
 labels' loss, backward, AdamW step); the peak RSS of that step, which includes everything resident
 (the model, its gradients, the optimizer state allocated in that first step, activations), is
 read back. Ratios are to full fine-tuning measured in the same run. The methods go through
-`controlllm.train.prepare_model`, the same path `controlllm train` takes. Writes memory.json,
+`controlllm.training.train.prepare_model`, the same path `controlllm train` takes. Writes memory.json,
 memory.md and memory.png to benchmarks/results/ (or --output-dir); benchmarks/memory/notes.md,
 when present, is appended to memory.md.
 """
@@ -109,7 +109,7 @@ def _trim() -> None:
 
 
 def worker(shape_name: str, method: str, shapes: dict) -> dict:
-    from controlllm.train import TrainConfig, prepare_model
+    from controlllm.training.train import TrainConfig, prepare_model
 
     spec, m = shapes[shape_name], METHODS[method]
     dtype = getattr(torch, spec["dtype"])
@@ -224,7 +224,7 @@ def render(data: dict, output_dir: str) -> None:
               "one training step (forward with the LM loss, backward, AdamW step: the first step, which allocates "
               "AdamW's moments; its time includes first-call costs). Peak RSS is everything resident during that step: weights, quantised weights, "
               "gradients, optimizer state, activations, and the ~0.56 GB of the Python process itself (the 'process baseline' column subtracts it). Methods go "
-              "through `controlllm.train.prepare_model`. LoRA/QLoRA: r 16, alpha 32, every linear layer of the "
+              "through `controlllm.training.train.prepare_model`. LoRA/QLoRA: r 16, alpha 32, every linear layer of the "
               f"decoder. Control: {COPIES} copies spread evenly, lerp w = 0.5 fixed, nmse alignment (the defaults). "
               "Quantised bases: every linear layer of the decoder in bitsandbytes nf4 (4-bit, double-quantised "
               "scales) or int8 rows (8-bit); embeddings, norms and the (tied) LM head stay in the training dtype.", ""]

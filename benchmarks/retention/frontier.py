@@ -60,7 +60,7 @@ from run import CheckpointPruner, _jsonable, _read_json, _read_jsonl, _write_if_
 
 from controlllm.assets import load_pretrained  # noqa: E402
 from controlllm.dial import Dial  # noqa: E402
-from controlllm.train import TrainConfig, TrainingError, train  # noqa: E402
+from controlllm.training.train import TrainConfig, TrainingError, train  # noqa: E402
 
 EXPERIMENTS = ("cpt", "csft")
 SEEDS = (42, 1, 2)  # the first is the grid's

@@ -46,7 +46,7 @@ sys.path.insert(0, HERE)
 import retention_report as report  # noqa: E402
 import retention_tasks as tasks  # noqa: E402
 from controlllm.assets import AssetError, load_pretrained  # noqa: E402
-from controlllm.train import TrainConfig, TrainingError, train  # noqa: E402
+from controlllm.training.train import TrainConfig, TrainingError, train  # noqa: E402
 
 SEED = 42
 EXPERIMENTS = ("cpt", "seq")

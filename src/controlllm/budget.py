@@ -75,7 +75,7 @@ def step_drift_budget(model) -> dict[int, tuple[float, float]]:
 class DriftBudgetCallback(TrainerCallback):
     """Runs `step_drift_budget` after every optimizer step of a transformers `Trainer`.
 
-    Add it to any Trainer that trains a ControlModel (`controlllm.train` does); without it the
+    Add it to any Trainer that trains a ControlModel (`controlllm.training.train` does); without it the
     multipliers stay at their initial value (zero) and running drifts are not updated.
     """
 

@@ -53,7 +53,7 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import TrainConfig
+    from .training.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="controlllm", description="Control LLM: learn something new, keep what you knew.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -213,7 +213,7 @@ def _measure_merge_weights(model, tokenizer, args) -> str | None:
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
-        from .train import TrainConfig, train
+        from .training.train import TrainConfig, train
 
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         try:  # the flags are user input: a value TrainConfig or ControlConfig rejects is a usage error
@@ -252,7 +252,7 @@ def run(argv: list[str] | None = None) -> int:
         from .checkpoints import load_model
         from .merge import merge_fidelity
         from .model_card import carry_card_to_merge
-        from .train import replace_dir
+        from .training.train import replace_dir
 
         output = os.fspath(args.output)
         if os.path.isdir(output) and os.listdir(output) and not os.path.isfile(os.path.join(output, "config.json")):
@@ -306,7 +306,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "eval":
         from .checkpoints import load_model
         from .evaluation import evaluate
-        from .train import write_text_atomic
+        from .training.train import write_text_atomic
 
         tasks = [t for t in args.tasks.split(",") if t]
         _check_tasks(tasks, args.limit)

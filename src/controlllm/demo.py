@@ -20,7 +20,7 @@ from .assets import LICENCES, fetch_bible, fetch_fortunes, load_pretrained
 from .evaluation import heldout_loss, kl_to_reference, load_benchmark, score_multiple_choice
 from .checkpoints import load_model
 from .dial import DialBudgetError, run_dial
-from .train import TrainConfig, train
+from .training.train import TrainConfig, train
 
 HELDOUT_EVERY = 25  # every 25th chapter is held out
 # The demo's forgetting budget: the dialled model's KL to the base on English validation text.

@@ -344,7 +344,7 @@ def read_eval_texts(path: str | os.PathLike, tokenizer, limit: int | None = None
     "messages" or "prompt"/"response", rendered with the tokenizer's chat template)."""
     import json
 
-    from .data import DataError, read_chat_records
+    from .training.data import DataError, read_chat_records
     from .evaluation import load_texts
 
     path = os.fspath(path)

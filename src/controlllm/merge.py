@@ -107,7 +107,7 @@ def calibration_batches(path: str | os.PathLike, tokenizer, task: str = "cpt", s
     """Batches (input_ids, attention_mask) from a training-format file, for
     `ControlModel.measure_merge_weights`: text (.txt / .jsonl) packed into `seq_len` blocks for
     task 'cpt', chats (.jsonl) for 'sft'; the first `max_sequences` sequences."""
-    from .data import DataCollator, build_cpt_dataset, build_sft_dataset, read_chat_records, read_text_records
+    from .training.data import DataCollator, build_cpt_dataset, build_sft_dataset, read_chat_records, read_text_records
 
     if task == "sft":
         dataset = build_sft_dataset(read_chat_records(path), tokenizer, seq_len)

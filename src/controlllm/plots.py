@@ -12,7 +12,7 @@ import math
 import os
 
 from .errors import CheckpointError
-from .monitor import per_layer
+from .training.monitor import per_layer
 
 METRICS = "metrics.jsonl"
 DASHBOARD = "dashboard.png"

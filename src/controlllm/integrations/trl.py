@@ -21,7 +21,7 @@ What the subclasses change, and why (tested with TRL 1.16):
 - Checkpoints and `save_model` write the Control delta (`ControlModel.save_pretrained`, with the
   gathered state dict under FSDP), not a full state dict; each checkpoint is staged and renamed into
   place when complete, and resuming reads the delta back with validation: the same code as
-  `controlllm train` (`controlllm.train.DeltaCheckpoints`).
+  `controlllm train` (`controlllm.training.train.DeltaCheckpoints`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from ..budget import DriftBudgetCallback
 from ..model import ControlModel
-from ..train import DeltaCheckpoints
+from ..training.train import DeltaCheckpoints
 
 
 class BaseModelReference(nn.Module):
@@ -104,7 +104,7 @@ def _unwrap(model):
 
 class ControlTrainerMixin(DeltaCheckpoints):
     """What a TRL trainer needs to train a ControlModel (see the module docstring); checkpoints are
-    staged, saved and loaded as `controlllm train` does them (`controlllm.train.DeltaCheckpoints`)."""
+    staged, saved and loaded as `controlllm train` does them (`controlllm.training.train.DeltaCheckpoints`)."""
 
     fused_outputs: tuple[str, ...] = ("log_probs",)
 

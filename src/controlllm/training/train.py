@@ -21,13 +21,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
-from .budget import DriftBudgetCallback
-from .config import ControlConfig
-from .errors import CheckpointError, UsageError, UserError
-from .model import WEIGHTS_NAME, ControlModel, get_control_model, is_trainable_key, read_delta
-from .model_card import write_model_card
+from ..budget import DriftBudgetCallback
+from ..config import ControlConfig
+from ..errors import CheckpointError, UsageError, UserError
+from ..model import WEIGHTS_NAME, ControlModel, get_control_model, is_trainable_key, read_delta
+from ..model_card import write_model_card
 from .monitor import use_compact_console
-from .surgery import decoder_layers
+from ..surgery import decoder_layers
 
 METHODS = ("control", "full", "lora", "stack", "freeze")
 TASKS = ("cpt", "sft")
@@ -174,7 +174,7 @@ class TrainConfig:
     def control_config(self, num_layers: int | None) -> ControlConfig:
         """The ControlConfig of this run for a model with `num_layers` layers: the preset (or
         ControlConfig's defaults), overridden by every Control flag that was given."""
-        from .config import PRESETS
+        from ..config import PRESETS
 
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"--preset {self.preset!r} is not supported; allowed: {', '.join(PRESETS)}")
@@ -220,7 +220,7 @@ def prepare_model(base: nn.Module, cfg: TrainConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     if cfg.quantize_base is not None:  # QLoRA: LoRA on the quantised base
-        from .quantize import quantize_model
+        from ..quantize import quantize_model
 
         quantize_model(base, cfg.quantize_base)
         for p in base.parameters():
@@ -538,7 +538,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     very end, so a run that failed never looks finished. `model`/`tokenizer` may be passed
     instead of `cfg.model` (tests, notebooks).
     """
-    from .checkpoints import fold_run
+    from ..checkpoints import fold_run
     from .data import DataCollator, DataError, build_cpt_dataset, build_sft_dataset, read_chat_records, read_text_records
 
     if cfg.data is None:
@@ -553,7 +553,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     eval_records = read(cfg.eval_data) if cfg.eval_data else None
     mix_records = read(cfg.mix_data) if cfg.mix_data else None
     if cfg.quantize_base is not None:
-        from .quantize import require_bitsandbytes
+        from ..quantize import require_bitsandbytes
 
         if _fsdp_requested():
             raise UsageError(f"--quantize-base {cfg.quantize_base} does not work with FSDP: sharding splits the packed "
@@ -653,7 +653,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     total = sum(p.numel() for p in unwrapped.parameters())
     dial = None
     if cfg.keep_data is not None and trainer.args.should_save:
-        from .dial import run_dial
+        from ..dial import run_dial
 
         # The saved run is dialled as `controlllm dial` would: the model trained here stays as it is.
         dial = run_dial(cfg.output, os.path.join(cfg.output, DIALLED), learn_data=cfg.eval_data,
@@ -668,7 +668,7 @@ def run_record(cfg: TrainConfig, base_fold: dict | None = None) -> dict:
     an earlier stage's Control delta (`controlllm.checkpoints.fold_record`: the weight of each layer
     and where it comes from); it is recorded in this stage's lineage entry, so the stage is always
     rebuilt onto the base it was trained on."""
-    from .checkpoints import run_stages
+    from ..checkpoints import run_stages
 
     base_model, stages = run_stages(cfg.model)
     this = {k: getattr(cfg, k) for k in ("output", "method", "task", "data", "max_steps", "lr", "preset")}

@@ -1,6 +1,6 @@
 """lm-evaluation-harness model "controlllm": a base model plus a saved Control delta.
 
-    python -m controlllm.lm_eval_plugin run --model controlllm \\
+    python -m controlllm.integrations.lm_eval run --model controlllm \\
         --model_args pretrained=/path/to/base,control=/path/to/control_delta,device=cpu,dtype=float32 \\
         --tasks arc_easy
 
@@ -16,7 +16,7 @@ try:
     from lm_eval.models.huggingface import HFLM
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "controlllm.lm_eval_plugin needs lm-evaluation-harness; install it with `pip install lm-eval` "
+        "controlllm.integrations.lm_eval needs lm-evaluation-harness; install it with `pip install lm-eval` "
         "(or the project's `eval` extra)"
     ) from error
 
@@ -59,7 +59,7 @@ class ControlLMEval(HFLM):
 
 
 def main() -> None:
-    """`python -m controlllm.lm_eval_plugin ARGS`: lm-evaluation-harness's own CLI with the
+    """`python -m controlllm.integrations.lm_eval ARGS`: lm-evaluation-harness's own CLI with the
     "controlllm" model registered (lm-eval does not discover plugins from entry points)."""
     from lm_eval.__main__ import cli_evaluate
 

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .errors import UserError
+from ..errors import UserError
 
 #: Label value ignored by the cross-entropy loss.
 IGNORE_INDEX = -100
