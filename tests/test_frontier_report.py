@@ -190,3 +190,44 @@ def test_report_only_regenerates_the_committed_frontier_results_from_the_records
             committed = f.read()
         assert (results / name).read_text(encoding="utf-8") == committed, name
     assert json.loads((results / "retention_frontier.json").read_text())["finished_runs"] > 0
+
+
+def test_a_validation_tie_is_reported_and_the_run_beyond_the_grid_is_a_row_of_its_own():
+    rates = (1e-4, 3e-4, 1e-3)
+    runs = _runs()
+    runs["full@0.0001"]["checkpoints"][-1]["spanish_val"]["bpc"] = 1.9  # the lowest rate: a run beyond
+    below = report.BEYOND["full"][0]
+    runs["full@beyond"] = _run("full", below, (6.0, 0.02), val_bpc=1.95, name="full@beyond")
+    runs["control-a@0.0001"]["checkpoints"][-1]["spanish_val"]["bpc"] = 2.2  # tied with 1e-3
+    assert report.validation_ties("cpt", "control-a", (1e-4, 1e-3), runs) == [1e-3]
+    assert report.validation_ties("cpt", "full", rates, runs) == []
+    an = report.analyse("cpt", BASE, runs, FAMILIES, (42,))
+    assert an["rows"]["full"] == "full@0.0001" and an["rows"]["full-beyond"] == "full@beyond"
+    chosen = [g for g in an["grid"] if g["family"] == "control-a" and g["chosen"]]
+    assert [(g["lr"], g["val_tied_with"]) for g in chosen] == [(1e-4, [1e-3])]
+    md = report.markdown({"cpt": an}, _Settings(), BASE, "cmd", 1, 1)
+    assert "tied on validation with 0.001: ties go to the lower rate" in md
+    assert f"full@{below:g} (beyond the grid)" in md  # the row beyond the grid is in the table
+    # Control / full ratios, each with a paired interval
+    assert "control-a / full-beyond" in an["ratios"] and len(an["ratios"]["control-a / full"]) == 3
+    # the claim against every full rate as the reference, the beyond run included
+    assert set(an["claim_by_reference"]) == {f"{lr:g}" for lr in (below, *rates)}
+
+
+class _Settings:
+    cpt_steps = cpt_batch = cpt_seq = sft_steps = sft_batch = 1
+    spanish_test = arith_test = english_texts = mc_items = 1
+    dial_points = (0.5,)
+
+
+def test_the_seed_table_counts_the_seeds_that_reach_each_level():
+    fam = {"full": FAMILIES["full"], "lora-r16": ({"method": "lora"}, (1e-3,))}
+    runs = {"full@0.0001": _run("full", 1e-4, (10.0, 0.10), val_bpc=2.1),
+            "full@0.0003": _run("full", 3e-4, (20.0, 0.40), val_bpc=2.0),
+            "full@0.001": _run("full", 1e-3, (22.0, 0.90), val_bpc=2.05),
+            "lora-r16@0.001": _run("lora-r16", 1e-3, (20.0, 0.50)),
+            "lora-r16@chosen-seed1": _run("lora-r16", 1e-3, (16.0, 0.20), seed=1)}  # short of 90% (18 nats)
+    row = report.analyse("cpt", BASE, runs, fam, (42, 1))["seeds"]["rows"]["lora-r16"]
+    assert row["reached"] == [2, 2, 1]
+    # the mean of the one seed that reaches: seed 42 at 18 nats, between (10, 0.125) and (20, 0.5)
+    assert row["mean"][2] == pytest.approx(0.425) and row["sd"][2] is None

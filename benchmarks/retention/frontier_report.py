@@ -28,7 +28,8 @@ import os
 
 import numpy as np
 
-from retention_report import _atomic_text, _jsonable, _sd, compare, on_envelope, pareto_envelope, save_figure
+from controlllm.compare import choose_rate, on_envelope, pareto_envelope, ratio_interval, verdict as compare
+from retention_report import _atomic_text, _jsonable, _sd, save_figure
 
 LN2 = math.log(2)
 BOOTSTRAP = 400
@@ -103,7 +104,16 @@ def grid_runs(family: str, runs: dict) -> dict:
 
 
 def _best_on_validation(experiment: str, rates, grid: dict) -> float:
-    return max(sorted(rates), key=lambda lr: (validation_gain(experiment, grid[lr]), -lr))
+    return choose_rate({lr: validation_gain(experiment, grid[lr]) for lr in rates})[0]
+
+
+def validation_ties(experiment: str, family: str, rates, runs: dict) -> list[float]:
+    """The rates whose validation gain equals the chosen rate's (the choice between them was the
+    tie rule: the lower rate)."""
+    grid, tried = grid_runs(family, runs), rates_of(experiment, family, rates, runs)
+    if any(lr not in grid for lr in tried):
+        return []
+    return choose_rate({lr: validation_gain(experiment, grid[lr]) for lr in tried})[1]
 
 
 def beyond_rate(experiment: str, family: str, rates, runs: dict) -> float | None | bool:
@@ -195,6 +205,9 @@ def rows_of(experiment: str, runs: dict, families) -> dict:
         out[family] = grid_names(family, runs)[lr]
         if family == "full" and min(rates) != lr:
             out["full-gentle"] = f"full@{min(rates):g}"
+        beyond = grid_names(family, runs).get(beyond_rate(experiment, family, rates, runs) or None)
+        if family == "full" and beyond is not None and beyond != out[family]:
+            out["full-beyond"] = beyond  # the run beyond the grid, not chosen: a row like the others
         if f"{family}@chosen-mix" in runs and not runs[f"{family}@chosen-mix"].get("failed"):
             out[f"{family} + mix"] = f"{family}@chosen-mix"
     return out
@@ -211,11 +224,13 @@ def analyse(experiment: str, base: dict, runs: dict, families, seeds) -> dict | 
         for lr, name in sorted(grid_names(family, ok).items()):
             run = ok[name]
             grid.append({"family": family, "lr": lr, "run": name, "chosen": lr == chosen, "beyond": lr not in rates,
+                         "val_tied_with": validation_ties(experiment, family, rates, ok) if lr == chosen else [],
                          "edge": ("top" if lr == max(tried) else "bottom" if lr == min(tried) else None)
                          if lr == chosen and len(tried) > 1 else None,
                          "val_gain": validation_gain(experiment, run), **end_summary(experiment, base, curves, run, name)})
     rows = rows_of(experiment, ok, families)
-    out = {"grid": grid, "rows": rows, "points": curves.points, "levels": [], "equal_gain": {}, "seeds": {},
+    reference_rates = {name: lr for lr, name in grid_names("full", ok).items()}
+    out = {"grid": grid, "reference_rates": reference_rates, "rows": rows, "points": curves.points, "levels": [], "equal_gain": {}, "seeds": {},
            "failed": sorted(n for n, r in runs.items() if r.get("failed"))}
     if "full" not in rows:
         return out
@@ -262,8 +277,47 @@ def analyse(experiment: str, base: dict, runs: dict, families, seeds) -> dict | 
                           "meets": (out["equal_gain"]["0.9"][row]["kl_ratio"] is not None
                                     and out["equal_gain"]["0.9"][row]["kl_ratio"] <= CLAIM_LOSS)}
                     for row in rows}
+    out["ratios"] = control_ratios(curves, rows, out["levels"], ref_gain_b)
+    out["claim_by_reference"] = claim_by_reference(experiment, curves, ok, rows, families)
     out["any_rate"] = any_rate(curves, ok, families, out["levels"])
     out["seeds"] = seed_table(experiment, curves, ok, rows, families, seeds, out["levels"])
+    return out
+
+
+def control_ratios(curves: Curves, rows: dict, levels, ref_gain_b: np.ndarray) -> dict:
+    """Each Control row's KL over each full-fine-tuning row's at every level, with the 95% paired
+    bootstrap interval: {"<control> / <full>": [per level]}."""
+    out = {}
+    fulls = [r for r in rows if r == "full" or r.startswith("full-") and " + " not in r]
+    for c in (r for r in rows if r.startswith("control-") and " + " not in r):
+        for f in fulls:
+            cells = []
+            for frac, level in zip(LEVELS, levels):
+                a, b = curves.read(rows[c], "kl", level, frac * ref_gain_b), curves.read(rows[f], "kl", level, frac * ref_gain_b)
+                cells.append(ratio_interval(a[1], b[1], a[0], b[0]))
+            out[f"{c} / {f}"] = cells
+    return out
+
+
+def claim_by_reference(experiment: str, curves: Curves, runs: dict, rows: dict, families) -> dict:
+    """The paper's claim read against every rate of full fine-tuning as the reference (the grid and
+    the run beyond it): {lr: {"run", "gain", "meets": [rows with KL at 90% of that run's gain <= 0.25x
+    its KL at s = 1]}}."""
+    out = {}
+    for lr, name in sorted(grid_names("full", runs).items()):
+        gain, kl = curves.end(name, "gain"), curves.end(name, "kl")
+        if gain <= 0 or kl <= 0:
+            out[f"{lr:g}"] = {"run": name, "gain": gain, "meets": None}
+            continue
+        level = CLAIM_GAIN * gain
+        meets = []
+        for row, run in rows.items():
+            if run == name:
+                continue
+            v = on_envelope(curves.est[run]["gain"], curves.est[run]["kl"], level)
+            if v is not None and v / kl <= CLAIM_LOSS:
+                meets.append(row)
+        out[f"{lr:g}"] = {"run": name, "gain": gain, "meets": meets}
     return out
 
 
@@ -316,6 +370,7 @@ def seed_table(experiment: str, curves: Curves, runs: dict, rows: dict, families
     for label, per in seeded.items():
         vals = np.array([[np.nan if x is None else x for x in v] for v in per.values()], float)
         out["rows"][label] = {"seeds": sorted(per), "kl": {str(s): v for s, v in per.items()},
+                              "reached": [int((~np.isnan(c)).sum()) for c in vals.T] if len(vals) else [],
                               "mean": [None if np.isnan(c).all() else float(np.nanmean(c)) for c in vals.T] if len(vals) else [],
                               "sd": [None if (~np.isnan(c)).sum() < 2 else float(np.nanstd(c, ddof=1)) for c in vals.T]
                               if len(vals) else []}
@@ -421,7 +476,10 @@ def markdown(an_all: dict, settings, base: dict, command: str, done: int, total:
                   "|---|---|---|---|---|---|---|---|"]
         for g in an["grid"]:
             val = f"{-g['val_gain']:.4f} bpc" if experiment == "cpt" else f"{g['val_gain']:.3f} EM"
-            mark = (" **chosen**" + (f" ({g['edge']} of the grid)" if g.get("edge") else "")) if g["chosen"] else ""
+            notes = ([f"{g['edge']} of the grid"] if g.get("edge") else []) + (
+                [f"tied on validation with {', '.join(f'{x:g}' for x in g['val_tied_with'])}: ties go to the lower rate"]
+                if g.get("val_tied_with") else [])
+            mark = (" **chosen**" + (f" ({'; '.join(notes)})" if notes else "")) if g["chosen"] else ""
             mark = (" (beyond the grid)" if g.get("beyond") else "") + mark
             lines.append(f"| {g['family']} | {g['lr']:g}{mark} | {val} | "
                          f"{_pm(g['gain'], g['gain_se'], '{:.3f}')} | {_pm(g['kl'], g['kl_se'])} | "
@@ -453,9 +511,26 @@ def markdown(an_all: dict, settings, base: dict, command: str, done: int, total:
                 cells.append("not reached" if c["kl"] is None else
                              f"{_pm(c['kl'], c['kl_se'])}{' **best**' if tag == 'best' else f' ({tag})' if tag else ''}")
             c90, c75 = an["equal_gain"]["0.9"][row], an["equal_gain"]["0.75"][row]
-            lines.append(f"| {row} | {name} | " + " | ".join(cells) + f" | {_f(c90['kl_ratio'], '{:.2f}')} | "
+            shown = f"full@{an['reference_rates'][name]:g} (beyond the grid)" if name.endswith("@beyond") else name
+            lines.append(f"| {row} | {shown} | " + " | ".join(cells) + f" | {_f(c90['kl_ratio'], '{:.2f}')} | "
                          f"{_pm(c75['english'], c75['english_se'])} |")
         lines += ["", reading(an)]
+        if an.get("ratios"):
+            lines += ["", "Paired KL ratios, each Control row over each full-fine-tuning row (full-beyond: the run beyond its grid), at "
+                      + " / ".join(f"{int(f * 100)}%" for f in LEVELS)
+                      + " (95% bootstrap interval; an interval containing 1 is a tie):", ""]
+            for pair, cells in an["ratios"].items():
+                lines.append(f"- {pair}: " + " / ".join(
+                    "-" if c is None else f"{c['ratio']:.2f}"
+                    + (f" [{c['interval'][0]:.2f}, {c['interval'][1]:.2f}]" if c["interval"] else "")
+                    + (f" (both reach it in {c['reached']:.0%} of resamples)" if c["reached"] < MIN_REACHED else "")
+                    for c in cells))
+        if an.get("claim_by_reference"):
+            lines += ["", f"The paper's claim (<= {CLAIM_LOSS:g}x the reference's KL at {int(CLAIM_GAIN * 100)}% of its "
+                      "gain) against each rate of full fine-tuning as the reference: " + "; ".join(
+                          f"{lr}{' (chosen)' if c['run'] == an['reference']['run'] else ''}: "
+                          + ("no gain" if c["meets"] is None else ", ".join(c["meets"]) or "no row")
+                          for lr, c in an["claim_by_reference"].items()) + "."]
         if an.get("any_rate"):
             lines += ["", "Any rate (the envelope of every grid rate's points, an oracle choice of rate): KL at "
                       + ", ".join(f"{int(f * 100)}%" for f in LEVELS) + ": "
@@ -463,12 +538,18 @@ def markdown(an_all: dict, settings, base: dict, command: str, done: int, total:
                       + "."]
         seeds = an.get("seeds", {})
         if seeds.get("rows"):
-            lines += ["", "### Seeds (KL on the frontier per seed; mean ± sd across seeds)", "",
+            lines += ["", "### Seeds (KL on the frontier per seed; mean ± sd across the seeds that reach the level)", "",
+                      "(k of n): only k of the n seeds reach that level; the mean is over those k. control-best is the "
+                      "Control family with the least test KL at 75% at seed 42: picked on the test frontier, which "
+                      "favours Control.", "",
                       "| row | seeds | " + " | ".join(f"KL @ {int(f * 100)}%" for f in LEVELS)
                       + " | item SE @ 75% (seed 42) |", "|---|---|" + "---|" * len(LEVELS) + "---|"]
             for label, r in seeds["rows"].items():
-                cells = [(_f(m) + ("" if sd is None else f" ± {sd:.4f}")) if m is not None else "-"
-                         for m, sd in zip(r["mean"] or [None] * len(LEVELS), r["sd"] or [None] * len(LEVELS))]
+                n = len(r["seeds"])
+                cells = [((_f(m) + ("" if sd is None else f" ± {sd:.4f}")) if m is not None else "not reached")
+                         + ("" if k == n else f" ({k} of {n})")
+                         for m, sd, k in zip(r["mean"] or [None] * len(LEVELS), r["sd"] or [None] * len(LEVELS),
+                                             r.get("reached") or [n] * len(LEVELS))]
                 row = label.split(" (")[1][:-1] if label.startswith("control-best (") else label
                 item_se = an["equal_gain"]["0.75"].get(row, {}).get("kl_se")
                 lines.append(f"| {label} | {', '.join(map(str, r['seeds']))} | " + " | ".join(cells)
