@@ -1,0 +1,137 @@
+"""controlllm.compare: methods trained over a rate grid chosen on validation, read at equal gain along
+their dials, with bootstrap intervals that re-make every choice; a recommendation only where the
+interval excludes a tie; resumable from per-run records."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import TOKENIZER_CORPUS, make_model, make_tokenizer
+from controlllm import compare as cmp
+
+
+def _loader():
+    tokenizer = make_tokenizer()
+    model = make_model("llama", vocab_size=len(tokenizer))
+    model.config.eos_token_id, model.config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    return model, tokenizer
+
+
+@pytest.fixture()
+def files(tmp_path):
+    out = {}
+    for name, texts in (("train", TOKENIZER_CORPUS * 20), ("validation", TOKENIZER_CORPUS[:4]),
+                        ("test", TOKENIZER_CORPUS[1:5]), ("keep", TOKENIZER_CORPUS[2:6])):
+        path = tmp_path / f"{name}.txt"
+        path.write_text("\n\n".join(texts))
+        out[name] = str(path)
+    return out
+
+
+def test_compare_end_to_end_at_toy_size_and_resumes_from_its_records(tmp_path, files, monkeypatch):
+    output = tmp_path / "cmp"
+    options = dict(task="cpt", output=str(output), methods=("full", "lora"),
+                   rates={"full": (1e-4, 1e-3), "lora": (1e-3, 1e-2)}, seeds=(42,), steps=2, batch_size=2,
+                   seq_len=32, dial_values=(0.5, 1.0), bootstrap=40, threads=1, progress=False)
+    an = cmp.compare(**files, loader=_loader, **options)
+    runs = sorted(os.listdir(output / "runs"))
+    assert runs == ["full@0.0001-seed42.json", "full@0.001-seed42.json", "lora@0.001-seed42.json",
+                    "lora@0.01-seed42.json"]  # the training folders are gone, the records stay
+    for name in ("compare.md", "compare.json", "compare.png"):
+        assert (output / name).stat().st_size > 0
+    assert an["reference"] == "full" and an["missing"] == []
+    for m in ("full", "lora"):
+        t = an["table"][m]
+        assert t["lr"] in options["rates"][m] and t["train_seconds"] > 0 and t["trainable_parameters"] > 0
+        assert np.isfinite(t["peak_memory_mib"]) and 0 <= t["rate_chosen_share"] <= 1
+        assert t["points"][0]["value"] == [0.0, 0.5, 1.0] and t["points"][0]["kl"][0] == 0.0  # s = 0 is the base
+    saved = json.loads((output / "compare.json").read_text())
+    assert saved["analysis"]["methods"] == ["full", "lora"]
+    md = (output / "compare.md").read_text()
+    assert "| full |" in md and "| lora |" in md and "peak memory" in md
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(cmp, "train_and_score", no_training)
+    again = cmp.compare(**files, loader=_loader, **options)
+    assert again["table"]["full"]["lr"] == an["table"]["full"]["lr"]
+    # a different budget is another plan: its runs are not reused
+    with pytest.raises(AssertionError, match="trained again"):
+        cmp.compare(**files, loader=_loader, **{**options, "steps": 3})
+
+
+def _record(method, lr, kl_scale, gain_bits=1.0, val_bits=1.0, units=20, noise=0.0, seed=0):
+    """A synthetic run: per unit, dial s gives gain s * gain_bits bits per char and KL kl_scale * s^2."""
+    rng = np.random.default_rng(seed)
+    values = [0.0, 0.5, 1.0]
+    test = []
+    for _ in range(units):
+        k = kl_scale * (1 + noise * rng.standard_normal())
+        test.append({"learn_chars": 100, "keep_chars": 100, "points": [
+            {"value": s, "learn_bits": 300 - 100 * gain_bits * s, "keep_bits": 200.0, "kl_sum": 50 * k * s * s,
+             "keep_tokens": 50.0} for s in values]})
+    val = [{"learn_chars": 100, "points": [{"value": 0.0, "learn_bits": 300.0},
+                                          {"value": 1.0, "learn_bits": 300 - 100 * val_bits}]} for _ in range(units)]
+    return {"name": cmp.run_name(method, lr, 42), "method": method, "lr": lr, "seed": 42, "test": test,
+            "validation": val, "train_seconds": 1.0, "peak_memory_mib": 10.0, "memory_kind": "test",
+            "trainable_parameters": 5, "dial_kind": "test"}
+
+
+def _cfg(**kw):
+    return cmp.CompareConfig(train="t", validation="v", test="x", keep="k", methods=("full", "lora"),
+                             rates={"full": (1e-4, 1e-3), "lora": (1e-3,)}, bootstrap=100, **kw)
+
+
+def test_the_rate_is_chosen_on_validation_and_a_clear_winner_is_recommended():
+    records = {r["name"]: r for r in (
+        _record("full", 1e-4, 0.10, val_bits=0.9), _record("full", 1e-3, 0.01, val_bits=1.0),  # 1e-3 validates best
+        _record("lora", 1e-3, 0.50, noise=0.05, seed=1))}
+    an = cmp.analyse(records, _cfg())
+    assert an["table"]["full"]["lr"] == 1e-3 and an["table"]["full"]["edge"] == "top"
+    assert an["levels"] == pytest.approx([0.5, 0.75, 0.9])
+    at50 = an["equal_gain"][0]
+    # full at 1e-3: KL 0.01 s^2, read at s = 0.5 (gain 0.5): 0.0025
+    assert at50["methods"]["full"]["kl"] == pytest.approx(0.0025)
+    assert at50["best"] == "full" and at50["recommend"] == "full" and at50["margin_interval"][0] > 0
+
+
+def test_no_recommendation_where_the_interval_includes_a_tie_and_validation_ties_go_to_the_lower_rate():
+    records = {r["name"]: r for r in (
+        _record("full", 1e-4, 0.10, noise=0.5, seed=2), _record("full", 1e-3, 0.50),  # equal validation: 1e-4
+        _record("lora", 1e-3, 0.10, noise=0.5, seed=3))}
+    an = cmp.analyse(records, _cfg())
+    assert an["table"]["full"]["lr"] == 1e-4 and an["table"]["full"]["validation_ties"] == [1e-3]
+    for lv in an["equal_gain"]:
+        assert lv["recommend"] is None and lv["tied"]  # same KL up to noise: a tie, said as a tie
+        assert lv["margin_interval"][0] <= 0 <= lv["margin_interval"][1]
+    md = cmp.markdown(an, _cfg())
+    assert "tie:" in md and "No recommendation" in md and "tied on validation with 0.001" in md
+
+
+def test_a_bad_plan_fails_before_anything_trains(files, tmp_path):
+    with pytest.raises(cmp.CompareError, match="'dpo' not supported"):
+        cmp.compare(**files, methods=("full", "dpo"), output=str(tmp_path / "x"), loader=_loader)
+    with pytest.raises(cmp.CompareError, match="--keep"):
+        cmp.compare(**{**files, "keep": str(tmp_path / "missing.txt")}, output=str(tmp_path / "x"), loader=_loader)
+    with pytest.raises(cmp.UserError):
+        cmp.compare(**files, task="dpo", output=str(tmp_path / "x"), loader=_loader)
+
+
+def test_the_command_line_flags_make_the_config():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cmp.add_arguments(parser)
+    args = parser.parse_args(["--train", "a", "--validation", "b", "--test", "c", "--keep", "d", "--task", "cpt",
+                              "--methods", "full,control", "--rates", "full=1e-5,3e-5", "--seeds", "1,2"])
+    cfg = cmp.config_from_args(args)
+    assert cfg.methods == ("full", "control") and cfg.grid("full") == (1e-5, 3e-5) and cfg.seeds == (1, 2)
+    assert cfg.grid("control") == cmp.METHODS["control"][1]
+    with pytest.raises(cmp.CompareError, match="METHOD=LR"):
+        cmp.config_from_args(parser.parse_args(["--train", "a", "--validation", "b", "--test", "c", "--keep", "d",
+                                                "--rates", "1e-5"]))
