@@ -211,7 +211,7 @@ def test_resume_reaches_the_same_weights_on_a_quantized_base(tmp_path, text_file
 @pytest.mark.parametrize("mode", MODES)
 def test_qlora_trains_lora_on_the_quantized_base(tmp_path, tiny_model_dir, text_file, mode):
     from controlllm.assets import load_pretrained
-    from controlllm.checkpoints import load_model
+    from controlllm.runs import load_model
 
     base, tokenizer = load_pretrained(str(tiny_model_dir))
     reference = quantize_model(clone(base), mode)
@@ -270,3 +270,47 @@ def test_bad_values_and_combinations_get_one_clear_error(tmp_path, text_file, mo
     with pytest.raises(QuantizationError, match="needs bitsandbytes"):
         get_control_model(make_model("llama"), ControlConfig(quantize_base="8bit"))
     assert not (tmp_path / "run").exists()
+
+
+
+def test_a_command_starts_quietly_with_bitsandbytes_loaded():
+    """bitsandbytes (imported by peft) logs 'Failed to load CPU gemm_4bit_forward from kernels-community' on
+    AVX512-BF16 CPUs; that message is dropped at its logger, so `controlllm --help` and a command that loads
+    peft (a LoRA model is prepared) print nothing on stderr. The record is emitted through the same logger
+    after peft loaded bitsandbytes, as it is on such a CPU."""
+    import subprocess
+
+    script = (
+        "import logging, sys, transformers\n"
+        "import controlllm.cli as cli\n"
+        "try:\n    cli.main(['--help'])\nexcept SystemExit as err:\n    assert err.code in (0, None), err.code\n"
+        "from controlllm.training.train import TrainConfig, prepare_model\n"
+        "config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,"
+        " num_attention_heads=2, num_key_value_heads=1)\n"
+        "prepare_model(transformers.LlamaForCausalLM(config), TrainConfig(model='m', data='d', method='lora', "
+        "output='o'))\n"
+        "assert 'bitsandbytes' in sys.modules\n"
+        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('Failed to load CPU gemm_4bit_forward from "
+        "kernels-community: %s. Please make sure you already `pip install kernels`', \"No module named 'kernels'\")\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    print(done.stderr)
+    assert done.returncode == 0
+    assert "usage" in done.stdout
+    assert done.stderr == ""
+
+
+def test_quiet_start_drops_only_the_optional_kernel_message():
+    import logging
+
+    from controlllm.quiet import BITSANDBYTES_CPU_LOGGER, SilenceOptionalKernel
+
+    logger = logging.getLogger(BITSANDBYTES_CPU_LOGGER)
+    assert any(isinstance(f, SilenceOptionalKernel) for f in logger.filters)
+
+    def record(msg):
+        return logging.LogRecord(BITSANDBYTES_CPU_LOGGER, logging.WARNING, __file__, 1, msg, ("x",), None)
+
+    assert not logger.filter(record("Failed to load CPU gemm_4bit_forward from kernels-community: %s."))
+    assert logger.filter(record("Some other bitsandbytes warning: %s"))

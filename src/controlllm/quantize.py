@@ -15,8 +15,13 @@ not the full-precision model it was quantised from. (bitsandbytes' own 8-bit lay
 activations in evaluation, and its 4-bit layer switches CPUs with AVX512-BF16 to a repacked kernel
 in evaluation; both are turned off here so the frozen branch does not change with the mode.)
 
-bitsandbytes is imported only when a model is quantised: `require_bitsandbytes` says clearly when
-it cannot be.
+bitsandbytes is imported here only when a model is quantised: `require_bitsandbytes` says clearly
+when it cannot be. peft imports it at its own import time whenever it is installed, though, so every
+command that touches peft loads it; on CPUs with AVX512-BF16 its import then logs "Failed to load CPU
+gemm_4bit_forward from kernels-community ..." (an optional fused kernel from the Hub; bitsandbytes
+falls back to its own). `controlllm.quiet` drops that one message at its logger; it is installed on
+import of this module (which `controlllm.model` imports), so a command's stderr carries only what
+concerns the user.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import quiet  # noqa: F401  (installs the filter of bitsandbytes' optional-kernel warning)
 from .config import QUANTIZATIONS
 from .errors import UserError
 
 BITSANDBYTES_REQUIREMENT = "bitsandbytes>=0.50,<0.51"
+
 
 
 class QuantizationError(UserError, RuntimeError):
