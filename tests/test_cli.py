@@ -67,7 +67,7 @@ def test_train_generate_merge_eval(tmp_path, tiny_model_dir, text_file, capsys):
     assert code == 0 and (merged / "config.json").is_file()
     from transformers import AutoModelForCausalLM
 
-    from controlllm.checkpoints import load_model
+    from controlllm.runs import load_model
 
     plain = AutoModelForCausalLM.from_pretrained(merged)
     assert plain.config.num_hidden_layers == 4 and not any("base_layer" in n for n, _ in plain.named_parameters())
@@ -92,7 +92,7 @@ def test_train_generate_merge_eval(tmp_path, tiny_model_dir, text_file, capsys):
     assert results[f"heldout:{text_file}/bpc"] > 0 and results[f"kl:{text_file}/kl"] >= 0
 
     code, _, err = run_cli(["merge", "--model", str(tiny_model_dir), "--output", str(tmp_path / "x")], capsys)
-    assert code == 2 and "needs a Control delta" in err
+    assert code == 2 and "already plain weights" in err
 
 
 def test_help_lists_subcommands(capsys):
@@ -211,27 +211,29 @@ def test_internal_bugs_keep_their_traceback(tmp_path, tiny_model_dir, monkeypatc
     monkeypatch.setattr("controlllm.evaluation.evaluate", broken)
     with pytest.raises(ValueError, match="internal invariant"):
         main(["eval", "--model", str(tiny_model_dir), "--tasks", "arc_easy", "--limit", "1"])
-    monkeypatch.setattr("controlllm.checkpoints.load_model", lambda *a, **k: (_ for _ in ()).throw(OSError("bug")))
+    monkeypatch.setattr("controlllm.runs.Run.model", lambda *a, **k: (_ for _ in ()).throw(OSError("bug")))
     with pytest.raises(OSError, match="bug"):
         main(["generate", "--model", str(tiny_model_dir), "--prompt", "Hi"])
 
 
-def test_merge_replaces_an_earlier_merge_whole_and_refuses_a_folder_of_other_files(tmp_path, tiny_model_dir, text_file,
-                                                                                    capsys):
+def test_merge_refuses_a_non_empty_folder_and_replaces_it_whole_with_overwrite(tmp_path, tiny_model_dir, text_file,
+                                                                                capsys):
     run = tmp_path / "run"
     assert run_cli(train_args(tiny_model_dir, text_file, run, "--lr", "1e-2"), capsys)[0] == 0
     merged = tmp_path / "merged"
     merged.mkdir()
-    (merged / "config.json").write_text("{}")  # an earlier merge (or a damaged one): replaced
+    (merged / "config.json").write_text("{}")  # an earlier merge (or a damaged one, or the user's model)
     (merged / "stale.safetensors").write_text("old shard")
-    code, _, _ = run_cli(["merge", "--model", str(run), "--output", str(merged)], capsys)
+    code, _, err = run_cli(["merge", "--model", str(run), "--output", str(merged)], capsys)
+    assert code == 2 and "not empty" in err and "--overwrite" in err and (merged / "stale.safetensors").exists()
+    code, _, _ = run_cli(["merge", "--model", str(run), "--output", str(merged), "--overwrite"], capsys)
     assert code == 0 and not (merged / "stale.safetensors").exists()
     assert json.loads((merged / "config.json").read_text())["num_hidden_layers"] == 4
     assert (merged / "merge_weights.json").is_file()
-    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or p.name.endswith(".old")] == []
+    assert [p.name for p in tmp_path.iterdir() if "staging" in p.name or p.name.endswith(".old")] == []
 
     other = tmp_path / "notes"
     other.mkdir()
     (other / "todo.txt").write_text("mine")
     code, _, err = run_cli(["merge", "--model", str(run), "--output", str(other)], capsys)
-    assert code == 2 and "other files" in err and (other / "todo.txt").read_text() == "mine"
+    assert code == 2 and "not empty" in err and (other / "todo.txt").read_text() == "mine"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import TOKENIZER_CORPUS
-from controlllm.checkpoints import load_model
+from controlllm.runs import load_model
 from test_cli import run_cli, train_args
 
 
@@ -90,11 +90,12 @@ def test_dial_value_zero_rolls_back_to_the_base_bit_for_bit(tmp_path, trained_ru
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--max-kl", "0"], ["no dial value above 0", "closest is s = 0.5", "--value 0"]),
+    (["--max-kl", "0"], ["--max-kl", "> 0", "--value 0"]),
+    (["--max-kl", "1e-12"], ["no dial value above 0", "closest is s = 0.5", "--value 0"]),
     ([], ["give a forgetting budget"]),
-    (["--max-kl", "-1"], ["max_kl=-1.0"]),
+    (["--max-kl", "-1"], ["--max-kl", "> 0"]),
     (["--max-kl", "1", "--values", "0,2"], ["dial value 2.0", "[0, 1]"]),
-    (["--max-kl", "1", "--mode", "sideways"], ["dial mode 'sideways'"]),
+    (["--max-kl", "1", "--mode", "sideways"], ["--mode", "'sideways'", "'output'"]),
 ])
 def test_dial_errors_are_one_line(tmp_path, trained_run, split_files, capsys, extra, words):
     method, run = trained_run
@@ -128,7 +129,7 @@ def test_train_with_keep_data_dials_at_the_end_and_mixes_data(tmp_path, tiny_mod
 
 def test_a_later_stage_dials_its_own_stage_only(tmp_path, trained_run, split_files, capsys):
     """s = 0 on a stage-2 run is stage 1's result (folded), not the original base."""
-    from controlllm.checkpoints import load_as_base
+    from controlllm.runs import load_as_base
     from controlllm.cli import main
 
     method, run = trained_run

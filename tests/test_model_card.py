@@ -46,6 +46,9 @@ def test_merge_carries_the_card_and_adds_fidelity(finished_run, tmp_path, capsys
     assert exit_info.value.code == 0
     report = json.loads(capsys.readouterr().out)
     card = (tmp_path / "merged" / "README.md").read_text()
-    assert card.startswith((finished_run / "final" / "README.md").read_text())
-    assert "## Merged" in card and f"| kl_mean | {report['kl_mean']:.6g} |" in card
+    trained = (finished_run / "final" / "README.md").read_text()
+    # The merged card describes the merged folder (a plain model), not the delta it came from.
+    assert "the base model itself is not included" in trained and "the base model itself is not included" not in card
+    assert "plain transformers model" in card and "## Base model" in card and "## Control config" in card
+    assert "## Merge" in card and f"| kl_mean | {report['kl_mean']:.6g} |" in card
     assert "| top1_agreement |" in card

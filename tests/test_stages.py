@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from controlllm import ControlModel
-from controlllm.checkpoints import load_as_base, load_model
+from controlllm.runs import load_as_base, load_model
 from controlllm.training.train import TrainConfig, train
 
 FAST = dict(max_steps=3, batch_size=2, seq_len=32, save_steps=3, logging_steps=1, progress=False, threads=1)

@@ -36,7 +36,7 @@ K = 7
 def build(workdir: str) -> tuple[dict[str, str], list[int]]:
     """The served folders: base (vLLM's own Llama), base through the plugin, the lerp run merged (vLLM's
     Llama), and lerp and dlerp runs unmerged (the plugin)."""
-    from controlllm.checkpoints import load_model
+    from controlllm.runs import load_model
     from controlllm.config import ControlConfig
     from controlllm.serving.vllm_export import export_run_for_vllm
 

@@ -172,10 +172,14 @@ class ControlBlock(_Block):
         self.register_buffer("budget_multiplier", torch.zeros((), dtype=torch.float32))
         self.register_buffer("running_drift", torch.zeros((), dtype=torch.float32))
         self.reset_observations()
-        # The weight a merge folds a dynamic interpolator with, measured only when asked
-        # (`ControlModel.measure_merge_weights`); plain Python numbers, so dtype casts keep them exact.
+        # The weight a merge folds a dynamic interpolator with at s = 1, measured only when asked
+        # (`ControlModel.measure_merge_weights`) or restored from a run's record; plain Python numbers,
+        # so dtype casts keep them exact. At dial s the fold uses s times it (`merge_weight`).
         self.measured_weight: float | None = None
         self.measured_on: str | None = None
+        # An absolute fold weight recorded by an earlier release for this dial (a later stage's
+        # lineage); used verbatim so the stage is rebuilt onto the very base it was trained on.
+        self.fold_weight: float | None = None
 
     def forward(self, hidden_states, *args, **kwargs):
         if not self.enabled:
@@ -219,18 +223,23 @@ class ControlBlock(_Block):
         self.window["n"] += 1
 
     def merge_weight(self) -> float:
-        """The w used to fold the copy into the frozen layer, times the dial: for dynamic
-        interpolators the mean measured by `ControlModel.measure_merge_weights` (when measured),
-        else the interpolator's own weight (sigmoid of its logit or bias)."""
+        """The w used to fold the copy into the frozen layer: the dial s times, for dynamic
+        interpolators, the mean per-token weight at s = 1 measured by
+        `ControlModel.measure_merge_weights` (when measured), else the interpolator's own weight
+        (sigmoid of its logit or bias). One rule at every dial: the fold at s is s times the fold at 1."""
+        if self.fold_weight is not None:
+            return self.fold_weight
         if self.interpolator.dynamic and self.measured_weight is not None:
-            return self.measured_weight  # measured at this dial: the mean of s * w per token
+            return self.dial * self.measured_weight
         return self.dial * self.interpolator.nominal_weight()
 
     def merge_weight_source(self) -> str:
         """Where `merge_weight()` comes from, in words (for the merged model's metadata)."""
         dial = f" x dial {self.dial:g}" if self.dial != 1.0 else ""
+        if self.fold_weight is not None:
+            return f"recorded: {self.measured_on}"
         if self.interpolator.dynamic and self.measured_weight is not None:
-            return f"measured: mean per-token weight on {self.measured_on}{' at dial ' + format(self.dial, 'g') if dial else ''}"
+            return f"measured: mean per-token weight on {self.measured_on}{dial}"
         if self.interpolator.dynamic:
             return f"sigmoid(b) of the gate{dial}: no weight was measured"
         return f"sigmoid(f) of the interpolation logit{dial}"

@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import typing
 
@@ -35,9 +34,32 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0,0.25,0.5; got {text!r}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported as one line `controlllm: error: ...` (exit 2), like every
+    other user error."""
+
+    def error(self, message):
+        name = self.prog.split()[-1] if " " in self.prog else ""
+        where = f" {name}" if name and name != "controlllm" else ""
+        self.exit(EXIT_USAGE, f"controlllm: error:{where} {message} (see `{self.prog} --help`)\n")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default once, and only when it says something (not None/False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "(default" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: {default})"
+
+
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name == "threads":
+            continue  # every command has --threads
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         hint = hints[f.name]
@@ -48,95 +70,162 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
         elif typing.get_origin(base) is list:
             parser.add_argument(flag, type=_int_list, default=f.default, help=help_text + " (comma-separated)")
         else:
-            parser.add_argument(flag, type=base, default=f.default,
-                                help=f"{help_text} (default: {f.default})", metavar=f.name.upper())
+            parser.add_argument(flag, type=base, default=f.default, help=help_text, metavar=f.name.upper())
+
+
+def default_threads() -> int:
+    """torch CPU threads when --threads is not given: OMP_NUM_THREADS when set, else half the cores
+    this process may use (at least 1), so a command does not oversubscribe a shared machine."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
+
+
+def _common() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads (default: $OMP_NUM_THREADS, else half the available cores)")
+    return common
+
+
+def _overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (never the model being read or its base)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .training.train import TrainConfig
+    from .training.options import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="controlllm", description="Control LLM: learn something new, keep what you knew.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="controlllm", description="Control LLM: learn something new, keep what you knew.",
+                     formatter_class=_HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    common = [_common()]
 
-    p = sub.add_parser("train", help="continued pre-training or SFT with Control LLM or a baseline")
+    def command(name, help_text, **kwargs):
+        return sub.add_parser(name, help=help_text, description=help_text, parents=common,
+                              formatter_class=_HelpFormatter, **kwargs)
+
+    p = command("train", "continued pre-training or SFT with Control LLM or a baseline")
     _add_dataclass_flags(p, TrainConfig)
 
+    model_help = "run folder, model folder or .gguf (default: SmolLM2-135M-Instruct)"
+    base_help = "base model of the run (default: the one its run_config.json records)"
     for name, help_text in (("generate", "generate text from a prompt"), ("chat", "chat interactively")):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--model", default=None, help="run folder, model folder or .gguf (default: SmolLM2-135M-Instruct)")
-        p.add_argument("--base", default=None, help="base model of a delta/adapter (default: from its run_config.json)")
-        p.add_argument("--max-new-tokens", type=int, default=128)
-        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p = command(name, help_text)
+        p.add_argument("--model", default=None, help=model_help)
+        p.add_argument("--base", default=None, help=base_help)
+        p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate")
+        p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
         if name == "generate":
-            p.add_argument("--prompt", required=True)
+            p.add_argument("--prompt", required=True, help="the prompt (wrapped in the chat template unless --raw)")
             p.add_argument("--raw", action="store_true", help="do not apply the chat template")
 
-    p = sub.add_parser("merge", help="fold a Control delta into its base: a plain transformers model folder")
-    p.add_argument("--model", required=True, help="run folder or its final/ holding a Control delta")
-    p.add_argument("--base", default=None)
-    p.add_argument("--output", required=True)
+    p = command("merge", "fold any trained run into plain weights: a transformers model folder at the base's cost")
+    p.add_argument("--model", required=True, help="run folder (Control, LoRA/QLoRA, stack, full or dialled)")
+    p.add_argument("--base", default=None, help=base_help)
+    p.add_argument("--output", required=True, help="new folder for the merged model")
+    _overwrite(p)
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights' dtype in the folder; auto = the base model's own")
+    p.add_argument("--check-data", default=None,
+                   help="data on which the merge's fidelity (KL of the merged model from the unmerged one) is measured "
+                        "(default: the run's eval data, else --check-text)")
     p.add_argument("--check-text", default="The quick brown fox jumps over the lazy dog.",
-                   help="text on which the merge's fidelity (KL) is reported")
+                   help="text for the fidelity check when there is no data")
     p.add_argument("--dequantize", action="store_true",
-                   help="a run trained on a quantised base (--quantize-base): dequantise the base and fold the copies "
-                        "into it, giving a full-precision model (without this flag such a merge is refused)")
+                   help="accepted for compatibility: a run on a quantised base is always merged into its dequantised "
+                        "base (the weights its copies were trained against)")
     p.add_argument("--calibration-data", default=None,
-                   help="data (the run's format: text for cpt, chats for sft) on which the mean weight of dlerp/dlerp_in "
-                        "interpolators is measured for the fold (default: the run's --eval-data); recorded in "
-                        "merge_weights.json")
+                   help="measure the fold weight of dlerp/dlerp_in layers anew on this data (the run's format), instead "
+                        "of the weight recorded when the run finished; recorded in merge_weights.json")
 
-    p = sub.add_parser("dial", help="turn a trained run back toward its base: the value that learns most within a "
-                                    "forgetting budget, or a value you give (0 = roll back)")
+    p = command("dial", "turn a trained run back toward its base: the value that learns most within a forgetting "
+                        "budget, or a value you give (0 = roll back)")
     p.add_argument("--model", required=True, help="run folder (any method) to dial")
-    p.add_argument("--output", required=True, help="folder for the dialled model (a run folder eval/generate/merge accept)")
+    p.add_argument("--output", required=True, help="new folder for the dialled run (a run folder every command accepts)")
+    _overwrite(p)
     p.add_argument("--learn-data", default=None, help="held-out data of the new skill: its bits/char drop is the gain")
     p.add_argument("--keep-data", default=None, help="data of what the model should keep: KL to the base and loss change")
-    p.add_argument("--max-kl", type=float, default=None, help="budget: KL(base || dialled) on --keep-data, nats/token")
+    p.add_argument("--max-kl", type=_non_negative, default=None,
+                   help="budget: KL(base || dialled) on --keep-data, nats/token (> 0; to roll back use --value 0)")
     p.add_argument("--max-keep-increase", type=float, default=None,
                    help="budget: bits/char increase on --keep-data (with or instead of --max-kl)")
-    p.add_argument("--value", type=float, default=None, help="set this dial value instead of searching (0 = the base)")
+    p.add_argument("--value", type=float, default=None,
+                   help="set this dial value instead of searching; relative to the trained stage (0 = its base)")
     p.add_argument("--values", type=_float_list, default=None, help="the grid searched (default: 0, 0.1, ..., 1)")
     p.add_argument("--refine", type=int, default=3, help="bisections toward the budget's edge after the grid")
-    p.add_argument("--mode", default="output", help="Control runs: 'output' (scale w) or 'weights' (copies' weights "
-                                                    "toward the originals, the merged form's dial)")
-    p.add_argument("--base", default=None, help="base model of the run (default: from its run_config.json)")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--limit", type=int, default=64, help="texts read from each data file (first N)")
+    p.add_argument("--mode", default="output", choices=("output", "weights"),
+                   help="Control runs: 'output' scales w; 'weights' moves the copies' weights toward the originals")
+    p.add_argument("--base", default=None, help=base_help)
+    p.add_argument("--seq-len", type=_positive, default=256, help="tokens per scored window")
+    p.add_argument("--batch-size", type=_positive, default=8, help="windows per forward pass")
+    p.add_argument("--limit", type=_positive, default=64, help="texts read from each data file (first N)")
 
-    p = sub.add_parser("eval", help="score a model on benchmarks, held-out text and divergence from its base")
-    p.add_argument("--model", default=None, help="run folder, model folder or .gguf (default: the base model)")
-    p.add_argument("--base", default=None)
-    p.add_argument("--tasks", default="arc_easy", help="comma-separated task names (see controlllm.evaluation.evaluate)")
-    p.add_argument("--limit", type=int, default=None, help="items per benchmark (first N, in file order)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--output", default=None, help="write the results JSON here")
+    p = command("eval", "score a model (and its base, with the change) on benchmarks, held-out data and KL to the base")
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--base", default=None, help=base_help)
+    p.add_argument("--tasks", default="arc_easy",
+                   help="comma-separated: arc_easy, arc_challenge, ..., mmlu:<subject>, heldout:<file>, kl:<file>")
+    p.add_argument("--limit", type=int, default=100, help="items per benchmark (first N, in file order); 0 = all")
+    p.add_argument("--batch-size", type=_positive, default=16, help="items per forward pass")
+    p.add_argument("--no-base", action="store_true", help="do not score the base model beside a trained run")
+    p.add_argument("--output", default=None, help="also write the results JSON to this file")
+    _overwrite(p)
 
-    p = sub.add_parser("demo", help="the main job: teach SmolLM2-135M-Instruct Spanish with Control LLM, print a before/after table")
-    p.add_argument("--output", default="runs/demo")
-    p.add_argument("--max-steps", type=int, default=None)
+    p = command("demo", "the main job: teach SmolLM2-135M-Instruct Spanish with Control LLM, print a before/after table")
+    p.add_argument("--output", default="runs/demo", help="run folder")
+    p.add_argument("--max-steps", type=int, default=None, help="training steps (default: the demo's)")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
 
-    p = sub.add_parser("export", help="write a model (any run, merged or plain) as one GGUF file for llama.cpp / Ollama")
-    p.add_argument("--model", required=True, help="run folder (Control delta, LoRA adapter or full weights), merged "
-                                                  "folder or model folder")
-    p.add_argument("--base", default=None, help="base model of a delta/adapter (default: from its run_config.json)")
+    p = command("export", "write any run (merged first) or model folder as one GGUF file for llama.cpp / Ollama")
+    p.add_argument("--model", required=True, help="run folder of any kind, merged folder or model folder")
+    p.add_argument("--base", default=None, help=base_help)
     p.add_argument("--format", default="gguf", help="file format (allowed: gguf)")
-    p.add_argument("--dtype", default="f32", help="tensor type of the matrices: f32 (exact), f16 or q8_0 (default: f32)")
+    p.add_argument("--dtype", default="f32", help="tensor type of the matrices (see controlllm.serving.export.DTYPES)")
     p.add_argument("--output", required=True, help="the .gguf file to write")
+    _overwrite(p)
 
-    p = sub.add_parser("plot", help="draw a run's metrics.jsonl as a PNG dashboard (loss, alignment, per-layer w and drift)")
+    p = command("plot", "draw a run's metrics.jsonl as a PNG dashboard (loss, alignment, per-layer w and drift)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder holding metrics.jsonl (the --output of train)")
     p.add_argument("--output", default=None, help="PNG to write (default: RUN_DIR/dashboard.png)")
 
-    p = sub.add_parser("serve-export", help="write a folder `vllm serve` loads with the controlllm plugin: a Control "
-                                            "run served unmerged (both branches and the interpolation), or a plain model")
+    p = command("serve-export", "write a folder `vllm serve` loads with the controlllm plugin: a Control run served "
+                                "unmerged (both branches and the interpolation), or a plain model")
     p.add_argument("--model", required=True, help="run folder (Control delta or full weights) or Llama model folder")
-    p.add_argument("--base", default=None, help="base model of a delta (default: from its run_config.json)")
-    p.add_argument("--output", required=True, help="folder to write; then: vllm serve OUTPUT")
+    p.add_argument("--base", default=None, help=base_help)
+    p.add_argument("--output", required=True, help="new folder to write; then: vllm serve OUTPUT")
+    _overwrite(p)
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="weights' dtype in the folder (default: float32, as loaded)")
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r} (to roll back to the base, use "
+                                         "--value 0)")
+    return value
 
 
 def _chat_prompt(tokenizer, text: str, raw: bool) -> str:
@@ -153,25 +242,6 @@ def _generate(model, tokenizer, prompt: str, max_new_tokens: int, temperature: f
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def _base_reference(model, kind: str, args):
-    """What `kl:` tasks compare against: the same weights without the trained part."""
-    import torch
-
-    if kind == "control":
-        return "base"
-    if kind == "lora":
-        def without_adapter(input_ids, attention_mask):
-            with model.disable_adapter(), torch.no_grad():
-                return model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return without_adapter
-    if kind == "full":
-        from .checkpoints import load_run_base, resolve_run_folder
-
-        base, _, _ = load_run_base(resolve_run_folder(args.model), args.base)
-        return base.eval()
-    raise UsageError("kl: tasks need a trained model (a run folder) to compare with its base; got a base model")
 
 
 def _check_tasks(tasks: list[str], limit: int | None) -> None:
@@ -197,23 +267,129 @@ def _check_tasks(tasks: list[str], limit: int | None) -> None:
                              f"{', '.join(GENERATION_BENCHMARKS)}, heldout:<path>, kl:<path>")
 
 
-def _measure_merge_weights(model, tokenizer, args) -> str | None:
-    """Measure the fold weight of dynamic interpolators on --calibration-data or the run's eval data
-    (`controlllm.checkpoints.measure_fold_weights`, the rule a later stage's frozen base follows too);
-    returns the data used (None when nothing was measured: the fold then uses sigmoid(b))."""
-    from .checkpoints import measure_fold_weights
+def _reference(run, model):
+    """What `kl:` tasks compare the run's model with: the base it was trained on."""
+    import torch
 
-    path = measure_fold_weights(model, tokenizer, args.model, args.calibration_data)
-    if path is None and any(b.interpolator.dynamic for b in model.control_blocks.values()):
-        print("controlllm: note: no --calibration-data and no eval data in the run: dlerp/dlerp_in layers are folded "
-              "with sigmoid(b)", file=sys.stderr)
-    return path
+    if run.kind == "lora":
+        def without_adapter(input_ids, attention_mask):
+            with model.disable_adapter(), torch.no_grad():
+                return model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return without_adapter
+    reference = run.reference()
+    if reference is None:
+        raise UsageError("kl: tasks need a trained model (a run folder) to compare with its base; got a base model")
+    return reference
+
+
+def _numbers(results: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in results.items():
+        if isinstance(value, dict):
+            flat.update(_numbers(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _with_base(results: dict, base: dict) -> dict:
+    """Every number of `results` beside the base's value and the change: {name: {model, base, change}}."""
+    ours, theirs = _numbers(results), _numbers(base)
+    return {k: {"model": v, "base": theirs[k], "change": v - theirs[k]} for k, v in ours.items() if k in theirs}
+
+
+def _merge(args) -> dict:
+    import torch
+
+    from .merge import fidelity, fidelity_batches
+    from .model_card import write_merged_card
+    from .runs import Output, open_run
+
+    run = open_run(args.model, base=args.base)
+    if run.kind == "base":
+        raise UsageError(f"--model {args.model!r} is a model folder, not a trained run: it is already plain weights")
+    out = Output(args.output, overwrite=args.overwrite, protect=run.protected)
+    for flag in ("calibration_data", "check_data"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"--{flag.replace('_', '-')} {path!r} does not exist or is not a file")
+    if args.calibration_data is not None and run.kind != "control":
+        raise UsageError(f"--calibration-data measures the fold of Control dlerp/dlerp_in layers; {args.model!r} is a "
+                         f"{run.kind} run")
+    unmerged, tokenizer = run.model(dequantize=True)
+    calibration = None
+    if args.calibration_data is not None and any(b.interpolator.dynamic for b in unmerged.control_blocks.values()):
+        from .merge import calibration_batches
+
+        task = run.record.get("task", "cpt")
+        unmerged.measure_merge_weights(calibration_batches(args.calibration_data, tokenizer, task=task,
+                                                           seq_len=run.record.get("seq_len", 256)),
+                                       source=args.calibration_data)
+        calibration = args.calibration_data
+    check = args.check_data or run.record.get("eval_data")
+    if check is not None and os.path.isfile(check):
+        batches = fidelity_batches(tokenizer, data=check, task=run.record.get("task", "cpt"),
+                                   seq_len=run.record.get("seq_len", 256))
+        checked_on = check
+    else:
+        batches = fidelity_batches(tokenizer, text=args.check_text)
+        checked_on = json.dumps(args.check_text)
+    with torch.no_grad():
+        reference = [unmerged(**b).logits.float() for b in batches]
+    weights = None
+    if run.kind == "control":
+        from .runs import fold_record
+
+        weights = fold_record(unmerged, calibration or (run.record.get("fold") or {}).get("calibration_data"))
+        weights["dequantized_base"] = run.quantization
+        merged = unmerged.merge_and_unload(dequantize=True)
+    elif run.kind == "lora":
+        merged = unmerged.merge_and_unload()
+    else:
+        merged = unmerged
+    merged.eval()
+    report = fidelity(reference, merged, batches)  # merged.eval(): fidelity runs without gradients
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = _base_dtype(run) or "float32"
+    merged = merged.to(getattr(torch, dtype))
+    with out.staging() as folder:
+        merged.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        if weights is not None:
+            with open(os.path.join(folder, MERGE_WEIGHTS), "w") as f:
+                json.dump(weights, f, indent=2)
+        write_merged_card(folder, run, {**report, "checked_on": checked_on, "dtype": dtype})
+    summary = {"output": args.output, "kind": run.kind, "dtype": dtype, "checked_on": checked_on, **report}
+    if weights is not None:
+        summary["merge_weights"] = {int(i): round(v["weight"], 6) for i, v in weights["layers"].items()}
+    return summary
+
+
+def _base_dtype(run) -> str | None:
+    """The dtype the run's original base model folder stores its weights in (None when unknown)."""
+    base = run.lineage.get("base_model")
+    path = os.path.join(base, "config.json") if base and os.path.isdir(base) else None
+    if path is None or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        config = json.load(f)
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else None
 
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "plot":
+        import torch
+
+        threads = args.threads if args.threads is not None else default_threads()
+        if threads < 1:
+            raise UsageError(f"--threads must be a positive integer, got {threads}")
+        torch.set_num_threads(threads)
     if args.command == "train":
-        from .training.train import TrainConfig, train
+        from .training.options import TrainConfig
+        from .training.train import train
 
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         try:  # the flags are user input: a value TrainConfig or ControlConfig rejects is a usage error
@@ -227,10 +403,9 @@ def run(argv: list[str] | None = None) -> int:
                           "trainable_parameters": result.trainable_parameters, **result.metrics, **dialled}, indent=2))
         return 0
     if args.command in ("generate", "chat"):
-        from .checkpoints import load_model
+        from .runs import open_run
 
-        model, tokenizer, _ = load_model(args.model, base=args.base)
-        model.eval()
+        model, tokenizer = open_run(args.model, base=args.base).model()
         if args.command == "generate":
             print(_generate(model, tokenizer, _chat_prompt(tokenizer, args.prompt, args.raw), args.max_new_tokens,
                             args.temperature))
@@ -249,45 +424,7 @@ def run(argv: list[str] | None = None) -> int:
             messages.append({"role": "assistant", "content": reply})
             print(f"model> {reply}")
     if args.command == "merge":
-        from .checkpoints import load_model
-        from .merge import merge_fidelity
-        from .model_card import carry_card_to_merge
-        from .training.train import replace_dir
-
-        output = os.fspath(args.output)
-        if os.path.isdir(output) and os.listdir(output) and not os.path.isfile(os.path.join(output, "config.json")):
-            raise UsageError(f"--output {output!r} is a folder with other files in it; merge writes a whole model folder "
-                             "there (replacing it): give a new or empty folder, or an earlier merge's")
-        model, tokenizer, kind = load_model(args.model, base=args.base)
-        if kind != "control":
-            raise UsageError(f"--model {args.model!r} holds a {kind} model; merge needs a Control delta")
-        if model.quantization is not None and not args.dequantize:
-            raise UsageError(f"--model {args.model!r} was trained on a {model.quantization} base: folding its copies into "
-                             "quantised weights would re-quantise what was trained; pass --dequantize to merge into the "
-                             "dequantised base (a full-precision model)")
-        from .checkpoints import fold_record
-
-        weights = fold_record(model, _measure_merge_weights(model, tokenizer, args))
-        weights["dequantized_base"] = model.quantization
-        enc = tokenizer(args.check_text, return_tensors="pt")
-        # measures, changes nothing
-        report = merge_fidelity(model, enc["input_ids"], enc["attention_mask"], dequantize=args.dequantize)
-        merged = model.merge_and_unload(dequantize=args.dequantize)
-        # Written whole into a staging folder, then put in place: a killed merge leaves the old output or none.
-        staging = f"{os.path.abspath(output).rstrip(os.sep)}.tmp-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
-            merged.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            with open(os.path.join(staging, MERGE_WEIGHTS), "w") as f:
-                json.dump(weights, f, indent=2)
-            replace_dir(staging, output)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        print(json.dumps({"output": args.output, **report,
-                          "merge_weights": {int(i): round(v["weight"], 6) for i, v in weights["layers"].items()}},
-                         indent=2))
-        carry_card_to_merge(args.model, args.output, report, args.check_text)
+        print(json.dumps(_merge(args), indent=2))
         return 0
     if args.command == "dial":
         from .dial import DEFAULT_VALUES, run_dial
@@ -295,30 +432,36 @@ def run(argv: list[str] | None = None) -> int:
         for flag in ("max_kl", "max_keep_increase"):
             if getattr(args, flag) is not None and args.value is not None:
                 raise UsageError(f"--value sets the dial by hand; it does not go with --{flag.replace('_', '-')}")
-        if args.limit is not None and args.limit < 1:
-            raise UsageError(f"--limit must be a positive integer, got {args.limit}")
         record = run_dial(args.model, args.output, learn_data=args.learn_data, keep_data=args.keep_data,
                           max_kl=args.max_kl, max_keep_increase=args.max_keep_increase, value=args.value,
                           values=args.values or DEFAULT_VALUES, mode=args.mode, refine=args.refine, base=args.base,
-                          seq_len=args.seq_len, batch_size=args.batch_size, limit=args.limit)
+                          seq_len=args.seq_len, batch_size=args.batch_size, limit=args.limit, overwrite=args.overwrite)
         print(json.dumps({"output": args.output, "value": record["value"], "chosen": record["chosen"]}, indent=2))
         return 0
     if args.command == "eval":
-        from .checkpoints import load_model
         from .evaluation import evaluate
-        from .training.train import write_text_atomic
+        from .runs import Output, open_run
 
         tasks = [t for t in args.tasks.split(",") if t]
         _check_tasks(tasks, args.limit)
-        model, tokenizer, kind = load_model(args.model, base=args.base)
-        model.eval()
-        reference = _base_reference(model, kind, args) if any(t.startswith("kl:") for t in tasks) else None
-        results = evaluate(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size, reference=reference)
-        results = {"model": args.model, "kind": kind, **results}
+        limit = args.limit or None
+        run = open_run(args.model, base=args.base)
+        out = Output(args.output, kind="file", overwrite=args.overwrite, protect=run.protected) if args.output else None
+        model, tokenizer = run.model()
+        reference = _reference(run, model) if any(t.startswith("kl:") for t in tasks) else None
+        results = evaluate(model, tokenizer, tasks, limit=limit, batch_size=args.batch_size, reference=reference)
+        results = {"model": args.model, "kind": run.kind, **results}
+        if run.kind != "base" and not args.no_base:
+            base_model, _ = run.base_model()
+            base_tasks = [t for t in tasks if not t.startswith("kl:")]
+            base = evaluate(base_model.eval(), tokenizer, base_tasks, limit=limit, batch_size=args.batch_size) \
+                if base_tasks else {}
+            results["base"] = base
+            results["versus_base"] = _with_base({k: v for k, v in results.items() if k not in ("model", "kind")}, base)
         text = json.dumps(results, indent=2)
         print(text)
-        if args.output:
-            write_text_atomic(args.output, text + "\n")
+        if out is not None:
+            out.write_text(text + "\n")
         return 0
     if args.command == "demo":
         from .demo import run_demo
@@ -326,13 +469,23 @@ def run(argv: list[str] | None = None) -> int:
         run_demo(output=args.output, max_steps=args.max_steps, quick=args.quick)
         return 0
     if args.command == "export":
+        from .model_card import merged_card_text
+        from .runs import Output, open_run
         from .serving.export import DTYPES, export_gguf
 
         if args.format != "gguf":  # checked before any model loads
             raise UsageError(f"--format {args.format!r} is not supported; allowed: gguf")
         if args.dtype not in DTYPES:
             raise UsageError(f"--dtype {args.dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
-        print(json.dumps(export_gguf(args.model, args.output, dtype=args.dtype, base=args.base), indent=2))
+        if not args.output.endswith(".gguf"):
+            raise UsageError(f"--output {args.output!r} must end in .gguf")
+        run = open_run(args.model, base=args.base)
+        out = Output(args.output, kind="file", overwrite=args.overwrite, protect=run.protected)
+        model, tokenizer = run.merged()
+        name = os.path.basename(os.path.normpath(args.model))
+        with out.staging() as tmp:
+            info = export_gguf(model, tmp, dtype=args.dtype, tokenizer=tokenizer, card=merged_card_text(run, holds="gguf"), name=name)
+        print(json.dumps({**info, "output": args.output, "source_kind": run.kind}, indent=2))
         return 0
     if args.command == "plot":
         from .plots import plot_run
@@ -344,7 +497,7 @@ def run(argv: list[str] | None = None) -> int:
 
         from .serving.vllm_export import export_run_for_vllm
 
-        info = export_run_for_vllm(args.model, args.output, base=args.base,
+        info = export_run_for_vllm(args.model, args.output, base=args.base, overwrite=args.overwrite,
                                    dtype=getattr(torch, args.dtype) if args.dtype else None)
         print(json.dumps({**info, "serve": f"vllm serve {args.output}"}, indent=2))
         return 0

@@ -18,7 +18,7 @@ import torch
 
 from .assets import LICENCES, fetch_bible, fetch_fortunes, load_pretrained
 from .evaluation import heldout_loss, kl_to_reference, load_benchmark, score_multiple_choice
-from .checkpoints import load_model
+from .runs import load_model
 from .dial import DialBudgetError, run_dial
 from .training.train import TrainConfig, train
 

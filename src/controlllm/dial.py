@@ -28,7 +28,6 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .block import ControlBlock, StackBlock, make_identity
 from .errors import UsageError, UserError
@@ -88,12 +87,7 @@ class Dial:
                 self.value = model.dial
         elif _is_peft(model):
             self.kind = "lora"
-            for name, p in model.named_parameters():
-                if ".lora_B." in name:
-                    self._params[name] = p
-                    self._trained[name] = p.detach().clone()
-            if not self._params:
-                raise UsageError(f"{type(model).__name__} has no LoRA B matrices to scale; only LoRA adapters can be dialled")
+            self._lora_ends(model)
         else:
             self.kind = "weights"
             if base is None:
@@ -109,6 +103,61 @@ class Dial:
                     self._params[name] = p
                     self._start[name] = s0.clone()
                     self._trained[name] = p.detach().clone()
+
+    def _lora_ends(self, model: nn.Module) -> None:
+        """The ends of a PEFT LoRA model: every B matrix is scaled by s (the update B A vanishes at
+        0); DoRA magnitudes and `modules_to_save` copies are interpolated toward their values in the
+        base (the column norms of the base weights, the original modules), so s = 0 is the base bit
+        for bit. Adapters whose base values are not kept are refused."""
+        from peft.tuners.lora import LoraLayer
+        from peft.utils import ModulesToSaveWrapper
+        from peft.utils.integrations import dequantize_module_weight
+
+        for adapter, config in model.peft_config.items():
+            peft_type = str(getattr(config.peft_type, "value", config.peft_type))
+            if peft_type != "LORA":
+                raise UsageError(f"adapter {adapter!r} is {peft_type}; only LoRA adapters (LoRA, DoRA) can be dialled")
+            if getattr(config, "bias", "none") != "none":
+                raise UsageError(f"adapter {adapter!r} trains the base model's biases (bias={config.bias!r}) in place, so "
+                                 "the base is not kept and s = 0 cannot be it; only bias='none' adapters can be dialled")
+            if getattr(config, "trainable_token_indices", None):
+                raise UsageError(f"adapter {adapter!r} trains token embeddings in place (trainable_token_indices); "
+                                 "such an adapter cannot be dialled back to the base exactly")
+        self._dora: list[nn.Module] = []
+        for prefix, module in model.named_modules():
+            if isinstance(module, LoraLayer):
+                for adapter, b in module.lora_B.items():
+                    for name, p in b.named_parameters():
+                        self._add(f"{prefix}.lora_B.{adapter}.{name}", p, None)
+                for adapter, p in module.lora_embedding_B.items():
+                    self._add(f"{prefix}.lora_embedding_B.{adapter}", p, None)
+                for adapter, dora in module.lora_magnitude_vector.items():
+                    weight = dequantize_module_weight(module.get_base_layer())
+                    # The magnitude DoRA starts from, computed by DoRA itself with a zero update.
+                    with torch.no_grad():
+                        start = dora.get_weight_norm(weight=weight, lora_weight=torch.zeros((), dtype=weight.dtype,
+                                                     device=weight.device), scaling=module.scaling[adapter])
+                    if start.shape != dora.weight.shape:
+                        raise UsageError(f"cannot dial the DoRA layer {prefix!r} ({type(dora).__name__}): its magnitude "
+                                         f"{tuple(dora.weight.shape)} does not match the base norms {tuple(start.shape)}")
+                    self._add(f"{prefix}.lora_magnitude_vector.{adapter}.weight", dora.weight, start)
+                    self._dora.append(dora)
+            elif isinstance(module, ModulesToSaveWrapper):
+                original = dict(module.original_module.named_parameters())
+                for adapter, copy_ in module.modules_to_save.items():
+                    for name, p in copy_.named_parameters():
+                        if name not in original or original[name].shape != p.shape:
+                            raise UsageError(f"cannot dial {prefix}.modules_to_save.{adapter}: its parameter {name!r} "
+                                             "has no counterpart of the same shape in the original module")
+                        self._add(f"{prefix}.modules_to_save.{adapter}.{name}", p, original[name])
+        if not any(k not in self._start for k in self._params):
+            raise UsageError(f"{type(model).__name__} has no LoRA B matrices to scale; only LoRA adapters can be dialled")
+
+    def _add(self, key: str, p: nn.Parameter, start: torch.Tensor | None) -> None:
+        self._params[key] = p
+        self._trained[key] = p.detach().clone()
+        if start is not None:  # else scaled by s: its start is zero
+            self._start[key] = start.detach().to(p.device, p.dtype).clone()
 
     def _control_weight_ends(self, model: ControlModel) -> None:
         for index, block in model.blocks.items():
@@ -133,12 +182,15 @@ class Dial:
         value = _check_value(value)
         if self.kind == "control" and self.mode == "output":
             self.model.set_dial(value)
-        elif self.kind == "lora":
-            for name, p in self._params.items():
-                p.copy_(self._trained[name] if value == 1.0 else self._trained[name] * value)
         else:  # torch.lerp is exact at both ends: the start at 0, the trained weights at 1
             for name, p in self._params.items():
-                p.copy_(torch.lerp(self._start[name], self._trained[name], value))
+                start = self._start.get(name)
+                if start is None:  # a LoRA B matrix: s B
+                    p.copy_(self._trained[name] if value == 1.0 else self._trained[name] * value)
+                else:
+                    p.copy_(torch.lerp(start, self._trained[name], value))
+            for dora in getattr(self, "_dora", ()):
+                dora._cache_clear()  # DoRA may cache the weight norm of the last update
         self.value = value
         return self.model
 
@@ -159,9 +211,16 @@ class Dial:
 @dataclass
 class DialPoint:
     """One dial value scored: the new skill's loss (`learn_*`), the kept data's loss (`keep_*`) and
-    KL(base || dialled) on the kept data, per token in nats; bits/char where characters are known.
+    KL(base || dialled) on the kept data, per scored token in nats; bits/char per scored character.
     `gain` is the new skill's bits/char drop from the base (s = 0), `keep_increase` the kept data's
-    bits/char increase."""
+    bits/char increase. Plain texts are scored on every token, chats on their answer tokens (what
+    SFT trains on), as `controlllm.scoring` does for `eval`.
+
+    When the keep data is split (`check` > 0), `kl`, `keep_*` and `keep_increase` are measured on
+    the `choice_texts` used to choose, and `check_kl` / `check_keep_increase` on the `check_texts`
+    left out of the choice. With a `confidence`, `kl_bound` / `keep_increase_bound` are one-sided
+    upper bounds of `kl` / `keep_increase` from a per-text bootstrap of the choice texts; `choose`
+    holds these bounds, not the point estimates, to the budget."""
 
     value: float
     learn_nll: float
@@ -171,104 +230,169 @@ class DialPoint:
     kl: float
     gain: float = 0.0
     keep_increase: float = 0.0
+    kl_bound: float | None = None
+    keep_increase_bound: float | None = None
+    check_kl: float | None = None
+    check_keep_increase: float | None = None
+    choice_texts: int | None = None
+    check_texts: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _token_windows(tokenizer, texts: Sequence[str], seq_len: int) -> list[list[int]]:
-    from .evaluation import _windows
-
-    texts = [t for t in texts if t]
-    if not texts:
-        raise UsageError("the dial needs at least one non-empty text in each of the learn and keep data")
-    return sorted(_windows(tokenizer, texts, seq_len), key=len, reverse=True)
+# Resamples of the bootstrap bound; its quantile moves by well under 1% of the spread between runs.
+BOOTSTRAP_SAMPLES = 2000
 
 
-def _batches(tokenizer, windows: list[list[int]], batch_size: int, device):
-    from .evaluation import _pad_id, _right_pad
+def _split(texts: int, check: float, seed: int) -> tuple[list[int], list[int]]:
+    """(choice, check) text indices: a seeded shuffle, `check` of the texts (at least one) held out
+    when there are two texts or more."""
+    import random
 
-    for start in range(0, len(windows), batch_size):
-        chunk = windows[start: start + batch_size]
-        ids, mask = _right_pad([w[:-1] for w in chunk], _pad_id(tokenizer), device)
-        targets = torch.full(ids.shape, -100, dtype=torch.long, device=device)
-        for row, w in enumerate(chunk):
-            targets[row, : len(w) - 1] = torch.tensor(w[1:], device=device)
-        yield ids, mask, targets
-
-
-def _log_probs(model, ids, mask) -> torch.Tensor:
-    from .evaluation import _logits
-
-    return _logits(model, ids, mask).float().log_softmax(-1)
+    if isinstance(check, bool) or not isinstance(check, (int, float)) or not 0.0 <= check < 1.0:
+        raise UsageError(f"check={check!r} is not allowed; use the share of keep texts held out of the choice, "
+                         "in [0, 1) (0: choose on all of them)")
+    order = list(range(texts))
+    if check == 0 or texts < 2:
+        return order, []
+    random.Random(seed).shuffle(order)
+    held = min(texts - 1, max(1, round(texts * check)))
+    return sorted(order[held:]), sorted(order[:held])
 
 
-def dial_curve(dial: Dial, tokenizer, learn_texts: Sequence[str], keep_texts: Sequence[str],
-               values: Sequence[float] = DEFAULT_VALUES, seq_len: int = 256, batch_size: int = 8,
-               progress: bool = True) -> list[DialPoint]:
-    """Score every dial value in `values` (s = 0 is always added: it is the base, the reference).
+def _upper_bound(numerator: torch.Tensor, denominator: torch.Tensor, confidence: float, seed: int) -> float:
+    """One-sided `confidence` upper bound of sum(numerator) / sum(denominator), texts resampled."""
+    n = len(numerator)
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randint(n, (BOOTSTRAP_SAMPLES, n), generator=g)
+    counts = torch.zeros(BOOTSTRAP_SAMPLES, n, dtype=torch.float64).scatter_add_(
+        1, picks, torch.ones(BOOTSTRAP_SAMPLES, n, dtype=torch.float64))
+    ratios = (counts @ numerator.double()) / (counts @ denominator.double())
+    return float(torch.quantile(ratios, confidence))
 
-    The learn texts give the new skill's loss; the keep texts the loss and KL(base || dialled),
-    the base's distributions computed once per batch at s = 0 and compared with every value.
-    Texts are cut into windows of `seq_len` predicted tokens, each token predicted once. The dial
-    is left where it was. Returns the points sorted by value.
-    """
+
+def _tokens(data) -> torch.Tensor:
+    counts = torch.zeros(data.texts, dtype=torch.float64)
+    for owner, labels in zip(data.owner, data.labels):
+        counts[owner] += sum(t != -100 for t in labels)
+    return counts
+
+
+def _score(dial: Dial, tokenizer, learn, keep, values: Sequence[float], batch_size: int, progress: bool,
+           learn_values: Sequence[float]) -> dict[float, dict[str, torch.Tensor]]:
+    """Per value, per text sums: the learn data's NLL (for `learn_values`), the keep data's NLL and
+    KL(base || dialled). The base's distributions are computed once per keep batch at s = 0."""
     from tqdm.auto import tqdm
 
-    from .evaluation import _device_of, _inference
+    from .evaluation import _device_of, _inference, _pad_id
+    from .scoring import log_probs, token_sums
 
-    values = sorted({0.0, *(_check_value(v) for v in values)})
-    learn = _token_windows(tokenizer, learn_texts, seq_len)
-    keep = _token_windows(tokenizer, keep_texts, seq_len)
-    chars = {"learn": sum(len(t) for t in learn_texts if t), "keep": sum(len(t) for t in keep_texts if t)}
     model = dial.model
-    device = _device_of(model)
-    sums = {v: {"learn": 0.0, "keep": 0.0, "kl": 0.0} for v in values}
-    counts = {"learn": 0, "keep": 0}
-    steps = len(values) * (math.ceil(len(learn) / batch_size) + math.ceil(len(keep) / batch_size))
+    device, pad = _device_of(model), _pad_id(tokenizer)
+    raw = {v: {"learn": torch.zeros(learn.texts, dtype=torch.float64), "keep": torch.zeros(keep.texts, dtype=torch.float64),
+               "kl": torch.zeros(keep.texts, dtype=torch.float64)} for v in values}
+    steps = len(values) * math.ceil(len(keep.windows) / batch_size) + \
+        len(learn_values) * math.ceil(len(learn.windows) / batch_size)
     previous = dial.value
     try:
         with _inference(model), tqdm(total=steps, desc="dial", disable=not progress) as bar:
-            for ids, mask, targets in _batches(tokenizer, keep, batch_size, device):
+            for ids, mask, targets, owners in keep.batches(pad, batch_size, device):
                 dial.set(0.0)
-                base = _log_probs(model, ids, mask)
-                real = targets != -100
-                counts["keep"] += int(real.sum())
+                base = log_probs(model, ids, mask)
                 for v in values:
-                    log_q = base if v == 0.0 else _log_probs(dial.set(v), ids, mask)
-                    sums[v]["keep"] += float(F.nll_loss(log_q[real], targets[real], reduction="sum"))
-                    if v != 0.0:
-                        sums[v]["kl"] += float((base.exp() * (base - log_q)).sum(-1)[real].sum())
+                    log_q = base if v == 0.0 else log_probs(dial.set(v), ids, mask)
+                    nll, _, kl = token_sums(log_q, targets, None if v == 0.0 else base)
+                    raw[v]["keep"].index_add_(0, owners, nll.double().cpu())
+                    if kl is not None:
+                        raw[v]["kl"].index_add_(0, owners, kl.double().cpu())
                     bar.update(1)
-            for v in values:
+            for v in learn_values:
                 dial.set(v)
-                for ids, mask, targets in _batches(tokenizer, learn, batch_size, device):
-                    real = targets != -100
-                    if v == values[0]:
-                        counts["learn"] += int(real.sum())
-                    sums[v]["learn"] += float(F.nll_loss(_log_probs(model, ids, mask)[real], targets[real], reduction="sum"))
+                for ids, mask, targets, owners in learn.batches(pad, batch_size, device):
+                    nll, _, _ = token_sums(log_probs(model, ids, mask), targets)
+                    raw[v]["learn"].index_add_(0, owners, nll.double().cpu())
                     bar.update(1)
     finally:
         dial.set(previous)
+    return raw
+
+
+def _points(raw: dict, learn, keep, check: float, confidence: float | None, seed: int) -> list[DialPoint]:
+    if confidence is not None and (isinstance(confidence, bool) or not isinstance(confidence, (int, float))
+                                   or not 0.5 <= confidence < 1.0):
+        raise UsageError(f"confidence={confidence!r} is not allowed; use None (no bound) or a number in [0.5, 1)")
+    choice, held = _split(keep.texts, check, seed)
+    learn_tokens, keep_tokens = _tokens(learn), _tokens(keep)
+    learn_chars = float(sum(learn.characters))
+    keep_chars = torch.tensor(keep.characters, dtype=torch.float64)
+    base = raw[0.0]
     points = []
-    for v in values:
-        s = sums[v]
-        points.append(DialPoint(value=v, learn_nll=s["learn"] / counts["learn"],
-                                learn_bpc=s["learn"] / LN2 / chars["learn"], keep_nll=s["keep"] / counts["keep"],
-                                keep_bpc=s["keep"] / LN2 / chars["keep"], kl=s["kl"] / counts["keep"]))
-    base = points[0]
-    for p in points:
-        p.gain = base.learn_bpc - p.learn_bpc
-        p.keep_increase = p.keep_bpc - base.keep_bpc
+    for v in sorted(raw):
+        r = raw[v]
+        increase = (r["keep"] - base["keep"]) / LN2  # bits, per text
+        c = torch.tensor(choice)
+        point = DialPoint(value=v, learn_nll=float(r["learn"].sum() / learn_tokens.sum()),
+                          learn_bpc=float(r["learn"].sum()) / LN2 / learn_chars,
+                          keep_nll=float(r["keep"][c].sum() / keep_tokens[c].sum()),
+                          keep_bpc=float(r["keep"][c].sum()) / LN2 / float(keep_chars[c].sum()),
+                          kl=float(r["kl"][c].sum() / keep_tokens[c].sum()),
+                          keep_increase=float(increase[c].sum() / keep_chars[c].sum()),
+                          choice_texts=len(choice))
+        point.gain = (float(base["learn"].sum()) - float(r["learn"].sum())) / LN2 / learn_chars
+        if confidence is not None:
+            point.kl_bound = 0.0 if v == 0.0 else _upper_bound(r["kl"][c], keep_tokens[c], confidence, seed)
+            point.keep_increase_bound = 0.0 if v == 0.0 else _upper_bound(increase[c], keep_chars[c], confidence, seed)
+        if held:
+            h = torch.tensor(held)
+            point.check_texts = len(held)
+            point.check_kl = float(r["kl"][h].sum() / keep_tokens[h].sum())
+            point.check_keep_increase = float(increase[h].sum() / keep_chars[h].sum())
+        points.append(point)
     return points
+
+
+def _prepare(tokenizer, learn_data, keep_data, seq_len: int):
+    from .scoring import prepare
+
+    for name, data in (("learn", learn_data), ("keep", keep_data)):
+        if data is None or isinstance(data, (str, bytes)) or not len(data):
+            raise UsageError(f"the dial needs {name} data: a non-empty list of texts or chats, not {data!r:.40}")
+    return prepare(tokenizer, learn_data, seq_len), prepare(tokenizer, keep_data, seq_len)
+
+
+def dial_curve(dial: Dial, tokenizer, learn_texts: Sequence[Any], keep_texts: Sequence[Any],
+               values: Sequence[float] = DEFAULT_VALUES, seq_len: int = 256, batch_size: int = 8,
+               progress: bool = True, check: float = 0.0, confidence: float | None = None,
+               seed: int = 0) -> list[DialPoint]:
+    """Score every dial value in `values` (s = 0 is always added: it is the base, the reference).
+
+    The learn data gives the new skill's loss; the keep data the loss and KL(base || dialled), the
+    base's distributions computed once per batch at s = 0 and compared with every value. Each is a
+    list of plain texts (every token scored) or of chats (lists of {role, content} messages,
+    rendered and labelled as SFT training does: only the answer tokens are scored), cut into
+    windows of `seq_len` predicted tokens, each scored token predicted once: the same scoring as
+    `eval`'s `heldout:` and `kl:` tasks (`controlllm.scoring`). `check` holds that share of the
+    keep texts out (see `DialPoint`); `confidence` adds bootstrap upper bounds. The dial is left
+    where it was. Returns the points sorted by value.
+    """
+    values = sorted({0.0, *(_check_value(v) for v in values)})
+    learn, keep = _prepare(tokenizer, learn_texts, keep_texts, seq_len)
+    raw = _score(dial, tokenizer, learn, keep, values, batch_size, progress, values)
+    return _points(raw, learn, keep, check, confidence, seed)
+
+
+def _bounded(point: DialPoint, name: str) -> float:
+    bound = getattr(point, f"{name}_bound")
+    return getattr(point, name) if bound is None else bound
 
 
 def _forgetting(point: DialPoint, max_kl: float | None, max_keep_increase: float | None) -> bool:
     ok = True
     if max_kl is not None:
-        ok &= point.kl <= max_kl
+        ok &= _bounded(point, "kl") <= max_kl
     if max_keep_increase is not None:
-        ok &= point.keep_increase <= max_keep_increase
+        ok &= _bounded(point, "keep_increase") <= max_keep_increase
     return ok
 
 
@@ -286,8 +410,10 @@ def choose(points: Sequence[DialPoint], max_kl: float | None = None,
            max_keep_increase: float | None = None) -> DialPoint:
     """The point with the largest gain among those within the budget (ties: the smaller value).
 
-    s = 0 (the base) is always within a budget; when it is the only one, or no point within the
-    budget gains anything, a `DialBudgetError` names the closest point outside it.
+    A point is within the budget when its forgetting, or its upper bound where the point has one
+    (`kl_bound`, `keep_increase_bound`), is at most the budget. s = 0 (the base) is always within
+    a budget; when it is the only one, or no point within the budget gains anything, a
+    `DialBudgetError` names the closest point outside it.
     """
     _check_budget(max_kl, max_keep_increase)
     within = [p for p in points if _forgetting(p, max_kl, max_keep_increase)]
@@ -297,40 +423,117 @@ def choose(points: Sequence[DialPoint], max_kl: float | None = None,
         budget = " and ".join(f"{n} {v:g}" for n, v in (("KL", max_kl), ("keep bits/char increase", max_keep_increase))
                               if v is not None)
         closest = min(outside, key=lambda p: p.value, default=None)
-        near = (f"; the closest is s = {closest.value:g} with KL {closest.kl:.4g} and keep increase "
-                f"{closest.keep_increase:+.4g} (gain {closest.gain:+.4g})") if closest else ""
+        near = ""
+        if closest:
+            bound = (f" (upper bounds {_bounded(closest, 'kl'):.4g} and {_bounded(closest, 'keep_increase'):+.4g})"
+                     if closest.kl_bound is not None else "")
+            near = (f"; the closest is s = {closest.value:g} with KL {closest.kl:.4g} and keep increase "
+                    f"{closest.keep_increase:+.4g}{bound} (gain {closest.gain:+.4g})")
         raise DialBudgetError(f"no dial value above 0 gains anything within {budget}{near}. Loosen the budget, try "
                               "smaller values (--values), or roll back to the base with --value 0")
     return best
 
 
-def search(dial: Dial, tokenizer, learn_texts: Sequence[str], keep_texts: Sequence[str],
+def search(dial: Dial, tokenizer, learn_texts: Sequence[Any], keep_texts: Sequence[Any],
            max_kl: float | None = None, max_keep_increase: float | None = None,
-           values: Sequence[float] = DEFAULT_VALUES, refine: int = 3, **kwargs) -> tuple[DialPoint, list[DialPoint]]:
-    """`dial_curve` on `values`, then `refine` bisections between the chosen value and the next
-    larger one outside the budget; returns (the chosen point, every point scored, by value).
-    The dial is left at the chosen value."""
+           values: Sequence[float] = DEFAULT_VALUES, refine: int = 3, seq_len: int = 256, batch_size: int = 8,
+           progress: bool = True, check: float = 0.5, confidence: float | None = 0.95,
+           seed: int = 0) -> tuple[DialPoint, list[DialPoint]]:
+    """Choose the dial value that gains most within the budget, with a budget that holds out of sample.
+
+    The keep texts are split (seeded): `check` of them are held out of the choice and report the
+    chosen value's forgetting on data it was not chosen on (`check_kl`, `check_keep_increase`);
+    on the rest, the budget is held by a one-sided `confidence` bootstrap upper bound per value
+    (None: the point estimate). s = 1 (the trained model) is scored first: when it is within the
+    budget and gains, it is chosen and nothing else is scored. Otherwise `values` are scored, then
+    `refine` bisections between the chosen value and the next larger one outside the budget.
+    Returns (the chosen point, every point scored, by value); the dial is left at the chosen
+    value. `search_report` turns the result into the record `controlllm dial` writes.
+    """
     _check_budget(max_kl, max_keep_increase)
-    points = dial_curve(dial, tokenizer, learn_texts, keep_texts, values, **kwargs)
-    for _ in range(max(0, refine)):
-        try:
-            best = choose(points, max_kl, max_keep_increase)
-        except DialBudgetError:
-            best = points[0]
-        above = [p for p in points if p.value > best.value]
-        if not above or _forgetting(above[0], max_kl, max_keep_increase):
-            break
-        middle = round((best.value + above[0].value) / 2, 6)
-        if middle in {p.value for p in points}:
-            break
-        new = dial_curve(dial, tokenizer, learn_texts, keep_texts, [middle], **kwargs)
-        points = sorted([*points, new[1]], key=lambda p: p.value)
+    values = sorted({0.0, *(_check_value(v) for v in values)})
+    learn, keep = _prepare(tokenizer, learn_texts, keep_texts, seq_len)
+    raw: dict[float, dict] = {}
+
+    def add(new: Sequence[float]) -> list[DialPoint]:
+        # Every call scores s = 0 on the keep data (each batch's KL reference); the learn data once.
+        new = sorted({v for v in {0.0, *new} if v not in raw})
+        scored = _score(dial, tokenizer, learn, keep, sorted({0.0, *new}), batch_size, progress, new)
+        raw.update({v: scored[v] for v in new})
+        return _points(raw, learn, keep, check, confidence, seed)
+
+    points = add([1.0])
+    trained = points[-1]
+    if not (_forgetting(trained, max_kl, max_keep_increase) and trained.gain > 0):
+        points = add(values)
+        for _ in range(max(0, refine)):
+            try:
+                best = choose(points, max_kl, max_keep_increase)
+            except DialBudgetError:
+                best = points[0]
+            above = [p for p in points if p.value > best.value]
+            if not above or _forgetting(above[0], max_kl, max_keep_increase):
+                break
+            middle = round((best.value + above[0].value) / 2, 6)
+            if middle in raw:
+                break
+            points = add([middle])
+    elif progress:
+        import sys
+
+        print(f"dial: the trained model (s = 1) is already within the budget ({_budget_words(max_kl, max_keep_increase)}"
+              f"; KL {trained.kl:.4g}, bound {_bounded(trained, 'kl'):.4g}): keeping it, no search needed",
+              file=sys.stderr)
     best = choose(points, max_kl, max_keep_increase)
     dial.set(best.value)
     return best, points
 
 
-__all__ = ["DEFAULT_VALUES", "Dial", "DialBudgetError", "DialPoint", "choose", "dial_curve", "search"]
+def _budget_words(max_kl: float | None, max_keep_increase: float | None) -> str:
+    return ", ".join(f"{k} <= {v:g}" for k, v in (("KL", max_kl), ("keep bits/char increase", max_keep_increase))
+                     if v is not None)
+
+
+def search_report(best: DialPoint, points: Sequence[DialPoint], max_kl: float | None = None,
+                  max_keep_increase: float | None = None) -> dict:
+    """What a search's choice promises, for the dial's record: whether the trained model (s = 1)
+    was already within the budget (then nothing else was scored), the bounds the choice was held
+    to, and the chosen value's forgetting on the keep texts held out of the choice, with whether
+    it is within the budget there and, if not, by how much it is over."""
+    trained_fits = best.value == 1.0
+    report: dict[str, Any] = {
+        "trained_fits": trained_fits,
+        "values_scored": len(points),
+        "choice_texts": best.choice_texts,
+        "bound": {"kl": best.kl_bound, "keep_increase": best.keep_increase_bound},
+        "held_out": None,
+    }
+    if best.check_texts:
+        over = {}
+        if max_kl is not None and best.check_kl > max_kl:
+            over["kl"] = best.check_kl - max_kl
+        if max_keep_increase is not None and best.check_keep_increase > max_keep_increase:
+            over["keep_increase"] = best.check_keep_increase - max_keep_increase
+        report["held_out"] = {"texts": best.check_texts, "kl": best.check_kl,
+                              "keep_increase": best.check_keep_increase, "within_budget": not over, "over_by": over}
+    notes = []
+    if trained_fits:
+        notes.append(f"the trained model (s = 1) is within the budget ({_budget_words(max_kl, max_keep_increase)}); "
+                     "no smaller value was needed")
+    held = report["held_out"]
+    if held is not None:
+        notes.append(f"on {held['texts']} keep texts held out of the choice, s = {best.value:g} has KL {held['kl']:.4g} "
+                     f"and keep bits/char change {held['keep_increase']:+.4g}: "
+                     + ("within the budget" if held["within_budget"] else
+                        "over the budget by " + ", ".join(f"{k} {v:.3g}" for k, v in held["over_by"].items())))
+    else:
+        notes.append("no keep text was held out of the choice (one text only, or check=0): the forgetting is "
+                     "measured on the texts it was chosen on")
+    report["note"] = "; ".join(notes)
+    return report
+
+
+__all__ = ["DEFAULT_VALUES", "Dial", "DialBudgetError", "DialPoint", "choose", "dial_curve", "search", "search_report"]
 
 
 # ------------------------------------------------------------------------------- run folders
@@ -339,58 +542,24 @@ DIAL_TABLE = "dial.md"
 DIAL_PLOT = "dial.png"
 
 
-def read_eval_texts(path: str | os.PathLike, tokenizer, limit: int | None = None) -> list[str]:
-    """Texts to score from a file: plain text (paragraphs), .jsonl with "text", or chats (.jsonl with
-    "messages" or "prompt"/"response", rendered with the tokenizer's chat template)."""
-    import json
+def read_eval_texts(path: str | os.PathLike, tokenizer=None, limit: int | None = None) -> list[str] | list[list[dict]]:
+    """What the dial scores from a file (`controlllm.scoring.read_scoring_data`): plain texts (a text
+    file's paragraphs, or a .jsonl of "text" records), or chats (a .jsonl of "messages" or
+    "prompt"/"response" records) left as message lists, so that the dial renders and labels them
+    as SFT training does and scores their answer tokens. `tokenizer` is not needed (kept for callers)."""
+    from .scoring import read_scoring_data
 
-    from .training.data import DataError, read_chat_records
-    from .evaluation import load_texts
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(f"{path!r} does not exist or is not a file")
-    if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            first = next((json.loads(line) for line in f if line.strip()), {})
-        if isinstance(first, dict) and "text" not in first:
-            chats = read_chat_records(path)
-            texts = [tokenizer.apply_chat_template(c, tokenize=False) if getattr(tokenizer, "chat_template", None)
-                     else "\n".join(m["content"] for m in c) for c in chats]
-            return texts[:limit] if limit is not None else texts
-    return load_texts(path, limit)
+    return read_scoring_data(path, limit)
 
 
 def load_dial(path: str | os.PathLike, base: str | None = None, mode: str = "output") -> tuple[Dial, Any, str]:
-    """(a Dial on the trained model of run `path`, its tokenizer, the run's kind). The base of a
-    full / freeze run (its `model`, or `base`) is loaded to be the dial's s = 0 end."""
-    from .checkpoints import load_as_base, load_model, resolve_run_folder, run_base
+    """(a Dial on the trained stage of run `path`, set to its recorded value; its tokenizer; the run's
+    kind), through `controlllm.runs.open_run`."""
+    from .runs import open_run
 
-    model, tokenizer, kind = load_model(path, base=base)
-    if kind == "base":
-        raise UsageError(f"--model {os.fspath(path)!r} is a base model, not a trained run: there is nothing to dial")
-    model.eval()
-    start = None
-    if kind == "full":
-        start, _, _ = load_as_base(run_base(resolve_run_folder(path), base))
-    return Dial(model, base=start, mode=mode), tokenizer, kind
-
-
-def _run_config(path: str | os.PathLike) -> dict:
-    import json
-
-    from .checkpoints import resolve_run_folder
-    from .errors import CheckpointError
-
-    for folder in (resolve_run_folder(path), os.fspath(path)):
-        candidate = os.path.join(folder, "run_config.json")
-        if os.path.isfile(candidate):
-            try:
-                with open(candidate) as f:
-                    return json.load(f)
-            except ValueError as err:
-                raise CheckpointError(f"cannot read {candidate}: {err}") from err
-    return {}
+    run = open_run(path, base=base)
+    dial, tokenizer = run.open_dial(mode)
+    return dial, tokenizer, run.kind
 
 
 def _table(points: list[DialPoint], chosen: float | None) -> list[str]:
@@ -403,53 +572,55 @@ def _table(points: list[DialPoint], chosen: float | None) -> list[str]:
     return lines
 
 
-def save_dialled(dial: Dial, tokenizer, source: str | os.PathLike, output: str | os.PathLike, record: dict) -> str:
-    """Write the dialled model as a run folder that `eval`, `generate`, `chat`, `merge` and
-    `train --model` accept: the model as its kind saves itself (Control delta with its dial, LoRA
-    adapter, full weights), the tokenizer, `run_config.json` (the source run's, with `dial`
-    added), `dial.json` and the model card. Written under a temporary name and renamed."""
+def save_dialled(dial: Dial, tokenizer, run, folder: str | os.PathLike, record: dict) -> str:
+    """Write the dialled run into `folder` (a staging folder of `controlllm.runs.Output`): the trained
+    stage as its kind saves itself (Control delta, LoRA adapter, full weights) with the dial as the
+    record's "dial" entry (the value is relative to the trained stage; opening the folder applies it),
+    the tokenizer, `run_config.json` (the source run's record with the dial added, its lineage
+    unchanged), `dial.json` and the model card, which labels the dialled model's own measurements
+    apart from the source run's."""
     import json
-    import shutil
 
     from .model_card import write_model_card
+    from .runs import DIAL_STORES_TRAINED, RUN_CONFIG, write_text_atomic
 
-    output = os.fspath(output)
-    tmp = output.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    dial.model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    run = dict(_run_config(source))
-    run.setdefault("model", None)
-    run["output"] = output
-    run["dial"] = {"source": os.fspath(source), **record}
-    with open(os.path.join(tmp, "run_config.json"), "w") as f:
-        json.dump(run, f, indent=2)
-    with open(os.path.join(tmp, DIAL_RECORD), "w") as f:
-        json.dump(run["dial"], f, indent=2)
-    write_model_card(tmp, run, run.get("final_metrics"))
-    if os.path.isdir(output):
-        old = output.rstrip("/") + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(output, old)
-        os.replace(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
+    folder = os.fspath(folder)
+    value = dial.value
+    if dial.kind == "control" and dial.mode == "output":
+        dial.model.save_pretrained(folder)  # the copies are the trained ones; the delta's config holds s
     else:
-        os.replace(tmp, output)
-    return output
+        dial.set(1.0)
+        try:
+            dial.model.save_pretrained(folder)
+        finally:
+            dial.set(value)
+    tokenizer.save_pretrained(folder)
+    source = dict(run.record)
+    source_dial = source.pop("dial", None)
+    entry = {"source": run.path, "stores": DIAL_STORES_TRAINED, **record}
+    if source_dial:
+        entry["source_dial"] = {k: source_dial.get(k) for k in ("source", "value", "mode")}
+    saved = {**source, "dial": entry}
+    write_text_atomic(os.path.join(folder, RUN_CONFIG), json.dumps(saved, indent=2))
+    write_text_atomic(os.path.join(folder, DIAL_RECORD), json.dumps(entry, indent=2))
+    write_model_card(folder, saved, None)
+    return folder
 
 
 def run_dial(model: str | os.PathLike, output: str | os.PathLike, learn_data: str | None = None,
              keep_data: str | None = None, max_kl: float | None = None, max_keep_increase: float | None = None,
              value: float | None = None, values: Sequence[float] = DEFAULT_VALUES, mode: str = "output",
              refine: int = 3, base: str | None = None, seq_len: int = 256, batch_size: int = 8,
-             limit: int | None = 64, progress: bool = True) -> dict:
+             limit: int | None = 64, progress: bool = True, overwrite: bool = False) -> dict:
     """What `controlllm dial` does: score the dial of run `model` on `learn_data` (the new skill's
     held-out data) and `keep_data` (what to keep), choose the value that gains most within the
     budget (`max_kl` and/or `max_keep_increase`), or take `value` as given (s = 0: roll back to the
-    base), and write the dialled model to `output` with a table (dial.md), its data (dial.json) and a
-    plot (dial.png). Returns the record written to dial.json."""
+    base), and write the dialled run to `output` (refused before anything loads when it is a file,
+    the run itself or its base, or a non-empty folder without `overwrite`) with a table (dial.md),
+    its data (dial.json) and a plot (dial.png). A value is relative to the trained stage: dialling a
+    dialled run sets a new value. Returns the record written to dial.json."""
     from .plots import plot_dial_curve
+    from .runs import Output, open_run
 
     if value is not None:
         value = _check_value(value)
@@ -457,10 +628,23 @@ def run_dial(model: str | os.PathLike, output: str | os.PathLike, learn_data: st
         if learn_data is None or keep_data is None:
             raise UsageError("--learn-data and --keep-data are needed to choose a dial value (or give --value)")
         _check_budget(max_kl, max_keep_increase)
+    if mode not in MODES:
+        raise UsageError(f"dial mode {mode!r} is not supported; allowed: {', '.join(map(repr, MODES))}")
     values = [_check_value(v) for v in values]
-    if os.path.abspath(os.fspath(output)) == os.path.abspath(os.fspath(model)):
-        raise UsageError(f"--output {os.fspath(output)!r} is the run being dialled; choose another folder")
-    dial, tokenizer, kind = load_dial(model, base=base, mode=mode)
+    for flag, number in (("--seq-len", seq_len), ("--batch-size", batch_size)):
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+            raise UsageError(f"{flag} must be a positive integer, got {number!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UsageError(f"--limit must be a positive integer, got {limit!r}")
+    for flag, path in (("--learn-data", learn_data), ("--keep-data", keep_data)):
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"{flag} {os.fspath(path)!r} does not exist or is not a file")
+    run = open_run(model, base=base)
+    if run.kind == "base":
+        raise UsageError(f"--model {os.fspath(model)!r} is a base model, not a trained run: there is nothing to dial")
+    out = Output(output, overwrite=overwrite, protect=run.protected)
+    dial, tokenizer = run.open_dial(mode)
+    kind = run.kind
     learn = read_eval_texts(learn_data, tokenizer, limit) if learn_data else None
     keep = read_eval_texts(keep_data, tokenizer, limit) if keep_data else None
     points: list[DialPoint] = []
@@ -479,23 +663,24 @@ def run_dial(model: str | os.PathLike, output: str | os.PathLike, learn_data: st
               "chosen": chosen.to_dict() if chosen is not None else None,
               "learn_data": learn_data, "keep_data": keep_data, "seq_len": seq_len, "texts_limit": limit,
               "points": [p.to_dict() for p in points]}
-    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(output))), exist_ok=True)
-    save_dialled(dial, tokenizer, model, output, record)
-    if points:
-        lines = [f"# Retention dial of `{os.fspath(model)}`", "",
-                 f"Dial: {record['what']} (run kind `{kind}`, mode `{mode}`). Gain: drop of the new data's bits/char "
-                 f"from the base (s = 0) on `{learn_data}`; forgetting on `{keep_data}`: KL(base || dialled) per token "
-                 "(nats) and the bits/char change.", ""]
-        if value is None:
-            limits = ", ".join(f"{k} <= {v:g}" for k, v in budget.items() if v is not None)
-            lines += [f"Budget: {limits}. Chosen: s = {chosen.value:g} (gain {chosen.gain:+.4f}, KL {chosen.kl:.4f}).", ""]
-        else:
-            lines += [f"Set by hand: s = {value:g}.", ""]
-        lines += _table(points, chosen.value if chosen else None)
-        with open(os.path.join(output, DIAL_TABLE), "w") as f:
-            f.write("\n".join(lines) + "\n")
-        plot_dial_curve([p.to_dict() for p in points], chosen.value if chosen else None,
-                        os.path.join(output, DIAL_PLOT), budget=budget if value is None else None)
+    with out.staging() as folder:
+        save_dialled(dial, tokenizer, run, folder, record)
+        if points:
+            lines = [f"# Retention dial of `{os.fspath(model)}`", "",
+                     f"Dial: {record['what']} (run kind `{kind}`, mode `{mode}`). Gain: drop of the new data's bits/char "
+                     f"from the base (s = 0) on `{learn_data}`; forgetting on `{keep_data}`: KL(base || dialled) per token "
+                     "(nats) and the bits/char change.", ""]
+            if value is None:
+                limits = ", ".join(f"{k} <= {v:g}" for k, v in budget.items() if v is not None)
+                lines += [f"Budget: {limits}. Chosen: s = {chosen.value:g} (gain {chosen.gain:+.4f}, KL {chosen.kl:.4f}).",
+                          ""]
+            else:
+                lines += [f"Set by hand: s = {value:g}.", ""]
+            lines += _table(points, chosen.value if chosen else None)
+            with open(os.path.join(folder, DIAL_TABLE), "w") as f:
+                f.write("\n".join(lines) + "\n")
+            plot_dial_curve([p.to_dict() for p in points], chosen.value if chosen else None,
+                            os.path.join(folder, DIAL_PLOT), budget=budget if value is None else None)
     return record
 
 

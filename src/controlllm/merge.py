@@ -120,3 +120,37 @@ def calibration_batches(path: str | os.PathLike, tokenizer, task: str = "cpt", s
         batch = collate(examples[start:start + batch_size])
         batches.append({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
     return batches
+
+
+def fidelity_batches(tokenizer, data: str | os.PathLike | None = None, text: str | None = None, task: str = "cpt",
+                     seq_len: int = 256, max_sequences: int = 16, batch_size: int = 4) -> list[dict]:
+    """Batches for a fidelity check: the first `max_sequences` sequences of `data` (the run's format,
+    `calibration_batches`), or the one `text`."""
+    if data is not None:
+        return calibration_batches(data, tokenizer, task=task, seq_len=seq_len, batch_size=batch_size,
+                                   max_sequences=max_sequences)
+    enc = tokenizer(text, return_tensors="pt")
+    return [{"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}]
+
+
+@torch.no_grad()
+def fidelity(reference_logits: list[torch.Tensor], model: nn.Module, batches: list[dict]) -> dict:
+    """How closely `model` reproduces `reference_logits` (one tensor per batch, e.g. the unmerged
+    run's) on `batches`: the mean and max over real tokens of KL(reference || model) of the
+    next-token distributions (nats, computed in float64; a value below 0 is rounding and reads 0),
+    the max absolute logit difference, the top-1 agreement, and the tokens checked."""
+    kls, agree, diff = [], [], 0.0
+    for reference, batch in zip(reference_logits, batches):
+        candidate = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        log_p = F.log_softmax(reference.double(), -1)
+        log_q = F.log_softmax(candidate.double(), -1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0)
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(kl, dtype=torch.bool) if mask is None else mask.bool()
+        kls.append(kl[mask])
+        agree.append((reference.argmax(-1) == candidate.argmax(-1))[mask].float())
+        diff = max(diff, float((reference.float() - candidate.float()).abs().max()))
+    kl = torch.cat(kls) if kls else torch.zeros(1, dtype=torch.float64)
+    top1 = torch.cat(agree) if agree else torch.ones(1)
+    return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "max_abs_logit_diff": diff,
+            "top1_agreement": float(top1.mean()), "tokens": int(kl.numel())}

@@ -285,14 +285,14 @@ class ControlModel(nn.Module):
         copy's contribution. s = 0 computes the base model and s = 1 the trained model, both bit
         for bit, and any value can be set again later (nothing is lost: the copies are untouched).
         The value is stored in `control_config.dial`, so `save_pretrained` writes it and a reload
-        is dialled the same; `merge_and_unload` folds at s * w. Weights measured for a merge
-        (`measure_merge_weights`) at another dial are discarded.
+        is dialled the same; `merge_and_unload` folds at s * w (w measured at s = 1 for dynamic
+        interpolators, `measure_merge_weights`, kept across dial changes).
         """
         config = dataclasses.replace(self.control_config, dial=value)  # validates: a finite number in [0, 1]
         self.control_config = config
         for block in self._blocks.values():
             if block.dial != config.dial and isinstance(block, ControlBlock):
-                block.measured_weight = block.measured_on = None
+                block.fold_weight = None  # an absolute weight recorded for another dial
             block.dial = config.dial
         return self
 
@@ -488,8 +488,8 @@ class ControlModel(nn.Module):
 
         Runs `batches` (mappings with `input_ids` and optionally `attention_mask`) through the model
         in evaluation mode and takes, per layer, the mean per-token weight over the real tokens of
-        all of them (sums in float64, counts as integers), at the model's dial (s * w per token;
-        `set_dial` discards what was measured at another dial). The statistics start with this call and
+        all of them (sums in float64, counts as integers), at s = 1 whatever the model's dial (a fold
+        at dial s uses s times it). The statistics start with this call and
         end with it: a new call replaces the previous result, and no other forward measures
         anything. `source` describes the data in the merged model's metadata. Returns {layer: w}.
         """
@@ -499,11 +499,16 @@ class ControlModel(nn.Module):
         was_training = self.training
         self.eval()
         self._weight_totals = {}
+        dials = {i: b.dial for i, b in self._blocks.items()}
         try:
+            for block in self._blocks.values():
+                block.dial = 1.0
             for batch in batches:
                 self(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
             totals = self._weight_totals
         finally:
+            for i, b in self._blocks.items():
+                b.dial = dials[i]
             self._weight_totals = None
             self.train(was_training)
         counts = {i: totals.get(i, [0.0, 0])[1] for i in dynamic}
@@ -512,6 +517,7 @@ class ControlModel(nn.Module):
         for i, block in dynamic.items():
             block.measured_weight = totals[i][0] / counts[i]
             block.measured_on = f"{source} ({counts[i]} tokens)"
+            block.fold_weight = None
         return {i: block.measured_weight for i, block in dynamic.items()}
 
     def merge_weights(self) -> dict[int, dict]:
@@ -704,6 +710,18 @@ class ControlModel(nn.Module):
         """'4bit' / '8bit' when the frozen branch is quantised (`ControlConfig.quantize_base`), else None."""
         return self.control_config.quantize_base
 
+    def dequantize(self) -> "ControlModel":
+        """Replace every quantised layer of the frozen branch by a full-precision `nn.Linear` holding
+        its dequantised weight (in place; returns self). Exact: the copies were built from, and
+        trained against, these very weights. A no-op on a full-precision base."""
+        if self.quantization is None:
+            return self
+        from .quantize import dequantize_model
+
+        dequantize_model(self.base_model)
+        self.control_config = dataclasses.replace(self.control_config, quantize_base=None)
+        return self
+
     def merge_and_unload(self, dequantize: bool = False) -> nn.Module:
         """Fold every trained copy into its frozen layer and return a plain model of the base class.
 
@@ -728,10 +746,7 @@ class ControlModel(nn.Module):
                     "quantised weights would re-quantise what was trained. Merge with dequantize=True (controlllm merge "
                     "--dequantize): a full-precision model of the dequantised base with the copies folded in"
                 )
-            from .quantize import dequantize_model
-
-            dequantize_model(self.base_model)
-            self.control_config = dataclasses.replace(self.control_config, quantize_base=None)
+            self.dequantize()
         merged = merge_blocks(self.base_model, self._blocks)
         self._blocks = {}
         self._restore_requires_grad(merged)

@@ -84,11 +84,14 @@ def _last_evaluation(run_config: dict, metrics: dict | None) -> dict:
     return last
 
 
-def build_model_card(folder: str | os.PathLike, run_config: dict, metrics: dict | None = None) -> str:
+def build_model_card(folder: str | os.PathLike, run_config: dict, metrics: dict | None = None,
+                     holds: str | None = None) -> str:
     """The model card of the saved run in `folder`: markdown with a YAML header, from `run_config` (a
     TrainConfig as a dict; a `stages` list is shown as the stages of a multi-stage run), the files in
     `folder` (control_config.json gives the Control config and the base fingerprint) and `metrics`
-    (the last evaluation; default: the last evaluation record of the run's metrics.jsonl)."""
+    (the last evaluation; default: the last evaluation record of the run's metrics.jsonl). `holds`
+    says what the folder holds when it is not the run's own files: 'merged' (a plain model folder) or
+    'gguf' (a GGUF file)."""
     folder = os.fspath(folder)
     control = None
     if os.path.isfile(os.path.join(folder, CONFIG_NAME)):
@@ -98,11 +101,21 @@ def build_model_card(folder: str | os.PathLike, run_config: dict, metrics: dict 
     method = run_config.get("method", "control")
     kind = {"control": "a Control LLM delta", "stack": "a Control LLM delta (stack expansion)",
             "lora": "a LoRA adapter", "full": "full model weights", "freeze": "full model weights"}.get(method, method)
+    dialled = run_config.get("dial") or {}
+    at = f", dialled to s = {dialled['value']:g}" if dialled.get("value") is not None else ""
+    trained = f"`controlllm train` ({run_config.get('task', 'cpt')}, method `{method}`{at})"
+    if holds == "merged":
+        what = (f"This folder holds a plain transformers model: {kind} trained with {trained} folded into the base "
+                "model below (`controlllm merge`). It loads and serves like the base model, at its cost.")
+    elif holds == "gguf":
+        what = (f"This GGUF file holds {kind} trained with {trained}, folded into the base model below "
+                "(`controlllm export`): a whole model for llama.cpp and Ollama.")
+    else:
+        what = (f"This folder holds {kind} trained with {trained} on top of the base model below; the base model "
+                "itself is not included.")
     lines = ["---", "library_name: controlllm", f"base_model: {json.dumps(str(base))}",
              f"tags: [controlllm, control-llm, {run_config.get('task', 'cpt')}]", "---", "",
-             f"# {os.path.basename(os.path.abspath(run_config.get('output') or folder))}", "",
-             f"This folder holds {kind} trained with `controlllm train` ({run_config.get('task', 'cpt')}, "
-             f"method `{method}`) on top of the base model below; the base model itself is not included.", "",
+             f"# {os.path.basename(os.path.abspath(run_config.get('output') or folder))}", "", what, "",
              "## Base model", "", f"- path: `{base}`"]
     if control and control.get("base_model"):
         meta = control["base_model"]
@@ -144,13 +157,16 @@ def build_model_card(folder: str | os.PathLike, run_config: dict, metrics: dict 
             lines.append(f"Chosen as the value that gains most within {', '.join(f'{k} <= {v:g}' for k, v in budget.items())} "
                          f"on `{dial.get('keep_data')}` (new skill measured on `{dial.get('learn_data')}`).")
         if chosen:
-            lines += ["", *_table({k: chosen[k] for k in ("value", "gain", "kl", "keep_increase", "learn_bpc", "keep_bpc")},
-                                  ("measure at the chosen value", "value"))]
+            lines += ["", "Measured on this dialled model (s = " + f"{chosen['value']:g}):", "",
+                      *_table({k: chosen[k] for k in ("value", "gain", "kl", "keep_increase", "learn_bpc", "keep_bpc")},
+                              ("measure of the dialled model", "value"))]
+        else:
+            lines += ["", "The dialled model was not measured (the value was set by hand without data)."]
         if dial.get("points"):
             lines += ["", "Every value scored: `dial.md` (table), `dial.json`, `dial.png` (gain against forgetting)."]
         lines += ["", f"Roll back to the base: `controlllm dial --model {dial.get('source')} --value 0 --output ...`."]
     evaluation = {k: v for k, v in _last_evaluation(run_config, metrics).items() if k != "step"}
-    lines += ["", "## Last evaluation", ""]
+    lines += ["", "## Last evaluation of the trained run (s = 1, before the dial)" if dialled else "## Last evaluation", ""]
     lines += _table(evaluation, ("metric", "value")) if evaluation else ["No evaluation was run (no `--eval-data`)."]
     # The card is written into a temporary folder renamed at the end: name the run folder instead.
     where = run_config.get("output") or folder
@@ -171,10 +187,32 @@ def write_model_card(folder: str | os.PathLike, run_config: dict, metrics: dict 
     return path
 
 
+def merged_card_text(run, fidelity: dict | None = None, holds: str = "merged") -> str:
+    """The card of a run folded into plain weights (`controlllm.runs.Run`): what the merged folder or
+    GGUF file is, from which run, with the merge's fidelity when measured. A base model: ''."""
+    if run.kind == "base":
+        return ""
+    card = build_model_card(run.folder, run.record, None, holds=holds)
+    if fidelity:
+        lines = ["", "## Merge", "", "Folded by the run's recorded fold rule (`controlllm.runs`). Fidelity: KL of the "
+                 "merged model's next-token distribution from the unmerged run's, on the check data:", "",
+                 *_table(fidelity, ("measure", "value"))]
+        card += "\n".join(lines) + "\n"
+    return card
+
+
+def write_merged_card(folder: str | os.PathLike, run, fidelity: dict | None = None) -> str:
+    """Write the merged folder's README.md (`merged_card_text`); returns its path."""
+    path = os.path.join(os.fspath(folder), CARD_NAME)
+    with open(path, "w") as f:
+        f.write(merged_card_text(run, fidelity))
+    return path
+
+
 def carry_card_to_merge(model: str | os.PathLike, merged: str | os.PathLike, fidelity: dict, check_text: str | None = None) -> str:
     """Copy the model card of the run `model` (a run folder or its final/) into the merged folder and add
     the merge and its fidelity; a run without a card gets a short one. Returns the card's path."""
-    from .checkpoints import resolve_run_folder
+    from .runs import resolve_run_folder
 
     source = os.path.join(resolve_run_folder(model), CARD_NAME)
     target = os.path.join(os.fspath(merged), CARD_NAME)
@@ -197,4 +235,4 @@ def carry_card_to_merge(model: str | os.PathLike, merged: str | os.PathLike, fid
     return target
 
 
-__all__ = ["build_model_card", "carry_card_to_merge", "write_model_card"]
+__all__ = ["build_model_card", "carry_card_to_merge", "merged_card_text", "write_merged_card", "write_model_card"]

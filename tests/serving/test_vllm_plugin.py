@@ -15,7 +15,7 @@ pytest.importorskip("vllm")
 import torch  # noqa: E402
 
 import vllm_harness as H  # noqa: E402
-from controlllm.checkpoints import load_model  # noqa: E402
+from controlllm.runs import load_model  # noqa: E402
 from controlllm.serving.vllm_export import ARCHITECTURE, export_run_for_vllm  # noqa: E402
 
 MAX_TOKENS = 8

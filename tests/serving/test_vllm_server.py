@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("vllm")
 
 import vllm_harness as H  # noqa: E402
-from controlllm.checkpoints import load_model  # noqa: E402
+from controlllm.runs import load_model  # noqa: E402
 from controlllm.serving.vllm_export import export_run_for_vllm  # noqa: E402
 
 MAX_TOKENS = 6

@@ -128,14 +128,23 @@ def export_for_vllm(model: nn.Module, tokenizer, output: str | os.PathLike, dtyp
 
 
 def export_run_for_vllm(path: str | os.PathLike, output: str | os.PathLike, base: str | None = None,
-                        dtype: torch.dtype | None = None) -> dict:
-    """Load a run (a Control delta, full weights) or a model folder with `controlllm.checkpoints.load_model`
-    and export it with `export_for_vllm`. Returns what was written (the folder and the layout)."""
-    from ..checkpoints import load_model
+                        dtype: torch.dtype | None = None, overwrite: bool = False) -> dict:
+    """Open a run (a Control delta, full weights; dialled or not) or a model folder with
+    `controlllm.runs.open_run` and export it with `export_for_vllm` through the one output writer
+    (`controlllm.runs.Output`: refused before loading when `output` is a file, the run or its base,
+    or a non-empty folder without `overwrite`; written into a staging folder and renamed). A run on a
+    quantised base is written with its frozen branch dequantised (exact: the weights its copies were
+    trained against). Returns what was written (the folder and the layout)."""
+    from ..runs import Output, open_run
 
-    model, tokenizer, kind = load_model(path, base=base)
-    if kind == "lora":
+    run = open_run(path, base=base)
+    if run.kind == "lora":
         raise UsageError(f"--model {os.fspath(path)!r} holds a LoRA adapter; vLLM serves LoRA adapters natively "
-                         "(vllm serve BASE --enable-lora --lora-modules NAME=ADAPTER); this export is for Control runs")
-    folder = export_for_vllm(model.eval(), tokenizer, output, dtype=dtype)
-    return {"output": folder, "kind": kind, "architecture": ARCHITECTURE, CONTROL_KEY: control_layout(model)}
+                         "(vllm serve BASE --enable-lora --lora-modules NAME=ADAPTER), or `controlllm merge` it first; "
+                         "this export is for Control runs and plain models")
+    out = Output(output, overwrite=overwrite, protect=run.protected)
+    model, tokenizer = run.model(dequantize=True)
+    layout = control_layout(model)  # refuses what the plugin cannot serve before anything is written
+    with out.staging() as folder:
+        export_for_vllm(model.eval(), tokenizer, folder, dtype=dtype)
+    return {"output": os.fspath(output), "kind": run.kind, "architecture": ARCHITECTURE, CONTROL_KEY: layout}

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -27,170 +26,17 @@ from ..errors import CheckpointError, UsageError, UserError
 from ..model import WEIGHTS_NAME, ControlModel, get_control_model, is_trainable_key, read_delta
 from ..model_card import write_model_card
 from .monitor import use_compact_console
+from .options import CONTROL_FIELDS, METHODS, TASKS, TrainConfig  # noqa: F401  (TrainConfig is imported from here)
+from ..runs import FINAL, RUN_CONFIG, Output, open_run, replace_dir, write_text_atomic
 from ..surgery import decoder_layers
 
-METHODS = ("control", "full", "lora", "stack", "freeze")
-TASKS = ("cpt", "sft")
-RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
-FINAL = "final"
 DIALLED = "dialled"
 STAGING = ".staging"
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and a rename, so a reader
-    (or a run killed mid-write) sees the old content or the new one, never an empty or half file."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def replace_dir(new: str, target: str) -> None:
-    """Put the complete folder `new` in place of `target`: the old `target` is renamed aside first and
-    deleted only once `new` is in place (a failed rename puts it back), so there is always one."""
-    old = target + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(target):
-        os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        if os.path.isdir(old) and not os.path.exists(target):
-            os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 class TrainingError(UserError, RuntimeError):
     """Training cannot continue (e.g. a non-finite loss); the message names the step."""
-
-
-@dataclass
-class TrainConfig:
-    """Arguments of a training run (the CLI's flags, same names)."""
-
-    data: str | None = field(default=None, metadata={"help": "Training data: .txt / .jsonl (cpt) or chat .jsonl (sft)."})
-    output: str = field(default="runs/control", metadata={"help": "Run folder: checkpoints, metrics.jsonl, final/."})
-    model: str | None = field(default=None, metadata={"help": "Model folder or .gguf file; default SmolLM2-135M-Instruct."})
-    task: str = field(default="cpt", metadata={"help": "'cpt' (raw text, packed) or 'sft' (chat, assistant-only loss)."})
-    method: str = field(default="control", metadata={"help": "'control', 'full', 'lora', 'stack' or 'freeze'."})
-    eval_data: str | None = field(default=None, metadata={"help": "Held-out data of the same format, for eval loss."})
-    max_steps: int = field(default=100, metadata={"help": "Optimizer steps."})
-    batch_size: int = field(default=4, metadata={"help": "Sequences per device per step."})
-    grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
-    seq_len: int = field(default=256, metadata={"help": "Tokens per sequence (cpt block size / sft truncation)."})
-    lr: float = field(default=1e-4, metadata={"help": "Peak learning rate (linear warmup, cosine decay)."})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps used for warmup."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    preset: str | None = field(default=None, metadata={
-        "help": "Control recipe to start from: 'recommended', 'paper-cpt' or 'paper-csft' (flags below override it; "
-                "default: ControlConfig's defaults)."})
-    num_expanded_layers: int | None = field(default=None, metadata={"help": "Layers to expand (control/stack/freeze); default N // 4."})
-    expanded_layers: list[int] | None = field(default=None, metadata={"help": "Explicit layer indices instead of a count."})
-    layer_placement: str | None = field(default=None, metadata={"help": "'even' (over the whole depth) or 'group_end'."})
-    interpolation: str | None = field(default=None, metadata={"help": "'lerp', 'dlerp', 'dlerp_in' or 'slerp'."})
-    interpolation_init: float | None = field(default=None, metadata={"help": "Initial interpolation logit (0 -> w = 0.5)."})
-    train_interpolation: bool | None = field(default=None, metadata={"help": "Train the interpolation weights."})
-    gate_norm: bool | None = field(default=None, metadata={"help": "Normalise the dlerp gate's input per token."})
-    interpolation_lr: float | None = field(default=None, metadata={
-        "help": "Learning rate of the interpolators' parameters (default: --lr)."})
-    alignment_loss: str | None = field(default=None, metadata={
-        "help": "'nmse' (scale-free: over the frozen branch's squared norm), 'mse' (as the paper), 'cosine' or 'none'."})
-    alignment_weight: float | None = field(default=None, metadata={"help": "Weight of the alignment loss (no budget)."})
-    alignment_margin: float | None = field(default=None, metadata={"help": "Margin of the cosine alignment loss."})
-    alignment_budget: float | None = field(default=None, metadata={
-        "help": "Per-layer drift budget in units of the alignment loss, the logged drift/{i} (nmse: e.g. 0.01; cosine: "
-                "0.5 (1 - margin - cos)^2, e.g. 0.0005); replaces the fixed weight by adapted multipliers."})
-    alignment_budget_lr: float | None = field(default=None, metadata={"help": "Dual-ascent step of the budget multipliers."})
-    mix_data: str | None = field(default=None, metadata={
-        "help": "General data (the --data format) mixed into training, any method: evenly spaced examples replace "
-                "training examples, same count and token budget as without it."})
-    mix_ratio: float = field(default=0.1, metadata={"help": "Share of training examples taken from --mix-data."})
-    keep_data: str | None = field(default=None, metadata={
-        "help": "After training, dial the run back (controlllm dial) to the budget below on this data of what to keep; "
-                "the new skill is measured on --eval-data; the dialled model goes to OUTPUT/dialled."})
-    max_kl: float | None = field(default=None, metadata={"help": "Dial budget: KL to the base on --keep-data (nats/token)."})
-    max_keep_increase: float | None = field(default=None, metadata={
-        "help": "Dial budget: bits/char increase on --keep-data."})
-    quantize_base: str | None = field(default=None, metadata={
-        "help": "Keep the frozen base in bitsandbytes '4bit' (nf4) or '8bit' (int8): method control (each copy built "
-                "from the dequantised weights) or lora (QLoRA). Embeddings and LM head stay full precision."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank (method lora)."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (method lora)."})
-    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: only at the end)."})
-    save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps."})
-    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept."})
-    logging_steps: int = field(default=5, metadata={"help": "Log every N steps."})
-    seed: int = field(default=42, metadata={"help": "Seed for initialisation and data order."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the last complete checkpoint in --output."})
-    bf16: bool = field(default=False, metadata={"help": "Train in bfloat16 autocast."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
-    max_eval_samples: int | None = field(default=64, metadata={"help": "Cap on eval sequences."})
-    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
-    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"--method {self.method!r} is not supported; allowed: {', '.join(METHODS)}")
-        if self.task not in TASKS:
-            raise ValueError(f"--task {self.task!r} is not supported; allowed: {', '.join(TASKS)}")
-        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "save_steps", "logging_steps", "lora_r"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        for name in ("lr", "interpolation_lr"):
-            value = getattr(self, name)
-            if name == "lr" or value is not None:
-                if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                    raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}")
-        if self.num_expanded_layers is not None and self.expanded_layers is not None:
-            raise ValueError("give either --num-expanded-layers or --expanded-layers, not both")
-        if isinstance(self.mix_ratio, bool) or not isinstance(self.mix_ratio, (int, float)) \
-                or not 0.0 < self.mix_ratio < 1.0:
-            raise ValueError(f"--mix-ratio must be a number in (0, 1), got {self.mix_ratio!r}")
-        budget = [n for n in ("max_kl", "max_keep_increase") if getattr(self, n) is not None]
-        for name in budget:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
-        if self.keep_data is not None and (not budget or self.eval_data is None):
-            raise ValueError("--keep-data dials the run after training: it needs --max-kl or --max-keep-increase, and "
-                             "--eval-data (the new skill's held-out data)")
-        if budget and self.keep_data is None:
-            raise ValueError(f"--{budget[0].replace('_', '-')} is a dial budget: give --keep-data with it")
-        if self.quantize_base is not None and self.method in ("full", "freeze"):
-            raise ValueError(f"--quantize-base {self.quantize_base} keeps the base frozen in {self.quantize_base}; method "
-                             f"{self.method!r} trains the base's own weights. Use it with --method control or lora")
-        # Validate the Control options early (named errors before anything loads).
-        self.control_config(num_layers=None)
-
-    def control_config(self, num_layers: int | None) -> ControlConfig:
-        """The ControlConfig of this run for a model with `num_layers` layers: the preset (or
-        ControlConfig's defaults), overridden by every Control flag that was given."""
-        from ..config import PRESETS
-
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"--preset {self.preset!r} is not supported; allowed: {', '.join(PRESETS)}")
-        values = dict(PRESETS[self.preset]) if self.preset else {}
-        for name in CONTROL_FIELDS:
-            if getattr(self, name) is not None:
-                values[name] = getattr(self, name)
-        if self.expanded_layers is None and self.num_expanded_layers is None:
-            values["num_expanded_layers"] = max(1, (num_layers or 4) // 4)
-        return ControlConfig(expand_type="stack" if self.method == "stack" else "concat", **values)
-
-
-# TrainConfig fields passed on to ControlConfig when given.
-CONTROL_FIELDS = ("num_expanded_layers", "expanded_layers", "layer_placement", "interpolation", "interpolation_init",
-                  "train_interpolation", "gate_norm", "alignment_loss", "alignment_weight", "alignment_margin",
-                  "alignment_budget", "alignment_budget_lr", "quantize_base")
 
 
 # ----------------------------------------------------------------------------- models
@@ -538,7 +384,6 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     very end, so a run that failed never looks finished. `model`/`tokenizer` may be passed
     instead of `cfg.model` (tests, notebooks).
     """
-    from ..checkpoints import fold_run
     from .data import DataCollator, DataError, build_cpt_dataset, build_sft_dataset, read_chat_records, read_text_records
 
     if cfg.data is None:
@@ -569,9 +414,11 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     set_seed(cfg.seed)
     base_fold = None
     if model is None:
-        # A model folder, a .gguf, or a finished run (multi-stage: its result, folded, is the new base;
-        # dlerp/dlerp_in layers with the weights measured on its eval data, as `controlllm merge` folds).
-        model, tokenizer, _, base_fold = fold_run(cfg.model)
+        # A model folder, a .gguf, or a finished run (multi-stage: its result, folded by the run's
+        # recorded fold, as `controlllm merge` folds, is the new base; the fold is recorded here).
+        source = open_run(cfg.model)
+        model, tokenizer = source.merged()
+        base_fold = source.last_fold
     train_set = build(train_records, tokenizer, cfg.seq_len)
     if mix_records is not None:
         from .data import MixedDataset
@@ -643,8 +490,11 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
         metrics = trainer.evaluate()
     seconds = time.time() - start
     full_state = full_state_dict(trainer.model) if is_sharded(trainer.model) else None  # gathers on every rank
+    fold = None
+    if not finished and full_state is None:
+        fold = decide_fold(_unwrap(trainer.model), eval_set, tokenizer, cfg)
     if trainer.args.should_save and not finished:
-        _write_final(trainer, tokenizer, cfg, final_dir, metrics, full_state, base_fold)
+        _write_final(trainer, tokenizer, cfg, final_dir, metrics, full_state, base_fold, fold)
     trainer.accelerator.wait_for_everyone()
     # Mixed precision wraps the model's forward in autocast; the returned model computes as it was
     # given (float32 stays float32), like the saved weights.
@@ -658,35 +508,58 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
         # The saved run is dialled as `controlllm dial` would: the model trained here stays as it is.
         dial = run_dial(cfg.output, os.path.join(cfg.output, DIALLED), learn_data=cfg.eval_data,
                         keep_data=cfg.keep_data, max_kl=cfg.max_kl, max_keep_increase=cfg.max_keep_increase,
-                        seq_len=cfg.seq_len, progress=cfg.progress)
+                        seq_len=cfg.seq_len, progress=cfg.progress, overwrite=True)
     return TrainResult(cfg.output, final_dir, metrics, seconds, trainable, total, unwrapped, dial)
 
 
 def run_record(cfg: TrainConfig, base_fold: dict | None = None) -> dict:
     """What run_config.json holds: the run's settings and its lineage (the original base model and
     every stage in order, this one last). `base_fold` is how this stage's base was folded when it is
-    an earlier stage's Control delta (`controlllm.checkpoints.fold_record`: the weight of each layer
+    an earlier stage's Control delta (`controlllm.runs.fold_record`: the weight of each layer
     and where it comes from); it is recorded in this stage's lineage entry, so the stage is always
     rebuilt onto the base it was trained on."""
-    from ..checkpoints import run_stages
-
-    base_model, stages = run_stages(cfg.model)
+    lineage = open_run(cfg.model).lineage if cfg.model is not None else {"base_model": None, "stages": []}
+    base_model, stages = lineage["base_model"], lineage["stages"]
     this = {k: getattr(cfg, k) for k in ("output", "method", "task", "data", "max_steps", "lr", "preset")}
     this["base_fold"] = base_fold
     return {**dataclasses.asdict(cfg), "lineage": {"base_model": base_model, "stages": [*stages, this]}}
 
 
+def decide_fold(model: nn.Module, eval_set, tokenizer, cfg: TrainConfig) -> dict | None:
+    """The fold of a finished Control run, decided once and recorded in final/run_config.json
+    ("fold", `controlllm.runs`): each dlerp/dlerp_in layer's mean per-token weight at s = 1 on the
+    run's eval data (the sequences evaluation used), else sigmoid(b); None for other models."""
+    from ..runs import fold_record
+
+    if not isinstance(model, ControlModel):
+        return None
+    calibration = None
+    if eval_set is not None and any(b.interpolator.dynamic for b in model.control_blocks.values()):
+        from .data import DataCollator
+
+        collate = DataCollator.from_tokenizer(tokenizer)
+        examples = [eval_set[i] for i in range(len(eval_set))]
+        device = next(model.parameters()).device
+        batches = []
+        for start in range(0, len(examples), cfg.batch_size):
+            batch = collate(examples[start:start + cfg.batch_size])
+            batches.append({k: batch[k].to(device) for k in ("input_ids", "attention_mask")})
+        model.measure_merge_weights(batches, source=cfg.eval_data)
+        calibration = cfg.eval_data
+    return fold_record(model, calibration)
+
+
 def _write_final(trainer: ControlTrainer, tokenizer, cfg: TrainConfig, final_dir: str, metrics: dict,
-                 full_state: dict | None = None, base_fold: dict | None = None) -> None:
-    tmp = final_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+                 full_state: dict | None = None, base_fold: dict | None = None, fold: dict | None = None) -> None:
     model = _unwrap(trainer.model)
-    if full_state is not None:
-        model.save_pretrained(tmp, state_dict=full_state)
-    else:
-        model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    record = {**run_record(cfg, base_fold), "final_metrics": metrics}
-    write_text_atomic(os.path.join(tmp, RUN_CONFIG), json.dumps(record, indent=2))
-    write_model_card(tmp, record, metrics)  # README.md: what this folder is, from what, with what result
-    replace_dir(tmp, final_dir)  # a finished run's final/ is replaced, never missing
+    with Output(final_dir, overwrite=True, flag="final/").staging() as tmp:  # replaced, never missing
+        if full_state is not None:
+            model.save_pretrained(tmp, state_dict=full_state)
+        else:
+            model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record = {**run_record(cfg, base_fold), "final_metrics": metrics}
+        if fold is not None:
+            record["fold"] = fold
+        write_text_atomic(os.path.join(tmp, RUN_CONFIG), json.dumps(record, indent=2))
+        write_model_card(tmp, record, metrics)  # README.md: what this folder is, from what, with what result
