@@ -1,13 +1,16 @@
 """The retention dial: bit-exact ends for every method, reloads dialled, budgets honoured, clear errors."""
 
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
 
 from conftest import TOKENIZER_CORPUS, batch, clone, make_model, make_tokenizer, perturb_trainable
 from controlllm import ControlConfig, ControlModel, get_control_model
-from controlllm.dial import Dial, DialBudgetError, DialPoint, choose, dial_curve, search
+from controlllm.dial import (Dial, DialBudgetError, DialPoint, choose, dial_curve, read_eval_texts, search,
+                             search_report)
 from controlllm.errors import UsageError
 
 CONFIGS = {
@@ -195,3 +198,153 @@ def test_curve_on_real_text_starts_at_the_base_and_the_search_honours_the_budget
     assert best.kl <= budget and model.dial == best.value
     assert len(scored) > 3  # the bisection scored values between 0.5 and 1
     assert all(p.kl > budget for p in scored if p.value > best.value)
+
+
+# ------------------------------------------------------------------ PEFT ends, SFT data, out-of-sample budgets
+
+
+@pytest.mark.parametrize("extra", [dict(modules_to_save=["lm_head"]), dict(use_dora=True),
+                                   dict(use_dora=True, modules_to_save=["lm_head"],
+                                        target_modules=["q_proj", "v_proj", "embed_tokens"])],
+                         ids=["modules_to_save", "dora", "dora+embedding+modules_to_save"])
+def test_lora_dial_ends_are_exact_with_modules_to_save_and_dora(extra):
+    from peft import LoraConfig, get_peft_model
+
+    base = make_model("llama")
+    reference = clone(base)
+    model = get_peft_model(base, LoraConfig(**{"r": 4, "target_modules": "all-linear", "lora_dropout": 0.0, **extra}))
+    perturb_trainable(model, 0.05)  # B matrices, magnitudes and the saved copies all move
+    model.eval()
+    ids, mask = batch()
+    trained = _logits(model, ids, mask)
+    dial = Dial(model)
+    dial.set(0.0)
+    assert torch.equal(_logits(model, ids, mask), _logits(reference, ids, mask))
+    dial.set(0.5)
+    assert not torch.equal(_logits(model, ids, mask), trained)
+    dial.set(1.0)
+    assert torch.equal(_logits(model, ids, mask), trained)
+
+
+def test_lora_dial_refuses_adapters_that_train_the_base_in_place():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_model("llama"), LoraConfig(r=4, target_modules=["q_proj"], bias="all"))
+    with pytest.raises(UsageError, match="bias='all'"):
+        Dial(model)
+
+
+CHATS = [
+    [{"role": "system", "content": "Answer in Spanish."}, {"role": "user", "content": "Hello there, how are you today?"},
+     {"role": "assistant", "content": "En el principio creo Dios los cielos y la tierra."}],
+    [{"role": "user", "content": "What is the capital of Spain?"}, {"role": "assistant", "content": "Madrid is."}],
+    [{"role": "user", "content": "The quick brown fox?"}, {"role": "assistant", "content": "I am fine, thank you very much."}],
+]
+
+
+def _answer_nll(model, tokenizer, chats):
+    """Mean NLL of the answer tokens, labelled by the training data code, one chat at a time."""
+    from controlllm.training.data import build_sft_dataset
+
+    total, count = 0.0, 0
+    for example in build_sft_dataset(chats, tokenizer, seq_len=10_000):
+        labels = example["labels"][1:]
+        with torch.no_grad():
+            log_q = model(input_ids=example["input_ids"][None]).logits[0, :-1].log_softmax(-1)
+        real = labels != -100
+        total += float(torch.nn.functional.nll_loss(log_q[real], labels[real], reduction="sum"))
+        count += int(real.sum())
+    return total / count
+
+
+def test_dial_on_sft_chats_scores_the_answer_tokens():
+    tokenizer = make_tokenizer()
+    model = get_control_model(make_model("llama", vocab_size=len(tokenizer)), ControlConfig(expanded_layers=[1, 3]))
+    perturb_trainable(model, 0.05)
+    dial = Dial(model)
+    points = dial_curve(dial, tokenizer, CHATS, CHATS, values=[1.0], seq_len=256, batch_size=2, progress=False)
+    assert points[-1].learn_nll == pytest.approx(_answer_nll(model, tokenizer, CHATS), rel=1e-5)
+    dial.set(0.0)
+    assert points[0].learn_nll == pytest.approx(_answer_nll(model, tokenizer, CHATS), rel=1e-5)
+    dial.set(1.0)
+    answers = sum(len(m["content"]) for c in CHATS for m in c if m["role"] == "assistant")
+    assert points[-1].learn_bpc == pytest.approx(points[-1].learn_nll * _tokens_of(tokenizer, CHATS) / math.log(2) / answers,
+                                                 rel=1e-6)
+
+
+def _tokens_of(tokenizer, data):
+    from controlllm.scoring import prepare
+
+    prepared = prepare(tokenizer, data, 256)
+    return sum(t != -100 for labels in prepared.labels for t in labels)
+
+
+def test_eval_kl_equals_dial_kl_for_the_same_model_and_file(tmp_path):
+    from controlllm.evaluation import evaluate
+
+    tokenizer = make_tokenizer()
+    model = get_control_model(make_model("llama", vocab_size=len(tokenizer), max_position_embeddings=512),
+                              ControlConfig(expanded_layers=[1, 3]))
+    perturb_trainable(model, 0.05)
+    long = [" ".join(TOKENIZER_CORPUS[i:] + TOKENIZER_CORPUS[:i]) * (1 + i) for i in range(4)]  # longer than seq_len
+    texts = tmp_path / "keep.txt"
+    texts.write_text("\n\n".join(long))
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS))
+    for path in (texts, chats):
+        data = read_eval_texts(path)
+        point = dial_curve(Dial(model), tokenizer, data, data, values=[1.0], seq_len=32, batch_size=8,
+                           progress=False)[-1]
+        out = evaluate(model, tokenizer, [f"kl:{path}", f"heldout:{path}"], reference="base", seq_len=32,
+                       batch_size=8, progress=False)
+        assert out[f"kl:{path}/kl"] == pytest.approx(point.kl, rel=1e-6)
+        assert out[f"heldout:{path}/nll"] == pytest.approx(point.learn_nll, rel=1e-6)
+        assert out[f"heldout:{path}/bpc"] == pytest.approx(point.keep_bpc, rel=1e-6)
+
+
+def _trained_on(learn):
+    tokenizer = make_tokenizer()
+    model = get_control_model(make_model("llama", vocab_size=len(tokenizer)),
+                              ControlConfig(expanded_layers=[1, 3], alignment_weight=0.0))
+    ids = tokenizer(learn, return_tensors="pt", padding=True)
+    labels = ids["input_ids"].masked_fill(ids["attention_mask"] == 0, -100)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for _ in range(15):
+        model(**ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval(), tokenizer
+
+
+def test_search_holds_the_budget_with_a_bound_and_reports_held_out_texts():
+    learn = TOKENIZER_CORPUS[:3]
+    keep = [a + " " + b for a in TOKENIZER_CORPUS for b in TOKENIZER_CORPUS[:2]]  # 12 keep texts
+    model, tokenizer = _trained_on(learn)
+    dial = Dial(model)
+    plain = dial_curve(dial, tokenizer, learn, keep, values=[0.5, 1.0], seq_len=16, progress=False, check=0.5,
+                       confidence=0.95)
+    assert all(p.choice_texts == 6 and p.check_texts == 6 for p in plain)
+    assert all(p.kl_bound > p.kl and p.check_kl > 0 for p in plain[1:])
+    budget = (plain[1].kl + plain[1].kl_bound) / 2  # s = 0.5 is within by its estimate, not by its bound
+    with pytest.raises(DialBudgetError, match="upper bounds"):
+        choose(plain, max_kl=budget)
+    estimates = [dataclasses.replace(p, kl_bound=None, keep_increase_bound=None) for p in plain]
+    assert choose(estimates, max_kl=budget).value == 0.5  # the estimate alone would take it
+    best, points = search(dial, tokenizer, learn, keep, max_kl=plain[2].kl_bound * 0.9, values=[0.5, 1.0], refine=2,
+                          seq_len=16, progress=False)
+    assert best.kl_bound <= plain[2].kl_bound * 0.9 and best.check_kl is not None
+    report = search_report(best, points, max_kl=plain[2].kl_bound * 0.9)
+    assert report["held_out"]["texts"] == 6 and report["held_out"]["kl"] == best.check_kl
+    assert report["held_out"]["within_budget"] == (best.check_kl <= plain[2].kl_bound * 0.9)
+    assert not report["trained_fits"] and "held out of the choice" in report["note"]
+
+
+def test_search_keeps_the_trained_model_at_once_when_it_fits(capsys):
+    learn = TOKENIZER_CORPUS[:3]
+    model, tokenizer = _trained_on(learn)
+    dial = Dial(model)
+    best, points = search(dial, tokenizer, learn, TOKENIZER_CORPUS[3:], max_kl=1e9, seq_len=16, progress=True)
+    assert best.value == 1.0 and [p.value for p in points] == [0.0, 1.0]  # nothing else scored
+    assert "already within the budget" in capsys.readouterr().err
+    assert search_report(best, points, max_kl=1e9)["trained_fits"]

@@ -494,3 +494,85 @@ def test_shared_context_falls_back_under_a_short_sliding_window(tokenizer):
     model.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
     ev.score_multiple_choice(model, tokenizer, SHARED, batch_size=64, progress=False)
     assert calls[0][0] == sum(len(i.choices) for i in SHARED)  # one row per choice
+
+
+# ---------------------------------------------------------------- one scorer for texts and chats (controlllm.scoring)
+
+
+def test_token_sums_count_only_scored_positions():
+    from controlllm.scoring import token_sums
+
+    g = torch.Generator().manual_seed(0)
+    log_p = torch.randn(2, 5, 7, generator=g).log_softmax(-1)
+    log_q = torch.randn(2, 5, 7, generator=g).log_softmax(-1)
+    targets = torch.tensor([[3, 1, -100, -100, -100], [-100, 2, 4, 6, -100]])  # padding and prompts: -100
+    nll, tokens, kl = token_sums(log_q, targets, log_p)
+    per_kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    for row in range(2):
+        real = targets[row] != -100
+        assert int(tokens[row]) == int(real.sum())
+        assert float(kl[row]) == pytest.approx(float(per_kl[row][real].sum()), rel=1e-6)
+        assert float(nll[row]) == pytest.approx(-float(log_q[row][real].gather(-1, targets[row][real][:, None]).sum()),
+                                                rel=1e-6)
+        # Counting the unscored positions would change the sum: the test can tell.
+        assert float(per_kl[row].sum()) != pytest.approx(float(kl[row]), rel=1e-3)
+
+
+def test_batched_padded_kl_equals_text_by_text(model, perturbed, tokenizer):
+    texts = [t * (1 + i % 3) for i, t in enumerate(TEXTS)]  # different lengths: the batches are padded
+    batched = ev.kl_to_reference(perturbed, model, tokenizer, texts, seq_len=16, batch_size=4, progress=False)
+    per_text = [ev.kl_to_reference(perturbed, model, tokenizer, [t], seq_len=16, batch_size=1, progress=False)
+                for t in texts]
+    tokens = [ev.heldout_loss(model, tokenizer, [t], seq_len=16, progress=False)["tokens"] for t in texts]
+    assert batched == pytest.approx(sum(k * n for k, n in zip(per_text, tokens)) / sum(tokens), rel=1e-5)
+
+
+CHATS = [
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"},
+     {"role": "assistant", "content": "Paris"}],
+    [{"role": "user", "content": "The quick brown fox?"}, {"role": "assistant", "content": "jumps over the lazy dog."},
+     {"role": "user", "content": "And then?"}, {"role": "assistant", "content": "Sunlight is the source of energy."}],
+]
+
+
+def test_heldout_and_kl_on_chats_score_the_answer_tokens_as_training_labels_them(model, perturbed, tokenizer, tmp_path):
+    from controlllm.training.data import build_sft_dataset
+
+    # The training labels (the fallback template here: the tokenizer has none) say which tokens count.
+    dataset = build_sft_dataset(CHATS, tokenizer, seq_len=10_000)
+    total, kl, count = 0.0, 0.0, 0
+    for example in dataset:
+        ids, labels = example["input_ids"][None], example["labels"][1:]
+        with torch.no_grad():
+            log_q = perturbed(input_ids=ids).logits[0, :-1].log_softmax(-1)
+            log_p = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        real = labels != -100
+        total += F.nll_loss(log_q[real], labels[real], reduction="sum").item()
+        kl += (log_p.exp() * (log_p - log_q)).sum(-1)[real].sum().item()
+        count += int(real.sum())
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS))
+    out = ev.evaluate(perturbed, tokenizer, [f"heldout:{path}", f"kl:{path}"], reference=model, batch_size=2,
+                      progress=False)
+    answers = sum(len(m["content"]) for c in CHATS for m in c if m["role"] == "assistant")
+    assert out[f"heldout:{path}/tokens"] == count and out[f"heldout:{path}/characters"] == answers
+    assert out[f"heldout:{path}/nll"] == pytest.approx(total / count, rel=1e-5)
+    assert out[f"heldout:{path}/bpc"] == pytest.approx(total / math.log(2) / answers, rel=1e-5)
+    assert out[f"kl:{path}/kl"] == pytest.approx(kl / count, rel=1e-5)
+    # Short windows predict every answer token once too.
+    assert ev.heldout_loss(perturbed, tokenizer, CHATS, seq_len=4, batch_size=3, progress=False)["tokens"] == count
+    # Scoring the rendered chats as plain text counts every token: many more than the answers.
+    whole = ev.heldout_loss(perturbed, tokenizer, [tokenizer.decode(e["input_ids"]) for e in dataset.examples],
+                            progress=False)
+    assert whole["tokens"] > 2 * count
+
+
+def test_kl_windows_cover_long_texts_whole(model, perturbed, tokenizer):
+    # Texts longer than seq_len are scored in windows (every token once), not cut to their first seq_len tokens.
+    long_text = " ".join(TEXTS)
+    whole = ev.kl_to_reference(perturbed, model, tokenizer, [long_text], seq_len=12, progress=False)
+    first = tokenizer.decode(tokenizer.encode(long_text, add_special_tokens=False)[:12])
+    cut = ev.kl_to_reference(perturbed, model, tokenizer, [first], seq_len=12, progress=False)
+    assert whole != pytest.approx(cut, rel=1e-3)
+    assert ev.heldout_loss(model, tokenizer, [long_text], seq_len=12, progress=False)["tokens"] == \
+        len(tokenizer.encode(long_text, add_special_tokens=False))

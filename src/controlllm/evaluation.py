@@ -31,7 +31,6 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 __all__ = [
@@ -619,49 +618,25 @@ def score_multiple_choice(
 # ----------------------------------------------------------------------------------------------
 
 
-def _windows(tokenizer, texts: Sequence[str], seq_len: int) -> list[list[int]]:
-    """Each text as [prefix] + tokens cut into windows of seq_len + 1 tokens overlapping by one,
-    so every text token is predicted exactly once and no window sees another text."""
-    if seq_len < 1:
-        raise ValueError(f"seq_len={seq_len} is not allowed; use an integer >= 1")
-    prefix = _prefix_token_id(tokenizer)
-    windows = []
-    for text in texts:
-        ids = [prefix] + _encode(tokenizer, text, False)
-        for start in range(0, len(ids) - 1, seq_len):
-            windows.append(ids[start: start + seq_len + 1])
-    return windows
-
-
 def heldout_loss(
-    model: Any, tokenizer, texts: Sequence[str], seq_len: int = 256, batch_size: int = 8, progress: bool = True
+    model: Any, tokenizer, texts: Sequence[Any], seq_len: int = 256, batch_size: int = 8, progress: bool = True
 ) -> dict:
-    """Language-modelling loss on held-out texts.
+    """Language-modelling loss on held-out texts or chats (`controlllm.scoring`, the dial's scorer).
 
-    Each text is scored from its first token (after a BOS, or EOS if there is no BOS) in windows
-    of `seq_len` predicted tokens; windows never span two texts. Returns `nll` (mean token
-    negative log-likelihood in nats), `ppl` = exp(nll), `bpc` (bits per character: summed NLL /
-    ln 2 / number of characters of the texts), `tokens` and `characters`.
+    Plain texts are scored on every token from the first (after a BOS, or EOS if there is no
+    BOS); chats, rendered and labelled as SFT training does, on their answer tokens only. Rows
+    are cut into windows of `seq_len` predicted tokens; windows never span two texts. Returns
+    `nll` (mean token negative log-likelihood in nats), `ppl` = exp(nll), `bpc` (bits per
+    character: summed NLL / ln 2 / characters scored: the whole texts, or the answers of chats),
+    `tokens` and `characters`.
     """
-    texts = [t for t in texts if t]
-    if not texts:
-        raise ValueError("no non-empty texts to score")
-    windows = sorted(_windows(tokenizer, texts, seq_len), key=len, reverse=True)
-    device, total, count = _device_of(model), 0.0, 0
-    with _inference(model), tqdm(total=len(windows), desc="held-out loss", disable=not progress) as bar:
-        for start in range(0, len(windows), batch_size):
-            chunk = windows[start: start + batch_size]
-            ids, mask = _right_pad([w[:-1] for w in chunk], _pad_id(tokenizer), device)
-            logits = _logits(model, ids, mask)
-            for row, w in enumerate(chunk):
-                target = torch.tensor(w[1:], device=logits.device)
-                total += F.cross_entropy(logits[row, : len(target)].float(), target, reduction="sum").item()
-                count += len(target)
-            bar.update(len(chunk))
-    characters = sum(len(t) for t in texts)
-    nll = total / count
-    return {"nll": nll, "ppl": math.exp(min(nll, 700.0)), "bpc": total / math.log(2) / characters,
-            "tokens": count, "characters": characters}
+    from .scoring import score_texts
+
+    scores = score_texts(model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size, progress=progress,
+                         desc="held-out loss")
+    nll = scores.mean_nll
+    return {"nll": nll, "ppl": math.exp(min(nll, 700.0)), "bpc": scores.bpc, "tokens": sum(scores.tokens),
+            "characters": sum(scores.characters)}
 
 
 def _reference_fn(model: Any, reference: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -685,43 +660,33 @@ def kl_to_reference(
     model: Any,
     reference: Any,
     tokenizer,
-    texts: Sequence[str],
+    texts: Sequence[Any],
     seq_len: int = 256,
     batch_size: int = 8,
     progress: bool = True,
 ) -> float:
     """Mean KL(reference || model) of the next-token distributions, in nats, computed in fp32.
 
-    The mean is over every non-padding position of `texts` (each cut to `seq_len` tokens after a
-    BOS/EOS prefix). `reference` is another model, a callable `(input_ids, attention_mask) ->
-    logits`, or the string "base": the same `model` inside `model.disable_control()`, so the
-    frozen base needs no second copy of the weights.
+    The same positions and windows as `heldout_loss` (and the dial's KL, one implementation in
+    `controlllm.scoring`): every position that predicts a scored token, i.e. every text token of
+    plain texts, the answer tokens of chats; never padding, nor the position after a text's last
+    token. `reference` is another model, a callable `(input_ids, attention_mask) -> logits`, or
+    the string "base": the same `model` inside `model.disable_control()`, so the frozen base needs
+    no second copy of the weights.
     """
+    from .scoring import score_texts
+
     ref = _reference_fn(model, reference)
-    prefix = _prefix_token_id(tokenizer)
-    rows = [([prefix] + _encode(tokenizer, t, False))[:seq_len] for t in texts if t]
-    if not rows:
-        raise ValueError("no non-empty texts to compare on")
-    device, total, count = _device_of(model), 0.0, 0
     ref_training = getattr(reference, "training", False) if isinstance(reference, torch.nn.Module) else False
     if ref_training:
         reference.eval()
     try:
-        with _inference(model), tqdm(total=len(rows), desc="KL to reference", disable=not progress) as bar:
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start: start + batch_size]
-                ids, mask = _right_pad(chunk, _pad_id(tokenizer), device)
-                logits_p, logits_q = ref(ids, mask), _logits(model, ids, mask)
-                for row, r in enumerate(chunk):
-                    log_p = logits_p[row, : len(r)].float().log_softmax(-1)
-                    log_q = logits_q[row, : len(r)].float().log_softmax(-1)
-                    total += (log_p.exp() * (log_p - log_q)).sum().item()
-                    count += len(r)
-                bar.update(len(chunk))
+        scores = score_texts(model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size, reference=ref,
+                             progress=progress, desc="KL to reference")
     finally:
         if ref_training:
             reference.train()
-    return total / count
+    return scores.mean_kl
 
 
 # ----------------------------------------------------------------------------------------------
@@ -918,20 +883,25 @@ def evaluate(
     - a multiple-choice benchmark (`MC_BENCHMARKS`, or "mmlu:<subject>") ->
       "<task>/acc", "<task>/acc_stderr", "<task>/acc_norm", "<task>/acc_norm_stderr", "<task>/n";
     - a generation benchmark (`GENERATION_BENCHMARKS`) -> "<task>/exact_match", ".../exact_match_stderr", ".../n";
-    - "heldout:PATH" (texts read by `load_texts`) -> "<task>/nll", ".../ppl", ".../bpc", ".../tokens", ".../characters";
-    - "kl:PATH" (needs `reference`: a model, a callable or "base") -> "<task>/kl".
+    - "heldout:PATH" (plain texts, or chats scored on their answers, read by
+      `controlllm.scoring.read_scoring_data`) -> "<task>/nll", ".../ppl", ".../bpc", ".../tokens", ".../characters";
+    - "kl:PATH" (the same data; needs `reference`: a model, a callable or "base") -> "<task>/kl", the same
+      number `controlllm dial` reports for that model and file (one implementation, `controlllm.scoring`).
     Every task also reports "<task>/seconds". `limit` caps items (or texts) per task.
     """
+    from .scoring import read_scoring_data
+
     results: dict[str, Any] = {}
     for task in tasks:
         started = time.perf_counter()
         kind, _, arg = task.partition(":")
         if kind == "heldout" and arg:
-            out = heldout_loss(model, tokenizer, load_texts(arg, limit), seq_len=seq_len, batch_size=batch_size, progress=progress)
+            out = heldout_loss(model, tokenizer, read_scoring_data(arg, limit), seq_len=seq_len, batch_size=batch_size,
+                               progress=progress)
         elif kind == "kl" and arg:
             if reference is None:
                 raise ValueError(f"task {task!r} needs reference= (a model, a callable, or 'base' for disable_control())")
-            out = {"kl": kl_to_reference(model, reference, tokenizer, load_texts(arg, limit), seq_len=seq_len,
+            out = {"kl": kl_to_reference(model, reference, tokenizer, read_scoring_data(arg, limit), seq_len=seq_len,
                                          batch_size=batch_size, progress=progress)}
         elif task in GENERATION_BENCHMARKS:
             out = generate_answers(model, tokenizer, load_generation_benchmark(task, limit, num_fewshot),
