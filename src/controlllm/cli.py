@@ -98,7 +98,9 @@ def _overwrite(p: argparse.ArgumentParser) -> None:
                    help="replace an existing output (never the model being read or its base)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The `controlllm` parser; `train_defaults` (a recipe file's values) replace train's defaults, so
+    flags on the command line override the file."""
     from .training.options import TrainConfig
 
     parser = _Parser(prog="controlllm", description="Control LLM: learn something new, keep what you knew.",
@@ -111,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=_HelpFormatter, **kwargs)
 
     p = command("train", "continued pre-training or SFT with Control LLM or a baseline")
+    p.add_argument("--config", default=None, metavar="RECIPE.yaml",
+                   help="a YAML recipe of these options (controlllm.training.recipe); flags override it")
     _add_dataclass_flags(p, TrainConfig)
+    if train_defaults:
+        p.set_defaults(**train_defaults)
 
     model_help = "run folder, model folder or .gguf (default: SmolLM2-135M-Instruct)"
     base_help = "base model of the run (default: the one its run_config.json records)"
@@ -189,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="f32", help="tensor type of the matrices (see controlllm.serving.export.DTYPES)")
     p.add_argument("--output", required=True, help="the .gguf file to write")
     _overwrite(p)
+
+    from . import compare
+
+    p = sub.add_parser("compare", help="which method keeps most at equal gain, on your data: trains full, LoRA and "
+                                       "Control over a rate grid with their dials and reports forgetting at equal gain",
+                       formatter_class=_HelpFormatter)
+    compare.add_arguments(p)  # its own --threads
 
     p = command("plot", "draw a run's metrics.jsonl as a PNG dashboard (loss, alignment, per-layer w and drift)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder holding metrics.jsonl (the --output of train)")
@@ -378,8 +391,27 @@ def _base_dtype(run) -> str | None:
     return dtype if dtype in ("float32", "bfloat16", "float16") else None
 
 
+def _recipe_defaults(argv: list[str] | None) -> dict | None:
+    """The values of `train --config FILE`, read before the real parse (None without one)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] != "train":
+        return None
+    pre = _Parser(prog="controlllm train", add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv[1:])
+    if known.config is None:
+        return None
+    from .training.recipe import load_recipe
+
+    return load_recipe(known.config)
+
+
 def run(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(_recipe_defaults(argv)).parse_args(argv)
+    if args.command == "compare":
+        from .compare import run_from_args
+
+        return run_from_args(args)
     if args.command != "plot":
         import torch
 

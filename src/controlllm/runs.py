@@ -293,10 +293,15 @@ class Run:
             return {"base_model": self.path, "stages": []}
         lineage = self.record.get("lineage")
         if lineage:
-            return {"base_model": lineage["base_model"], "stages": list(lineage["stages"])}
-        # A run written before lineage was recorded: one stage on top of its own base.
-        keys = ("output", "method", "task", "data", "max_steps", "lr", "preset")
-        return {"base_model": self.record.get("model"), "stages": [{k: self.record.get(k) for k in keys}]}
+            lineage = {"base_model": lineage["base_model"], "stages": list(lineage["stages"])}
+        else:  # a run written before lineage was recorded: one stage on top of its own base
+            keys = ("output", "method", "task", "data", "max_steps", "lr", "preset")
+            lineage = {"base_model": self.record.get("model"), "stages": [{k: self.record.get(k) for k in keys}]}
+        dial = self.dial_record
+        if dial and lineage["stages"]:  # the dial is part of what this stage is
+            lineage["stages"][-1] = {**lineage["stages"][-1],
+                                     "dial": {"value": dial.get("value"), "mode": dial.get("mode"), "folder": self.path}}
+        return lineage
 
     @property
     def base_fold(self) -> dict | None:
