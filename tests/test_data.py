@@ -153,7 +153,7 @@ def test_read_chat_records_errors(tmp_path):
     with pytest.raises(DataError, match=r"unsupported data file extension '\.txt'.*allowed: \.jsonl"):
         read_chat_records(_write(tmp_path / "chat.txt", "hi"))
     no_field = _write(tmp_path / "a.jsonl", '{"prompt": "p", "response": "r"}\n{"prompt": "only"}\n')
-    with pytest.raises(DataError, match=r"a\.jsonl:2: record has neither 'messages' nor 'prompt' and 'response'"):
+    with pytest.raises(DataError, match=r"a\.jsonl:2: record has none of the chat forms \(keys: prompt\); allowed: 'messages'"):
         read_chat_records(no_field)
     bad_role = _write(tmp_path / "b.jsonl", '\n{"messages": [{"role": "Assistant", "content": "x"}]}\n')
     with pytest.raises(DataError, match=r"b\.jsonl:2: message 0 has role 'Assistant'; allowed: system, user"):
@@ -325,19 +325,188 @@ def test_sft_labels_with_the_default_model_tokenizer():
     assert _label_runs(example, tokenizer) == ["I am fine, thank you.<|im_end|>", "Paris is the capital.<|im_end|>"]
 
 
-def test_mixed_dataset_keeps_the_length_and_spreads_the_mix_evenly():
-    from controlllm.training.data import DataError, MixedDataset, mix_positions
+class _Examples(torch.utils.data.Dataset):
+    """Examples with a given number of trained tokens each; input_ids[0] is the example's id."""
 
-    main, mix = list(range(100, 120)), ["a", "b", "c"]
-    mixed = MixedDataset(main, mix, 0.25)
-    items = [mixed[i] for i in range(len(mixed))]
-    assert len(mixed) == len(main) and mixed.mixed_examples == 5
-    assert [x for x in items if isinstance(x, int)] == main[:15]  # the training data in its own order
-    assert [x for x in items if isinstance(x, str)] == ["a", "b", "c", "a", "b"]  # cycling
-    assert [i for i, m in enumerate(mix_positions(20, 0.25)) if m] == [3, 7, 11, 15, 19]
-    assert sum(mix_positions(1000, 0.1)) == 100
-    for bad in (0.0, 1.0, float("nan")):
+    def __init__(self, tokens, first_id):
+        self.items = [{"input_ids": [first_id + i] + [7] * n, "labels": [-100] + [7] * n} for i, n in enumerate(tokens)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
+def _share(examples, mix_ids):
+    from controlllm.training.data import trained_tokens
+
+    mixed = sum(trained_tokens(e) for e in examples if e["input_ids"][0] in mix_ids)
+    return mixed / sum(trained_tokens(e) for e in examples)
+
+
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_mixed_dataset_keeps_the_main_order_and_a_token_share(epoch):
+    """SFT-like: main examples train on 10 tokens, mix documents on 120; at ratio 0.25 the mix holds at most
+    a quarter of the trained tokens (not a quarter of the examples), and the main data comes in the order a
+    run without mixing visits it (the Trainer's seeded shuffle, epoch by epoch)."""
+    from controlllm.training.data import MixedDataset, data_order
+
+    main, mix = _Examples([10] * 200, 1000), _Examples([120] * 7, 5000)
+    mixed = MixedDataset(main, mix, 0.25, seed=3)
+    mixed.set_epoch(epoch)
+    items = list(mixed)
+    main_ids = [e["input_ids"][0] - 1000 for e in items if e["input_ids"][0] < 5000]
+    assert main_ids == data_order(len(main), 3, epoch)  # every main example, in the unmixed order
+    mix_ids = set(range(5000, 5007))
+    share = _share(items, mix_ids)
+    print("mixed examples", len(items) - len(main_ids), "token share", round(share, 4))
+    assert 0.25 - 120 / sum(10 * 200 + 120 for _ in [0]) <= share <= 0.25
+    # ... at every point of the epoch, not only at its end
+    assert all(_share(items[:k], mix_ids) <= 0.25 for k in range(1, len(items) + 1))
+    assert list(mixed) == items  # deterministic per epoch (a resumed run replays it)
+
+
+def test_mixed_dataset_follows_the_trainers_order():
+    """data_order is the order the Trainer's sampler draws a map-style dataset in."""
+    from accelerate.data_loader import SeedableRandomSampler
+
+    from controlllm.training.data import data_order
+
+    sampler = SeedableRandomSampler(data_source=range(50), data_seed=42)
+    assert list(sampler) == data_order(50, 42, 0)
+    assert list(sampler) == data_order(50, 42, 1)  # the sampler advanced its epoch
+
+
+def test_mixed_dataset_refuses_a_ratio_that_takes_nothing():
+    from controlllm.training.data import DataError, MixedDataset
+
+    with pytest.raises(DataError, match=r"--mix-ratio 0.1 takes no --mix-data example.*at least 0.143 would"):
+        MixedDataset(_Examples([64] * 6, 0), _Examples([64] * 3, 100), 0.1)
+    for bad in (0, 1, 1.5, -0.1, float("nan"), True):
         with pytest.raises(DataError, match="mix-ratio"):
-            MixedDataset(main, mix, bad)
-    with pytest.raises(DataError, match="no training examples"):
-        MixedDataset(main, [], 0.1)
+            MixedDataset(_Examples([5] * 6, 0), _Examples([5], 100), bad)
+
+
+def test_text_mixed_into_sft_trains_every_token(tmp_path, tok):
+    from controlllm.training.data import build_mix_dataset, read_mix_records
+
+    text = _write(tmp_path / "keep.txt", "\n\n".join(CORPUS))
+    records = read_mix_records(text, "sft")
+    assert records[0] == "text"
+    dataset = build_mix_dataset(records, tok, "sft", 8)
+    assert len(dataset) >= len(CORPUS)
+    for i in range(len(dataset)):
+        item = dataset[i]
+        assert item["input_ids"].numel() <= 8 and torch.equal(item["labels"], item["input_ids"])
+    jsonl = _write(tmp_path / "keep.jsonl", "\n".join(json.dumps({"text": t}) for t in CORPUS))
+    assert read_mix_records(jsonl, "sft")[0] == "text"
+    chats = _write(tmp_path / "chats.jsonl", json.dumps({"prompt": "a", "response": "b"}))
+    assert read_mix_records(chats, "sft")[0] == "chat"
+
+
+def _trained_batches(monkeypatch, cfg):
+    """Train with `cfg` and return every example the Trainer collated, in order."""
+    from controlllm.training import data
+    from controlllm.training.train import train
+
+    seen = []
+    original = data.DataCollator.__call__
+
+    def recording(self, features):
+        seen.extend({"input_ids": list(map(int, f["input_ids"])), "labels": list(map(int, f["labels"]))}
+                    for f in features)
+        return original(self, features)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data.DataCollator, "__call__", recording)
+        train(cfg)
+    return seen
+
+
+def test_train_mixes_text_into_sft_by_trained_tokens_keeping_the_order(tmp_path, monkeypatch, tiny_model_dir,
+                                                                        chat_file):
+    """`train --task sft --mix-data keep.txt --mix-ratio 0.25`: the examples the Trainer sees hold the mix at
+    (at most, and within one document of) a quarter of the trained tokens, and the chats in the order of the
+    run without mixing."""
+    from controlllm.training.data import trained_tokens
+    from controlllm.training.train import TrainConfig
+
+    keep = _write(tmp_path / "keep.txt", "\n\n".join(["Madrid es grande.", "Hola amigo."] * 6))
+    common = dict(model=str(tiny_model_dir), data=str(chat_file), task="sft", max_steps=8, batch_size=4, seq_len=64,
+                  save_steps=100, logging_steps=1, progress=False, lr=1e-3)
+    plain = _trained_batches(monkeypatch, TrainConfig(output=str(tmp_path / "plain"), **common))
+    mixed = _trained_batches(monkeypatch, TrainConfig(output=str(tmp_path / "mixed"), mix_data=str(keep),
+                                                      mix_ratio=0.25, **common))
+    is_mix = [e["labels"] == e["input_ids"] for e in mixed]  # a document trains on every token, a chat does not
+    main = [e["input_ids"] for e, m in zip(mixed, is_mix) if not m]
+    mix_tokens = sum(trained_tokens(e) for e, m in zip(mixed, is_mix) if m)
+    total = sum(trained_tokens(e) for e in mixed)
+    document = max(trained_tokens(e) for e, m in zip(mixed, is_mix) if m)
+    print("examples", len(mixed), "of the mix", sum(is_mix), "mix token share", round(mix_tokens / total, 3))
+    assert len(mixed) == len(plain)  # the same steps and batch size
+    assert main == [e["input_ids"] for e in plain][:len(main)]
+    assert 0.25 - document / total <= mix_tokens / total <= 0.25
+
+
+
+
+# --------------------------------------------------------------------------- formats
+
+EXPECTED_CHAT = [{"role": "user", "content": "Add the numbers.\n\n2 and 2"}, {"role": "assistant", "content": "4."}]
+
+
+def test_alpaca_sharegpt_and_messages_records_in_one_file(tmp_path):
+    rows = [
+        {"instruction": "Add the numbers.", "input": "2 and 2", "output": "4."},
+        {"instruction": "Say hi.", "input": "", "output": "Hi.", "system": "Be brief."},
+        {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}], "system": "S."},
+        {"conversations": [{"from": "system", "value": "T."}, {"from": "user", "value": "Q2?"},
+                           {"from": "assistant", "value": "A2."}]},
+    ]
+    path = _write(tmp_path / "mixed.jsonl", "\n".join(json.dumps(r) for r in rows))
+    assert read_chat_records(path) == [
+        EXPECTED_CHAT,
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."},
+         {"role": "assistant", "content": "Hi."}],
+        [{"role": "system", "content": "S."}, {"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}],
+        [{"role": "system", "content": "T."}, {"role": "user", "content": "Q2?"},
+         {"role": "assistant", "content": "A2."}],
+    ]
+
+
+def test_json_array_parquet_arrow_and_saved_datasets(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    alpaca = [{"instruction": "Add the numbers.", "input": "2 and 2", "output": "4."}]
+    assert read_chat_records(_write(tmp_path / "alpaca_data.json", json.dumps(alpaca))) == [EXPECTED_CHAT]
+    table = datasets.Dataset.from_list(alpaca)
+    table.to_parquet(str(tmp_path / "a.parquet"))
+    assert read_chat_records(tmp_path / "a.parquet") == [EXPECTED_CHAT]
+    table.save_to_disk(str(tmp_path / "saved"))
+    assert read_chat_records(tmp_path / "saved") == [EXPECTED_CHAT]
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    assert read_chat_records(arrow) == [EXPECTED_CHAT]
+    texts = datasets.Dataset.from_dict({"text": ["alpha", " ", "beta"], "id": [1, 2, 3]})
+    texts.to_parquet(str(tmp_path / "t.parquet"))
+    assert read_text_records(tmp_path / "t.parquet") == ["alpha", "beta"]
+
+
+def test_format_errors_name_the_file_the_record_and_what_is_accepted(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"instruction": "x", "output": "y"}, {"question": "q", "answer": "a"}]
+    with pytest.raises(DataError, match=r"b\.json: record 2: record has none of the chat forms \(keys: answer, "
+                                        r"question\); allowed: .*Alpaca"):
+        read_chat_records(_write(tmp_path / "b.json", json.dumps(rows)))
+    datasets.Dataset.from_dict({"body": ["x"]}).to_parquet(str(tmp_path / "c.parquet"))
+    with pytest.raises(DataError, match=r"c\.parquet: record 1: record has no 'text' field \(keys: body\); "
+                                        r"allowed: .*'text' column"):
+        read_text_records(tmp_path / "c.parquet")
+    with pytest.raises(DataError, match=r"d\.json: a \.json data file must hold an array of records"):
+        read_chat_records(_write(tmp_path / "d.json", '{"instruction": "x", "output": "y"}'))
+    with pytest.raises(DataError, match=r"e\.jsonl:1: message 1 is from 'robot'; allowed: system, human"):
+        read_chat_records(_write(tmp_path / "e.jsonl", json.dumps(
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]})))
+    with pytest.raises(DataError, match=r"cannot read .*f\.parquet as parquet"):
+        read_chat_records(_write(tmp_path / "f.parquet", "not parquet"))
+    with pytest.raises(DataError, match=r"g\.jsonl:1: expected a JSON object, got list"):
+        read_chat_records(_write(tmp_path / "g.jsonl", '[{"prompt": "p", "response": "r"}]'))

@@ -1,13 +1,51 @@
 """Training data: read text or chat records, tokenise them, and batch them.
 
-Two tasks are supported:
+Accepted data (local files; every error names the file, the line or record, and what is accepted)
+================================================================================================
 
+Files
+-----
+* ``.txt``: plain text; documents are separated by blank lines (a file without a blank line is one
+  document). For ``cpt`` data and for text mixed into any run (``--mix-data``).
+* ``.jsonl``: one JSON object per line (errors give the line number).
+* ``.json``: one JSON array of objects, e.g. Alpaca's own ``alpaca_data.json``.
+* ``.parquet`` and ``.arrow`` files, and a folder written by ``datasets.Dataset.save_to_disk``: one
+  record per row, read with the ``datasets`` library; a column is a field.
+
+Records for ``--task cpt`` (text)
+--------------------------------
+A string ``text`` field (column)::
+
+    {"text": "The first document ..."}
+
+Records for ``--task sft`` (conversations), any of these forms, mixed freely::
+
+    {"messages": [{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": "What is 2 + 2?"},
+                  {"role": "assistant", "content": "4."}]}
+    {"prompt": "What is 2 + 2?", "response": "4.", "system": "Be brief."}        # system optional
+    {"instruction": "Add the numbers.", "input": "2 and 2", "output": "4."}        # Alpaca; input optional
+    {"conversations": [{"from": "human", "value": "What is 2 + 2?"},
+                       {"from": "gpt", "value": "4."}]}                           # ShareGPT
+
+Roles are ``system``, ``user``, ``assistant`` and ``tool``; ShareGPT's ``from`` names map to them
+(``human`` -> user, ``gpt`` -> assistant, ``observation`` -> tool, see :data:`SHAREGPT_ROLES`). An
+Alpaca ``input`` is appended to the instruction after a blank line. A top-level ``system`` string
+opens the conversation (prompt/response, Alpaca and ShareGPT records). Every conversation needs an
+assistant message.
+
+What is trained
+===============
 * ``"cpt"`` (continued pre-training): documents are tokenised, each followed by the eos
   token, concatenated and cut into fixed blocks of ``seq_len`` tokens; every token is a
   training target.
 * ``"sft"`` (supervised fine-tuning): conversations are rendered with the tokenizer's chat
   template; only assistant tokens (with the end-of-turn marker closing each assistant turn)
   are training targets, everything else is labelled ``-100``.
+* Mixed-in data (``--mix-data``, :class:`MixedDataset`): for cpt, text packed like the training
+  data; for sft, conversations like the training data, or plain text (``.txt``, or records with a
+  ``text`` field) as documents of their own, every token trained. ``--mix-ratio`` is the mix's share
+  of the trained tokens.
 
 Datasets yield dicts of ``input_ids``, ``attention_mask`` and ``labels`` (1-D LongTensors)
 that :class:`DataCollator` right-pads into a batch for the Hugging Face ``Trainer``.
@@ -110,20 +148,131 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
         yield lineno, record
 
 
-def read_text_records(path: str | os.PathLike) -> list[str]:
-    """Read plain-text documents for continued pre-training.
+#: File types read as records (one JSON object, or one table row, per record).
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
+#: File types read as plain text.
+TEXT_SUFFIXES = (".txt",)
 
-    ``.txt``: documents separated by blank lines (a file without blank lines is one
-    document). ``.jsonl``: one JSON object per line with a string ``text`` field.
-    Whitespace-only documents are skipped.
+#: ShareGPT speaker names ("from") and the chat role each one is.
+SHAREGPT_ROLES = {
+    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+    "chatgpt": "assistant", "model": "assistant", "bing": "assistant", "bard": "assistant",
+    "tool": "tool", "observation": "tool", "function_response": "tool",
+}
+
+_CHAT_FORMS = ("'messages' (a list of {role, content}), 'conversations' (ShareGPT: a list of {from, value}), "
+               "'prompt' and 'response', or 'instruction', optional 'input', and 'output' (Alpaca)")
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / name).is_file() for name in ("state.json", "dataset_info.json"))
+
+
+def _check_data_path(path: str | os.PathLike, allowed: Sequence[str]) -> Path:
+    """A data file of an allowed type, or a folder written by `datasets.Dataset.save_to_disk`."""
+    path = Path(path)
+    if _is_saved_dataset(path) and ".arrow" in allowed:
+        return path
+    return _check_file(path, allowed)
+
+
+def _table_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """Rows of a parquet or arrow file, or of a saved dataset folder, through the `datasets` library."""
+    try:
+        import datasets
+    except ImportError as err:  # pragma: no cover - a dependency of controlllm
+        raise DataError(f"{path}: reading {path.suffix or 'saved dataset'} files needs the 'datasets' package "
+                        f"(pip install datasets): {err}") from None
+    try:
+        if path.is_dir():
+            table = datasets.load_from_disk(str(path))
+            if isinstance(table, datasets.DatasetDict):
+                raise DataError(f"{path} holds several splits ({', '.join(table)}); give the folder of one "
+                                f"split, e.g. {path / next(iter(table))}")
+        elif path.suffix.lower() == ".arrow":
+            table = datasets.Dataset.from_file(str(path), in_memory=True)
+        else:
+            import tempfile
+
+            enabled = datasets.is_progress_bar_enabled()
+            datasets.disable_progress_bars()
+            try:
+                with tempfile.TemporaryDirectory(prefix="controlllm-data-") as cache:
+                    table = datasets.Dataset.from_parquet(str(path), cache_dir=cache, keep_in_memory=True)
+            finally:
+                if enabled:
+                    datasets.enable_progress_bars()
+    except DataError:
+        raise
+    except Exception as err:  # pyarrow's and datasets' errors: a file that is not what its name says
+        raise DataError(f"cannot read {path} as {path.suffix.lstrip('.') or 'a saved dataset'}: "
+                        f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}") from None
+    for number, row in enumerate(table, start=1):
+        yield f"{path}: record {number}", row
+
+
+def _json_array_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """Objects of a .json file holding one array of records (Alpaca's own alpaca_data.json)."""
+    try:
+        data = json.loads(_read_bytes(path).decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not valid UTF-8 (byte offset {err.start}); save the file as UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+    except (RecursionError, ValueError) as err:
+        raise DataError(f"{path}: invalid JSON: {str(err)[:120] or 'nested too deeply'}") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a .json data file must hold an array of records ([{{...}}, ...]), got "
+                        f"{type(data).__name__}; for one record per line use .jsonl")
+    for number, record in enumerate(data, start=1):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: record {number}: expected a JSON object, got {type(record).__name__}")
+        yield f"{path}: record {number}", record
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
+    """Yield ``(where, record)`` for every record of a data file: each line of a ``.jsonl`` file (``where``
+    is ``file:line``), each element of a ``.json`` array, each row of a ``.parquet`` or ``.arrow`` file or
+    of a folder saved by ``datasets`` (``where`` is ``file: record N``, from 1). Local files only.
 
     Raises:
-        DataError: missing file, unsupported extension, malformed line, missing ``text``
-            field, or no documents at all.
+        DataError: missing file, another type, malformed content.
     """
-    path = _check_file(path, (".txt", ".jsonl"))
+    path = _check_data_path(path, RECORD_SUFFIXES)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        for lineno, record in _iter_jsonl(path):
+            yield f"{path}:{lineno}", record
+    elif suffix == ".json":
+        yield from _json_array_records(path)
+    else:
+        yield from _table_records(path)
+
+
+def _holds_text(path: str | os.PathLike) -> bool:
+    """Whether a data file holds plain text (a .txt file, or records with a 'text' field and no chat)."""
+    path = Path(path)
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        return True
+    for _, record in iter_records(path):
+        return "text" in record and not any(k in record for k in ("messages", "conversations", "prompt", "instruction"))
+    return False
+
+
+def read_text_records(path: str | os.PathLike) -> list[str]:
+    """Read plain-text documents for continued pre-training (or to mix into SFT).
+
+    ``.txt``: documents separated by blank lines (a file without blank lines is one document).
+    Records (``.jsonl``, ``.json`` array, ``.parquet``, ``.arrow``, see :func:`iter_records`): a string
+    ``text`` field (column) per record. Whitespace-only documents are skipped.
+
+    Raises:
+        DataError: missing file, unsupported type, malformed record, missing ``text`` field, or no
+            documents at all; it names the file and the line or record.
+    """
+    path = _check_data_path(path, TEXT_SUFFIXES + RECORD_SUFFIXES)
     texts: list[str] = []
-    if path.suffix.lower() == ".txt":
+    if path.suffix.lower() in TEXT_SUFFIXES:
         data = _read_bytes(path)
         try:
             content = data.decode("utf-8")
@@ -132,15 +281,15 @@ def read_text_records(path: str | os.PathLike) -> list[str]:
             raise _not_utf8(path, data.count(b"\n", 0, err.start) + 1, err, err.start - start + 1) from None
         texts = [doc.strip() for doc in re.split(r"\n[ \t\r\f\v]*\n", content) if doc.strip()]
     else:
-        for lineno, record in _iter_jsonl(path):
+        for where, record in iter_records(path):
             if "text" not in record:
                 raise DataError(
-                    f"{path}:{lineno}: record has no 'text' field (keys: {', '.join(sorted(record)) or 'none'}); "
-                    "allowed: a JSON object with a string 'text' field"
+                    f"{where}: record has no 'text' field (keys: {', '.join(sorted(record)) or 'none'}); "
+                    "allowed: a record with a string 'text' field (a 'text' column)"
                 )
             text = record["text"]
             if not isinstance(text, str):
-                raise DataError(f"{path}:{lineno}: field 'text' must be a string, got {type(text).__name__}")
+                raise DataError(f"{where}: field 'text' must be a string, got {type(text).__name__}")
             if text.strip():
                 texts.append(text)
     if not texts:
@@ -148,13 +297,21 @@ def read_text_records(path: str | os.PathLike) -> list[str]:
     return texts
 
 
-def _check_messages(messages: Any, where: str) -> list[dict]:
+def _check_messages(messages: Any, where: str, field: str = "messages") -> list[dict]:
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        raise DataError(f"{where}: '{field}' must be a non-empty list of {{role, content}} objects")
     checked = []
     for i, message in enumerate(messages):
+        if isinstance(message, dict) and "from" in message and "value" in message and "role" not in message:
+            speaker = message["from"]
+            role = SHAREGPT_ROLES.get(speaker.lower() if isinstance(speaker, str) else speaker)
+            if role is None:
+                raise DataError(f"{where}: message {i} is from {_short(speaker)}; allowed: "
+                                f"{', '.join(SHAREGPT_ROLES)}")
+            message = {"role": role, "content": message["value"]}
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DataError(f"{where}: message {i} must be an object with 'role' and 'content', got {_short(message)}")
+            raise DataError(f"{where}: message {i} must be an object with 'role' and 'content' (or ShareGPT's "
+                            f"'from' and 'value'), got {_short(message)}")
         role, content = message["role"], message["content"]
         if role not in CHAT_ROLES:
             raise DataError(f"{where}: message {i} has role {_short(role)}; allowed: {', '.join(CHAT_ROLES)}")
@@ -164,38 +321,54 @@ def _check_messages(messages: Any, where: str) -> list[dict]:
     return checked
 
 
-def read_chat_records(path: str | os.PathLike) -> list[list[dict]]:
-    """Read conversations for supervised fine-tuning from a ``.jsonl`` file.
+def _present(record: dict, key: str) -> bool:
+    return record.get(key) is not None
 
-    Each line is either ``{"messages": [{"role": ..., "content": ...}, ...]}`` or
-    ``{"prompt": ..., "response": ...}`` (turned into a user and an assistant message, with
-    an optional ``system`` string first). Roles must be one of :data:`CHAT_ROLES`.
+
+def chat_of_record(record: dict, where: str) -> list[dict]:
+    """The conversation a record holds, in any accepted form (see the module docstring); `where` names
+    the file and record in errors."""
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        raise DataError(f"{where}: field 'system' must be a string, got {type(system).__name__}")
+    lead = [{"role": "system", "content": system}] if system else []
+    if _present(record, "messages"):
+        return _check_messages(record["messages"], where)
+    if _present(record, "conversations"):
+        conversation = _check_messages(record["conversations"], where, "conversations")
+        return conversation if any(m["role"] == "system" for m in conversation) else lead + conversation
+    if _present(record, "prompt") and _present(record, "response"):
+        return _check_messages(lead + [{"role": "user", "content": record["prompt"]},
+                                       {"role": "assistant", "content": record["response"]}], where)
+    if _present(record, "instruction") and _present(record, "output"):
+        extra = record.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise DataError(f"{where}: field 'input' must be a string, got {type(extra).__name__}")
+        instruction = record["instruction"]
+        if not isinstance(instruction, str):
+            raise DataError(f"{where}: field 'instruction' must be a string, got {type(instruction).__name__}")
+        user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+        return _check_messages(lead + [{"role": "user", "content": user},
+                                       {"role": "assistant", "content": record["output"]}], where)
+    raise DataError(f"{where}: record has none of the chat forms (keys: {', '.join(sorted(record)) or 'none'}); "
+                    f"allowed: {_CHAT_FORMS}")
+
+
+def read_chat_records(path: str | os.PathLike) -> list[list[dict]]:
+    """Read conversations for supervised fine-tuning from a records file (``.jsonl``, ``.json`` array,
+    ``.parquet``, ``.arrow``; see :func:`iter_records`), each record in one of the forms of the module
+    docstring: ``messages``, ShareGPT ``conversations``, ``prompt``/``response`` or Alpaca
+    ``instruction``/``input``/``output``. Roles must be one of :data:`CHAT_ROLES`.
 
     Raises:
-        DataError: missing file, unsupported extension, malformed line, a record with
-            neither form, or no records at all.
+        DataError: missing file, unsupported type, malformed record, a record in none of the forms, a
+            conversation without an assistant message, or no records at all; it names the file and
+            the line or record.
     """
-    path = _check_file(path, (".jsonl",))
+    path = _check_data_path(path, RECORD_SUFFIXES)
     conversations: list[list[dict]] = []
-    for lineno, record in _iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        if "messages" in record:
-            conversations.append(_check_messages(record["messages"], where))
-        elif "prompt" in record and "response" in record:
-            messages = []
-            if record.get("system") is not None:
-                messages.append({"role": "system", "content": record["system"]})
-            messages += [
-                {"role": "user", "content": record["prompt"]},
-                {"role": "assistant", "content": record["response"]},
-            ]
-            conversations.append(_check_messages(messages, where))
-        else:
-            raise DataError(
-                f"{where}: record has neither 'messages' nor 'prompt' and 'response' "
-                f"(keys: {', '.join(sorted(record)) or 'none'}); allowed: 'messages' (a list of "
-                "{role, content}) or 'prompt' and 'response' strings"
-            )
+    for where, record in iter_records(path):
+        conversations.append(chat_of_record(record, where))
         if not any(m["role"] == "assistant" for m in conversations[-1]):
             raise DataError(f"{where}: the conversation has no assistant message; SFT learns from assistant turns, "
                             "so every conversation needs one")
@@ -247,37 +420,136 @@ class TokenizedDataset(Dataset):
         }
 
 
-def mix_positions(length: int, ratio: float) -> list[bool]:
-    """Which of `length` positions take a mixed-in example: position i does when floor((i + 1) r)
-    > floor(i r), so the mixed examples are spread evenly and number floor(length r)."""
-    return [math.floor((i + 1) * ratio + 1e-9) > math.floor(i * ratio + 1e-9) for i in range(length)]
+def trained_tokens(example: dict[str, Any]) -> int:
+    """The tokens an example trains on: labels other than -100 after the one-token shift of the LM loss."""
+    labels = torch.as_tensor(example["labels"] if "labels" in example else example["input_ids"])
+    return int((labels[1:] != IGNORE_INDEX).sum())
 
 
-class MixedDataset(Dataset):
-    """The training data with general data mixed in at `ratio`, same length as `main` (so the same
-    token count for packed text): evenly spaced positions (`mix_positions`) take the next `mix`
-    example (cycling), the others the next `main` example in order; the last floor(len r) main
-    examples are left out. The Trainer's seeded shuffle then orders it as it would `main`."""
+def data_order(length: int, seed: int, epoch: int = 0) -> list[int]:
+    """The order in which the Trainer visits a map-style dataset of `length` examples in `epoch`: its
+    sampler (accelerate's `SeedableRandomSampler`, seeded with `data_seed` + epoch) draws
+    `torch.randperm(length)` from a generator seeded so. `MixedDataset` follows it, so the main data's
+    order with mixing is the order of a run without it."""
+    return torch.randperm(length, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
-    def __init__(self, main: Dataset, mix: Dataset, ratio: float):
-        if not 0.0 < ratio < 1.0 or not math.isfinite(ratio):
+
+class MixedDataset(torch.utils.data.IterableDataset):
+    """The training data with general data mixed in, `ratio` being the mix's share of the trained
+    (label) tokens, not of the examples.
+
+    Each epoch visits `main` in the order a run without mixing visits it (`data_order(len(main),
+    seed, epoch)`, the Trainer's seeded shuffle) and interleaves `mix` examples (in their own seeded
+    order, cycling): after each main example, the next mix example follows when, with it, the mix's
+    share of the tokens trained so far in the epoch stays within `ratio`. So at any point the mix
+    holds at most `ratio` of the trained tokens, and less than that by at most one mix example.
+    The order is its own (an iterable dataset: the Trainer does not shuffle it) and deterministic per
+    epoch (`set_epoch`, called by the Trainer's data loader), so resuming replays the same stream.
+
+    Raises:
+        DataError: `ratio` not in (0, 1), `mix` empty, or `ratio` too small to take a single mix
+            example in an epoch of `main` (the message gives the smallest ratio that would).
+    """
+
+    def __init__(self, main: Dataset, mix: Dataset, ratio: float, seed: int = 42):
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) \
+                or not 0.0 < ratio < 1.0:
             raise DataError(f"--mix-ratio must be in (0, 1), got {ratio!r}")
         if len(mix) == 0:
             raise DataError("--mix-data yields no training examples (too short for --seq-len?)")
-        self.main, self.mix, self.ratio = main, mix, ratio
-        self.index: list[tuple[bool, int]] = []
-        counts = [0, 0]
-        for mixed in mix_positions(len(main), ratio):
-            self.index.append((mixed, counts[mixed] % len(mix) if mixed else counts[mixed]))
-            counts[mixed] += 1
-        self.mixed_examples = counts[True]
+        self.main, self.mix, self.ratio, self.seed = main, mix, float(ratio), seed
+        self.main_tokens = [trained_tokens(main[i]) for i in range(len(main))]
+        self.mix_tokens = [trained_tokens(mix[i]) for i in range(len(mix))]
+        self.epoch = 0
+        first = self.plan(0)
+        self.mixed_examples = sum(1 for is_mix, _ in first if is_mix)
+        if self.mixed_examples == 0:
+            total, least = sum(self.main_tokens), min(t for t in self.mix_tokens if t > 0) if any(self.mix_tokens) else 0
+            need = f"; at least {least / (total + least):.3g} would take one" if least else ""
+            raise DataError(
+                f"--mix-ratio {ratio:g} takes no --mix-data example: the training data trains on {total} tokens per "
+                f"epoch and the mix examples train on at least {least} tokens each{need} (or give more training data)"
+            )
+        self.length = len(first)
+
+    def plan(self, epoch: int) -> list[tuple[bool, int]]:
+        """The epoch's examples in order: (from the mix?, index in its dataset)."""
+        mix_order = data_order(len(self.mix), self.seed + 1, epoch)
+        plan: list[tuple[bool, int]] = []
+        main_total = mix_total = 0
+        cursor = 0
+        for index in data_order(len(self.main), self.seed, epoch):
+            plan.append((False, index))
+            main_total += self.main_tokens[index]
+            while True:
+                candidate = mix_order[cursor % len(mix_order)]
+                tokens = self.mix_tokens[candidate]
+                if tokens == 0 or (mix_total + tokens) > self.ratio * (main_total + mix_total + tokens):
+                    break
+                plan.append((True, candidate))
+                mix_total += tokens
+                cursor += 1
+        return plan
+
+    def set_epoch(self, epoch: int) -> None:
+        """Which epoch the next iteration yields (the Trainer's data loader calls it)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.index)
+        return self.length  # the first epoch's; later ones differ by a few examples at most
 
-    def __getitem__(self, index: int):
-        mixed, position = self.index[index]
-        return (self.mix if mixed else self.main)[position]
+    def __iter__(self):
+        for is_mix, index in self.plan(self.epoch):
+            yield (self.mix if is_mix else self.main)[index]
+
+
+def build_text_examples(texts: Iterable[str], tokenizer, seq_len: int) -> TokenizedDataset:
+    """Plain documents as examples of their own (for mixing general text into SFT): each text is
+    tokenised without special tokens, followed by the eos token, and cut into pieces of at most
+    `seq_len` tokens; every token is trained (labels equal the input ids).
+
+    Raises:
+        DataError: bad `seq_len`, no eos token, or no text.
+    """
+    _check_seq_len(seq_len)
+    texts = [t for t in texts if t]
+    if not texts:
+        raise DataError("no texts to build examples from")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no eos token; plain documents need one to end them")
+    examples = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids = [*ids, eos]
+        for start in range(0, len(ids), seq_len):
+            piece = ids[start:start + seq_len]
+            if len(piece) > 1:  # a lone token trains on nothing (the loss shifts by one)
+                examples.append({"input_ids": piece, "labels": list(piece)})
+    return TokenizedDataset(examples)
+
+
+def read_mix_records(path: str | os.PathLike, task: str) -> tuple[str, list]:
+    """Read the data to mix into a `task` run: ``("text", documents)`` or ``("chat", conversations)``.
+
+    For ``"cpt"`` it is text (:func:`read_text_records`). For ``"sft"``, a file of plain text (``.txt``,
+    or records with a ``text`` field) is read as documents, anything else as conversations
+    (:func:`read_chat_records`)."""
+    if task == "cpt":
+        return "text", read_text_records(path)
+    if _holds_text(path):
+        return "text", read_text_records(path)
+    return "chat", read_chat_records(path)
+
+
+def build_mix_dataset(records: tuple[str, list], tokenizer, task: str, seq_len: int) -> Dataset:
+    """The dataset of :func:`read_mix_records`'s result for a `task` run: packed blocks for cpt, plain
+    documents (:func:`build_text_examples`, all tokens trained) or chats for sft."""
+    kind, items = records
+    if task == "cpt":
+        return build_cpt_dataset(items, tokenizer, seq_len)
+    if kind == "text":
+        return build_text_examples(items, tokenizer, seq_len)
+    return build_sft_dataset(items, tokenizer, seq_len)
 
 
 def build_cpt_dataset(texts: Iterable[str], tokenizer, seq_len: int) -> PackedDataset:

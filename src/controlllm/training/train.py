@@ -384,7 +384,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     very end, so a run that failed never looks finished. `model`/`tokenizer` may be passed
     instead of `cfg.model` (tests, notebooks).
     """
-    from .data import DataCollator, DataError, build_cpt_dataset, build_sft_dataset, read_chat_records, read_text_records
+    from .data import (DataCollator, DataError, build_cpt_dataset, build_sft_dataset, read_chat_records, read_mix_records,
+                       read_text_records)
 
     if cfg.data is None:
         raise DataError("--data is required: a .txt/.jsonl file of training text (cpt) or chats (sft)")
@@ -396,7 +397,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     read, build = (read_text_records, build_cpt_dataset) if cfg.task == "cpt" else (read_chat_records, build_sft_dataset)
     train_records = read(cfg.data)
     eval_records = read(cfg.eval_data) if cfg.eval_data else None
-    mix_records = read(cfg.mix_data) if cfg.mix_data else None
+    mix_records = read_mix_records(cfg.mix_data, cfg.task) if cfg.mix_data else None  # sft: text or chats
     if cfg.quantize_base is not None:
         from ..quantize import require_bitsandbytes
 
@@ -421,9 +422,11 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
         base_fold = source.last_fold
     train_set = build(train_records, tokenizer, cfg.seq_len)
     if mix_records is not None:
-        from .data import MixedDataset
+        from .data import MixedDataset, build_mix_dataset
 
-        train_set = MixedDataset(train_set, build(mix_records, tokenizer, cfg.seq_len), cfg.mix_ratio)
+        # The mix's share of the trained tokens is --mix-ratio; the training data keeps its order.
+        mix_set = build_mix_dataset(mix_records, tokenizer, cfg.task, cfg.seq_len)
+        train_set = MixedDataset(train_set, mix_set, cfg.mix_ratio, seed=cfg.seed)
     eval_set = build(eval_records, tokenizer, cfg.seq_len) if eval_records is not None else None
     if eval_set is not None and cfg.max_eval_samples and len(eval_set) > cfg.max_eval_samples:
         eval_set = torch.utils.data.Subset(eval_set, range(cfg.max_eval_samples))
