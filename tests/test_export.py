@@ -1,9 +1,16 @@
-"""GGUF export: the file loads back through transformers' GGUF loader with the merged model's logits
-and the same tokenizer, from every kind of run; bad input is one clear error; and (marked `llamacpp`,
-`make test-llamacpp`) llama.cpp itself loads the file and greedy-decodes the tokens transformers does.
+"""GGUF export through llama.cpp's own converter: every family this library trains and llama.cpp runs
+(Llama with llama3 RoPE scaling, Llama-2 layout, Qwen2, Qwen3, Mistral, Gemma-3, Phi-3, OLMo2), each
+with its family's tokenizer kind (byte-level BPE or SentencePiece), written and read back through
+transformers' GGUF loader with the model's logits; every kind of run; bad input is one clear error;
+and (marked `llamacpp`, `make test-llamacpp`) llama.cpp itself loads each file, tokenizes as the
+tokenizer does and greedy-decodes the tokens transformers does.
 
-Tolerances (max |logit difference| against the merged model, on tiny random models whose logits
-are around 1): f32 1e-5 (exact in practice), f16 2e-3, q8_0 2e-2.
+Tolerances (max |logit difference| against the model, on tiny random models whose logits are
+around 1): f32 1e-5 (exact in practice), f16 2e-3, bf16 2e-2, q8_0 2e-2; q4_k_m is checked in llama.cpp
+(loads, decodes) and for its size, not for logits.
+
+With CONTROLLLM_SUPPORT_MATRIX=FILE.json the family tests record what passed into FILE.json;
+`tests/support_matrix.py` runs them and writes docs/support-matrix.md from it.
 """
 
 import json
@@ -15,21 +22,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_model, make_tokenizer, perturb_trainable
+from conftest import TOKENIZER_CORPUS, make_model, make_tokenizer, perturb_trainable
 from controlllm.cli import main
 from controlllm.serving import ExportError, export_gguf
+from controlllm.serving import llama_cpp
 
-TOLERANCE = {"f32": 1e-5, "f16": 2e-3, "q8_0": 2e-2}
+TOLERANCE = {"f32": 1e-5, "f16": 2e-3, "bf16": 2e-2, "q8_0": 2e-2}
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "En el principio creo Dios los cielos y la tierra.",
          "<|im_start|>user\nWhat is 12 plus 30?<|im_end|>\n<|im_start|>assistant\n", "  spaces,\ttabs\nand 2024 digits"]
 LLAMACPP = Path(__file__).parent / "llamacpp"
 
+pytestmark = pytest.mark.skipif(
+    not (llama_cpp.tools_dir() / "convert_hf_to_gguf.py").is_file(),
+    reason="llama.cpp's converter is not installed: run `make setup` (python -m controlllm.serving.llama_cpp install)")
 
-def load_gguf(path):
+
+def load_gguf(path, **config):
+    """(model, tokenizer) read back through transformers' GGUF loader."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **config).eval()
     return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
@@ -52,17 +65,132 @@ def digits_tokenizer():
     return tokenizer
 
 
-def tiny(tokenizer, **overrides):
-    model = make_model("llama", **{"vocab_size": len(tokenizer), **overrides})
+def sp_tokenizer(folder, style="llama", added=()):
+    """A SentencePiece (BPE, byte fallback) tokenizer trained here on the test corpus, loaded as transformers
+    loads a released one (tokenizer.model + tokenizer_config.json). style 'llama' is Llama-2's layout
+    (<unk> <s> </s>, a space prefix; Mistral and Phi-3 share it), 'gemma' Gemma's (<pad> <eos> <bos> <unk>,
+    no space prefix, turn markers). `added`: special tokens added after the model's pieces (Phi-3's)."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "corpus.txt").write_text("\n".join(TOKENIZER_CORPUS * 5))
+    if style == "gemma":
+        options = dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+                       unk_piece="<unk>", add_dummy_prefix=False, user_defined_symbols=["<start_of_turn>", "<end_of_turn>"])
+        config = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True}
+    else:
+        options = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+        config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True}
+    spm.SentencePieceTrainer.train(input=str(folder / "corpus.txt"), model_prefix=str(folder / "tokenizer"),
+                                   vocab_size=400, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   split_digits=True, minloglevel=2, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, **options)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if added:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(added)})
+    return tokenizer
+
+
+def tiny(tokenizer, arch="llama", **overrides):
+    model = make_model(arch, **{"vocab_size": len(tokenizer), **overrides})
     model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
-# --------------------------------------------------------------------------- transformers round trip
+# --------------------------------------------------------------------------- the families
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+# family -> (conftest architecture, config overrides, tokenizer kind, transformers reads the GGUF back).
+# Mistral without a sliding window (v0.2 on): llama.cpp's Mistral is its Llama, which attends everywhere.
+# transformers 5.25's GGUF loader has no olmo2 and drops qwen3's head_dim (key_length): it is passed back.
+FAMILIES = {
+    "llama3": ("llama", {"rope_parameters": LLAMA3_ROPE}, "bpe", True),
+    "llama2": ("llama", {}, "sp-llama", True),
+    "qwen2": ("qwen2", {}, "bpe", True),
+    "qwen3": ("qwen3", {}, "bpe", True),
+    "mistral": ("mistral", {"sliding_window": None}, "sp-llama", True),
+    "gemma3": ("gemma3", {}, "sp-gemma", True),
+    "phi3": ("phi3", {}, "sp-phi3", True),
+    "olmo2": ("olmo2", {}, "bpe", False),
+}
+PHI3_ADDED = ("<|endoftext|>", "<|assistant|>", "<|end|>", "<|user|>")
 
 
-@pytest.mark.parametrize("dtype, shape", [("f32", {}), ("f16", {}), ("q8_0", {}), ("f32", {"tie_word_embeddings": True}),
-                                          ("f32", {"num_key_value_heads": 4}), ("f32", {"head_dim": 16}),
+def family_tokenizer(kind, folder):
+    if kind == "bpe":
+        return make_tokenizer()
+    if kind == "sp-gemma":
+        return sp_tokenizer(folder, "gemma")
+    tokenizer = sp_tokenizer(folder, "llama", added=PHI3_ADDED if kind == "sp-phi3" else ())
+    if kind == "sp-phi3":
+        tokenizer.pad_token = "<|endoftext|>"  # as Phi-3's
+    return tokenizer
+
+
+def family_model(family, tmp_path, **extra):
+    arch, overrides, kind, _ = FAMILIES[family]
+    tokenizer = family_tokenizer(kind, tmp_path / "tokenizer")
+    return tiny(tokenizer, arch, **{**overrides, **extra}), tokenizer
+
+
+def record(family, column, value):
+    """Note a passing check in the support matrix file, when one is being collected."""
+    path = os.environ.get("CONTROLLLM_SUPPORT_MATRIX")
+    if not path:
+        return
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.setdefault(family, {})[column] = value
+    path.write_text(json.dumps(data, indent=1, sort_keys=True))
+
+
+def read_back_config(family, gguf_file):
+    """What transformers 5.25's GGUF loader does not read from the file: llama3 RoPE scaling (llama.cpp
+    keeps it as the rope_freqs tensor, checked on its own) and qwen3's head_dim (its key_length)."""
+    if family == "llama3":
+        return {"rope_parameters": LLAMA3_ROPE}
+    if family != "qwen3":
+        return {}
+    from gguf import GGUFReader
+
+    return {"head_dim": int(GGUFReader(gguf_file).fields["qwen3.attention.key_length"].contents())}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_exports_and_reads_back(tmp_path, family):
+    """Each family, with its tokenizer kind, written at f32: the file has llama.cpp's architecture for it,
+    and transformers' GGUF loader (where it knows the architecture) gives the model's logits and tokens."""
+    model, tokenizer = family_model(family, tmp_path)
+    summary = export_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer)
+    assert summary["tokenizer"] == ("gpt2" if FAMILIES[family][2] == "bpe" else "llama")
+    modelfile = Path(summary["modelfile"]).read_text()
+    assert modelfile.startswith("FROM ./m.gguf\n") and f'PARAMETER stop "{tokenizer.eos_token}"' in modelfile
+    if family == "llama3":  # the llama3 RoPE scaling: llama.cpp divides each frequency by rope_freqs
+        from gguf import GGUFReader
+
+        tensors = {t.name: t for t in GGUFReader(tmp_path / "m.gguf").tensors}
+        factors = torch.from_numpy(tensors["rope_freqs.weight"].data.copy())
+        head_dim = model.config.hidden_size // model.config.num_attention_heads
+        plain = 1.0 / LLAMA3_ROPE["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        torch.testing.assert_close(plain / factors, model.model.rotary_emb.inv_freq, rtol=1e-5, atol=0)
+    record(family, "gguf", f"yes ({summary['architecture']}, {summary['tokenizer']} tokenizer)")
+    if not FAMILIES[family][3]:
+        record(family, "read back", "no (transformers has no GGUF loader for it)")
+        return
+    loaded, loaded_tokenizer = load_gguf(tmp_path / "m.gguf", **read_back_config(family, tmp_path / "m.gguf"))
+    diff = max_logit_diff(model, loaded, tokenizer, TEXTS[:2] + TEXTS[3:])
+    print(f"{family}: max |logit diff| {diff:.3g}")
+    assert diff <= TOLERANCE["f32"]
+    assert loaded_tokenizer(TEXTS[0])["input_ids"] == tokenizer(TEXTS[0])["input_ids"]
+    record(family, "read back", f"yes (max logit diff {diff:.1g})")
+
+
+@pytest.mark.parametrize("dtype, shape", [("f16", {}), ("bf16", {}), ("q8_0", {}), ("f32", {"tie_word_embeddings": True}),
                                           ("q8_0", {"vocab_size": 352})])
 def test_logits_round_trip_through_transformers(tmp_path, dtype, shape):
     tokenizer = make_tokenizer()
@@ -77,21 +205,24 @@ def test_logits_round_trip_through_transformers(tmp_path, dtype, shape):
     assert diff <= TOLERANCE[dtype]
 
 
-def test_q_and_k_rows_are_in_llama_cpp_order(tmp_path):
-    """llama.cpp rotates adjacent pairs: each head's rows are interleaved halves of transformers' rows."""
-    from gguf import GGUFReader
+def test_q4_k_m_is_llama_cpp_quantised(tmp_path):
+    """q4_k_m: llama.cpp's own quantiser writes Q4_K (and Q6_K) matrices; refused in one line without it."""
+    from gguf import GGMLQuantizationType, GGUFReader
 
+    if llama_cpp.libllama_path_in(llama_cpp.tools_dir()) is None:
+        with pytest.raises(llama_cpp.ToolsMissing, match="q4_k_m"):
+            export_gguf(tiny(make_tokenizer()), tmp_path / "m.gguf", dtype="q4_k_m", tokenizer=make_tokenizer())
+        pytest.skip("llama.cpp's quantiser is not installed")
     tokenizer = make_tokenizer()
-    model = tiny(tokenizer)
-    export_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer)
-    tensors = {t.name: t for t in GGUFReader(tmp_path / "m.gguf").tensors}
-    q = torch.from_numpy(tensors["blk.0.attn_q.weight"].data.copy())
-    k = torch.from_numpy(tensors["blk.0.attn_k.weight"].data.copy())
-    attn = model.model.layers[0].self_attn
-    hf_q = attn.q_proj.weight.detach().reshape(4, 2, 4, 32)  # heads, halves, head_dim/2, hidden
-    assert torch.equal(q.reshape(4, 4, 2, 32), hf_q.transpose(1, 2))
-    assert torch.equal(k.reshape(2, 4, 2, 32), attn.k_proj.weight.detach().reshape(2, 2, 4, 32).transpose(1, 2))
-    assert torch.equal(torch.from_numpy(tensors["blk.0.attn_v.weight"].data.copy()), attn.v_proj.weight.detach())
+    # Rows of 256 (the k-quant block): llama.cpp falls back to other types for narrower matrices.
+    model = tiny(tokenizer, hidden_size=256, intermediate_size=512, num_hidden_layers=2)
+    summary = export_gguf(model, tmp_path / "m.gguf", dtype="q4_k_m", tokenizer=tokenizer)
+    types = {t.name: t.tensor_type for t in GGUFReader(tmp_path / "m.gguf").tensors}
+    assert types["blk.0.attn_q.weight"] == GGMLQuantizationType.Q4_K
+    assert GGMLQuantizationType.Q6_K in types.values()  # Q4_K_M keeps some matrices at Q6_K
+    f32 = export_gguf(model, tmp_path / "f32.gguf", tokenizer=tokenizer)
+    assert summary["bytes"] < f32["bytes"] / 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.parametrize("make", [make_tokenizer, digits_tokenizer])
@@ -109,8 +240,9 @@ def test_tokenizer_round_trip(tmp_path, make):
     assert (loaded.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
             == tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
     fields = GGUFReader(tmp_path / "m.gguf").fields
+    # An unreleased tokenizer has no known hash: its pre-tokenizer is named by its layout.
     assert fields["tokenizer.ggml.pre"].contents() == ("smollm" if make is digits_tokenizer else "gpt-2")
-    assert fields["tokenizer.ggml.token_type"].contents()[:4] == [3, 3, 3, 1]  # the added specials are control
+    assert fields["tokenizer.ggml.token_type"].contents()[:3] == [3, 3, 3]  # the added specials are control
 
 
 @pytest.mark.slow
@@ -169,7 +301,7 @@ def runs(tmp_path_factory, tiny_model_dir):
 def test_every_run_kind_exports_its_merged_model(tmp_path, runs, kind):
     from gguf import GGUFReader
 
-    from controlllm.checkpoints import load_as_base
+    from controlllm.runs import load_as_base
 
     summary = export_gguf(runs[kind], tmp_path / "run.gguf")
     assert summary["source_kind"] == kind and summary["model_card"]
@@ -184,7 +316,7 @@ def test_every_run_kind_exports_its_merged_model(tmp_path, runs, kind):
 
 
 def test_cli_exports_a_control_run(tmp_path, runs, capsys):
-    from controlllm.checkpoints import load_as_base
+    from controlllm.runs import load_as_base
 
     output = tmp_path / "out" / "model.gguf"
     code, out, err = run_cli(["export", "--model", str(runs["control"]), "--format", "gguf", "--dtype", "q8_0",
@@ -208,10 +340,18 @@ def run_cli(args, capsys):
     return exit_info.value.code, captured.out, captured.err
 
 
+def opt_model(tokenizer):
+    """A tiny OPT: a transformers causal LM llama.cpp's converter does not know."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)).eval()
+
+
 def test_unsupported_architecture_names_what_is_supported(tmp_path):
     tokenizer = make_tokenizer()
-    with pytest.raises(ExportError, match=r"Qwen2ForCausalLM.*supported: LlamaForCausalLM"):
-        export_gguf(make_model("qwen2", vocab_size=len(tokenizer)), tmp_path / "m.gguf", tokenizer=tokenizer)
+    with pytest.raises(ExportError, match=r"OPTForCausalLM.*does not know it; checked: LlamaForCausalLM"):
+        export_gguf(opt_model(tokenizer), tmp_path / "m.gguf", tokenizer=tokenizer)
     assert not list(tmp_path.iterdir())
 
 
@@ -229,23 +369,19 @@ def test_unfolded_models_and_foreign_tokenizers_are_refused(tmp_path):
         export_gguf(tiny(tokenizer), tmp_path / "m.gguf")
     word_level = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
     word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    with pytest.raises(ExportError, match="WordLevel model.*supported: byte-level BPE"):
+    with pytest.raises(ExportError, match="llama.cpp's converter failed on the LlamaForCausalLM: .*pre-tokenizer"):
         export_gguf(tiny(tokenizer), tmp_path / "m.gguf", tokenizer=PreTrainedTokenizerFast(tokenizer_object=word_level))
-    whitespace = make_tokenizer()
-    whitespace.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    with pytest.raises(ExportError, match="pre-tokenizer \\(Whitespace\\)"):
-        export_gguf(tiny(tokenizer), tmp_path / "m.gguf", tokenizer=whitespace)
-    with pytest.raises(ExportError, match="past the model's vocab_size 100"):
-        export_gguf(tiny(tokenizer, vocab_size=100), tmp_path / "m.gguf", tokenizer=tokenizer)
+    with pytest.raises(ExportError, match="dtype 'q4_0' is not supported; allowed: f32, f16, bf16, q8_0, q4_k_m"):
+        export_gguf(tiny(tokenizer), tmp_path / "m.gguf", dtype="q4_0", tokenizer=tokenizer)
     assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("case, words", [
     ("format", ["--format 'onnx'", "allowed: gguf"]),
-    ("dtype", ["--dtype 'q4_k'", "allowed: f32, f16, q8_0"]),
+    ("dtype", ["--dtype 'q4_k'", "allowed: f32, f16, bf16, q8_0, q4_k_m"]),
     ("missing", ["/no/such/run", "does not exist"]),
     ("suffix", ["must end in .gguf"]),
-    ("architecture", ["Qwen2ForCausalLM", "supported: LlamaForCausalLM"]),
+    ("architecture", ["OPTForCausalLM"]),
 ])
 def test_cli_errors_exit_2_in_one_line(tmp_path, tiny_model_dir, capsys, case, words):
     model, extra, output = str(tiny_model_dir), [], tmp_path / "m.gguf"
@@ -259,9 +395,9 @@ def test_cli_errors_exit_2_in_one_line(tmp_path, tiny_model_dir, capsys, case, w
         output = tmp_path / "m.bin"
     elif case == "architecture":
         tokenizer = make_tokenizer()
-        make_model("qwen2", vocab_size=len(tokenizer)).save_pretrained(tmp_path / "qwen")
-        tokenizer.save_pretrained(tmp_path / "qwen")
-        model = str(tmp_path / "qwen")
+        opt_model(tokenizer).save_pretrained(tmp_path / "opt")
+        tokenizer.save_pretrained(tmp_path / "opt")
+        model = str(tmp_path / "opt")
     code, out, err = run_cli(["export", "--model", model, "--output", str(output), *extra], capsys)
     assert code == 2, err
     lines = err.strip().splitlines()
@@ -321,10 +457,10 @@ def divergence_gap(model, row) -> float:
     return gap
 
 
-def _agreement(model, tokenizer, gguf_file, texts, max_new_tokens, tmp_path):
+def _agreement(model, tokenizer, gguf_file, texts, max_new_tokens, tmp_path, architecture="llama"):
     prompts = [{"text": t, "ids": tokenizer(t)["input_ids"]} for t in texts]
     answer = llama_cpp_greedy(gguf_file, prompts, max_new_tokens, tmp_path)
-    assert answer["architecture"] == "llama"
+    assert answer["architecture"] == architecture
     rows = []
     for prompt, got in zip(prompts, answer["results"]):
         expected = transformers_greedy(model, prompt["ids"], max_new_tokens)
@@ -336,7 +472,7 @@ def _agreement(model, tokenizer, gguf_file, texts, max_new_tokens, tmp_path):
 
 @pytest.mark.llamacpp
 @requires_llama_cpp
-@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0"])
 @pytest.mark.parametrize("make", [make_tokenizer, digits_tokenizer])
 def test_llama_cpp_decodes_what_transformers_decodes(tmp_path, make, dtype):
     """A tiny random Llama (GQA, untied head) exported as `dtype`: llama.cpp tokenizes the texts as the
@@ -350,10 +486,43 @@ def test_llama_cpp_decodes_what_transformers_decodes(tmp_path, make, dtype):
     reference = model if dtype == "f32" else load_gguf(tmp_path / "m.gguf")[0]
     for row in _agreement(reference, tokenizer, tmp_path / "m.gguf", TEXTS, 12, tmp_path):
         assert row["same_tokenization"], row
-        if dtype == "q8_0":
+        if dtype in ("q8_0", "bf16"):
             assert divergence_gap(reference, row) <= Q8_0_TIE, row
         else:
             assert row["llama.cpp"] == row["transformers"], row
+
+
+@pytest.mark.llamacpp
+@requires_llama_cpp
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_llama_cpp_decodes_each_family_as_transformers(tmp_path, family):
+    """Each family at f32, with its tokenizer kind: llama.cpp tokenizes the texts as the tokenizer does
+    (special tokens parsed, BOS as the tokenizer adds it) and greedy-decodes the same 12 tokens."""
+    model, tokenizer = family_model(family, tmp_path, hidden_size=64, intermediate_size=128, initializer_range=0.2)
+    summary = export_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer)
+    texts = TEXTS if FAMILIES[family][2] == "bpe" else TEXTS[:2] + TEXTS[3:]  # the ChatML markers are BPE's
+    rows = _agreement(model, tokenizer, tmp_path / "m.gguf", texts, 12, tmp_path, summary["architecture"])
+    same = sum(r["llama.cpp"] == r["transformers"] for r in rows)
+    for row in rows:
+        assert row["same_tokenization"], row
+        assert row["llama.cpp"] == row["transformers"], row
+    record(family, "llama.cpp", f"yes (greedy {same * 12}/{len(rows) * 12} tokens equal)")
+
+
+@pytest.mark.llamacpp
+@requires_llama_cpp
+def test_llama_cpp_runs_q4_k_m(tmp_path):
+    """A Q4_K_M file from llama.cpp's quantiser loads in llama.cpp and decodes what transformers decodes
+    on the dequantised file, or parts from it only at a near tie."""
+    if llama_cpp.libllama_path_in(llama_cpp.tools_dir()) is None:
+        pytest.skip("llama.cpp's quantiser is not installed")
+    tokenizer = make_tokenizer()
+    model = tiny(tokenizer, hidden_size=256, intermediate_size=512, num_hidden_layers=2, initializer_range=0.2)
+    export_gguf(model, tmp_path / "m.gguf", dtype="q4_k_m", tokenizer=tokenizer)
+    reference = load_gguf(tmp_path / "m.gguf")[0]
+    for row in _agreement(reference, tokenizer, tmp_path / "m.gguf", TEXTS, 12, tmp_path):
+        assert row["same_tokenization"], row
+        assert divergence_gap(reference, row) <= Q8_0_TIE, row
 
 
 @pytest.mark.llamacpp
@@ -391,7 +560,7 @@ def test_llama_cpp_decodes_what_transformers_decodes_on_smollm2(tmp_path, dtype)
 def test_a_dialled_run_exports_at_its_dial(tmp_path, runs, kind):
     """train -> dial -> export: the GGUF file holds the dialled model (Control folded at s w, full
     fine-tuning's WiSE-FT weights), with the dial's section in its model card."""
-    from controlllm.checkpoints import load_as_base
+    from controlllm.runs import load_as_base
     from controlllm.dial import run_dial
 
     run_dial(runs[kind], tmp_path / "dialled", value=0.5)
