@@ -210,3 +210,35 @@ def test_dpo_with_precomputed_reference_log_probs(tmp_path):
     # At step 0 the policy is the base model: the precomputed reference log-probs give zero rewards.
     first = [r for r in trainer.state.log_history if "loss" in r][0]
     assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
+
+
+def test_load_best_model_at_end_reloads_the_best_delta_and_rotation_keeps_it(tmp_path):
+    """load_best_model_at_end with save_total_limit=1: the best checkpoint (here the worst eval loss, so an early
+    one) survives every rotation (at the end the Trainer keeps it alone, as it does for any model), the state
+    points at it in the run folder (not the staging folder), and the model ends with its delta; a resumed run
+    reads the same path from trainer_state.json."""
+    import json
+
+    from controlllm.model import read_delta
+
+    _, model, tokenizer = control()
+    out = tmp_path / "sft"
+    data = Dataset.from_dict({"text": TOKENIZER_CORPUS * 4})
+    args = SFTConfig(output_dir=str(out), **{**COMMON, "max_steps": 4, "learning_rate": 3e-3, "save_strategy": "steps",
+                                             "save_steps": 1, "save_total_limit": 1, "bf16": False,
+                                             "eval_strategy": "steps", "eval_steps": 1, "load_best_model_at_end": True,
+                                             "metric_for_best_model": "eval_loss", "greater_is_better": True})
+    trainer = ControlSFTTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=data,
+                                eval_dataset=data)
+    trainer.train()
+    losses = {r["step"]: r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r}
+    best_step = max(losses, key=losses.get)
+    print("eval losses", losses, "best", trainer.state.best_model_checkpoint, "kept", sorted(os.listdir(out)))
+    assert best_step != 4  # the test needs a best that is not the last checkpoint
+    best = out / f"checkpoint-{best_step}"
+    assert trainer.state.best_model_checkpoint == str(best)
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint-")) == [f"checkpoint-{best_step}"]
+    own = model.trainable_state_dict()
+    assert all(torch.equal(own[k], v) for k, v in read_delta(best).items())
+    state = json.loads((best / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] == str(best)

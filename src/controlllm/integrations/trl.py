@@ -22,20 +22,30 @@ What the subclasses change, and why (tested with TRL 1.16):
   gathered state dict under FSDP), not a full state dict; each checkpoint is staged and renamed into
   place when complete, and resuming reads the delta back with validation: the same code as
   `controlllm train` (`controlllm.training.train.DeltaCheckpoints`).
+- `load_best_model_at_end` reloads the best checkpoint's delta: the Trainer records the best checkpoint
+  under the staging folder it was written in and looks for a full `model.safetensors`, so the path is
+  set to the checkpoint's final place (in the trainer state and in the checkpoint's
+  `trainer_state.json`, which a resumed run reads) and the delta is read back as on resume.
+- Rotation (`save_total_limit`) keeps the newest checkpoints and, whatever its age, the best one.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer import TRAINING_ARGS_NAME  # noqa: F401 (importable from here, as before)
 from trl import DPOTrainer, SFTTrainer
 from trl.trainer.utils import add_fused_lm_head
 
 from ..budget import DriftBudgetCallback
-from ..model import ControlModel
+from ..model import WEIGHTS_NAME, ControlModel
 from ..training.train import DeltaCheckpoints
 
 
@@ -107,6 +117,53 @@ class ControlTrainerMixin(DeltaCheckpoints):
     staged, saved and loaded as `controlllm train` does them (`controlllm.training.train.DeltaCheckpoints`)."""
 
     fused_outputs: tuple[str, ...] = ("log_probs",)
+
+    def checkpoint_limit(self) -> None:
+        """None: `DeltaCheckpoints` rotates nothing; `_save_checkpoint` rotates here, keeping the best."""
+        return None
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)  # staged, then renamed into the run folder
+        run_dir = self.args.output_dir
+        step = self.state.best_global_step
+        best = os.path.join(run_dir, f"checkpoint-{step}") if step else None
+        if best is not None and os.path.isdir(best):
+            self.state.best_model_checkpoint = best  # the Trainer recorded it under the staging folder
+        if not self.args.should_save:
+            return
+        latest = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
+        state_file = os.path.join(latest, TRAINER_STATE_NAME)
+        if os.path.isfile(state_file):  # what a resumed run reads
+            with open(state_file) as f:
+                saved = json.load(f)
+            if saved.get("best_model_checkpoint") != self.state.best_model_checkpoint:
+                saved["best_model_checkpoint"] = self.state.best_model_checkpoint
+                tmp = state_file + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump(saved, f, indent=2, sort_keys=True)
+                os.replace(tmp, state_file)
+        self._rotate_keeping_best(run_dir)
+
+    def _rotate_keeping_best(self, run_dir: str) -> None:
+        """Delete all but the newest `args.save_total_limit` checkpoints, never the best one."""
+        keep = self.args.save_total_limit
+        if not keep:
+            return
+        found = sorted((int(m.group(1)), name) for name in os.listdir(run_dir)
+                       if (m := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isdir(os.path.join(run_dir, name)))
+        best = self.state.best_model_checkpoint
+        best = os.path.abspath(best) if best else None
+        for _, name in found[:-keep]:
+            path = os.path.join(run_dir, name)
+            if os.path.abspath(path) != best:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _load_best_model(self):
+        best = self.state.best_model_checkpoint
+        if isinstance(_unwrap(self.model), ControlModel) and best and os.path.isfile(os.path.join(best, WEIGHTS_NAME)):
+            self._load_from_checkpoint(best)  # the delta, read and checked as on resume
+            return
+        super()._load_best_model()
 
     @property
     def control_model(self) -> ControlModel:
