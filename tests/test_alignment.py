@@ -127,3 +127,28 @@ def test_alignment_gradient_below_is_the_gap_between_the_branch_jacobians():
     model(input_ids=ids, attention_mask=mask).alignment_loss.backward()
     grads = {i: _copy_grad(b) for i, b in model.blocks.items()}
     assert grads[1] > 0 and grads[3] > 0
+
+
+@pytest.mark.parametrize("kind", ["mse", "nmse", "cosine"])
+def test_what_each_alignment_loss_pushes_below(kind):
+    """A copy that differs from the frozen layer by a constant offset responds to its input exactly as the frozen
+    layer does (same Jacobian). A loss of the gap h_e - h_p alone (mse; nmse, whose normaliser is a constant)
+    then sends the layers below nothing; cosine, which is not translation-invariant, sends them a push of the
+    order of the copy's own gradient and lowers its value by growing the hidden states (as block.py says)."""
+    from controlllm.alignment import alignment_per_token
+
+    torch.manual_seed(0)
+    width = 64
+    weight = torch.randn(width, width) / width ** 0.5
+    x = torch.randn(32, width, requires_grad=True)
+    h_p = x + x @ weight.T  # a residual layer, as decoder layers are
+    h_e = x + x @ weight.T + 2.0  # the copy: the same function plus an offset
+    loss = alignment_per_token(kind, h_p, h_e).mean()
+    below, own = torch.autograd.grad(loss, (x, h_e), retain_graph=True)
+    ratio = float(below.norm() / own.norm())
+    growth = float((below * x).sum())  # d loss / d log(scale of x): negative means growing x lowers the loss
+    print(kind, "push below / copy's own gradient", round(ratio, 4), "d loss / d log scale", round(growth, 6))
+    if kind == "cosine":
+        assert ratio > 0.5 and growth < 0
+    else:
+        assert ratio < 1e-5 and abs(growth) < 1e-6

@@ -26,7 +26,13 @@ def nmse_alignment(h_p: torch.Tensor, h_e: torch.Tensor, eps: float = 1e-6) -> t
 
 
 def cosine_alignment(h_p: torch.Tensor, h_e: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
-    """0.5 * relu(1 - margin - cos(h_p, h_e))^2 per token (smooth at zero distance)."""
+    """0.5 * relu(1 - margin - cos(h_p, h_e))^2 per token (smooth at zero distance); the paper's CPT loss.
+
+    Unlike mse and nmse it is not a function of the gap h_e - h_p: it is blind to the hidden states'
+    norms and to a shift of both, so its gradient reaches the layers below the expanded one even where
+    the two branches respond alike, and it can be lowered by growing the hidden states (see
+    `ControlBlock.forward`). nmse is the scale-free loss whose push below is the gap's.
+    """
     cos = F.cosine_similarity(h_p.float(), h_e.float(), dim=-1, eps=1e-8)
     d = F.relu(1.0 - margin - cos)
     return 0.5 * d * d

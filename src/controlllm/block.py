@@ -190,11 +190,15 @@ class ControlBlock(_Block):
         h_p, h_e = _first(out_p), _first(out_e)
         h, w = self.interpolator(h_p, h_e, hidden_states, self.dial)
         if self.record:
-            # Both branches stay in the graph, as functions of the block input x: the gradient the
-            # alignment sends below is (J_e - J_p)^T (h_e - h_p), non-zero only where the branches
-            # respond differently. Detaching h_p would send (I + J_e)^T (h_e - h_p), whose identity
-            # part moves the residual stream, both branches at once: drift, not alignment.
-            # (nmse's normaliser |h_p|^2 stays a constant scale; cosine differentiates through both.)
+            # Both branches stay in the graph, as functions of the block input x (h = x + f(x)). For a
+            # loss of the gap h_e - h_p alone (mse; nmse, whose normaliser |h_p|^2 is a constant) the
+            # gradient sent below is (J_e - J_p)^T dL/d(gap): non-zero only where the branches respond
+            # differently. Detaching h_p would send (I + J_e)^T dL/dh_e, whose identity part moves the
+            # residual stream, both branches at once: drift, not alignment. Cosine is not a function of
+            # the gap (not translation-invariant): its gradients on h_p and h_e do not cancel, so it
+            # pushes the layers below even when the branches respond alike (a copy off by a constant
+            # sends them 0.7-2.3x its own gradient, tests/test_alignment.py) and can lower its value by
+            # growing the hidden states. nmse is the scale-free loss whose push below is the gap's.
             self.alignment = (None if self.alignment_loss == "none"
                               else alignment_per_token(self.alignment_loss, h_p, h_e, self.alignment_margin))
             if self.training and torch.is_grad_enabled():  # only training observes the drift
