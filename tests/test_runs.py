@@ -223,3 +223,33 @@ def test_every_command_refuses_its_source_and_non_empty_folders_in_one_line(tmp_
     assert code == 2 and "--overwrite" in err and (notes / "m.gguf").read_text() == "an earlier file"
     assert (notes / "todo.txt").read_text() == "mine"
     assert (run / "final").is_dir() and (tiny_model_dir / "config.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------- legacy runs
+LEGACY = os.path.join(os.path.dirname(__file__), "data", "legacy_runs")
+# Where the committed runs were written (by the release before controlllm.runs); their records name it.
+LEGACY_WRITTEN_AT = "/work/main/tests/data/legacy_runs"
+
+
+def _legacy_copy(tmp_path):
+    target = tmp_path / "legacy_runs"
+    shutil.copytree(LEGACY, target)
+    for root, _, files in os.walk(target):
+        for name in files:
+            if name in ("run_config.json", "dial.json"):
+                path = os.path.join(root, name)
+                with open(path) as f:
+                    text = f.read()
+                with open(path, "w") as f:
+                    f.write(text.replace(LEGACY_WRITTEN_AT, str(target)))
+    return target
+
+
+@pytest.mark.parametrize("name", ["dlerp", "stage2", "full-dialled", "lora-dialled"])
+def test_runs_written_by_the_earlier_release_load_with_the_same_logits(tmp_path, name):
+    from safetensors.torch import load_file
+
+    legacy = _legacy_copy(tmp_path)
+    expected = load_file(str(legacy / "expected_logits.safetensors"))[name]
+    model, _ = open_run(legacy / name).model()
+    assert torch.equal(logits(model), expected)

@@ -154,7 +154,8 @@ class Output:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         else:
-            fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
+            stem, ext = os.path.splitext(name)  # the staging file keeps the extension writers check
+            fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{stem}.", suffix=f".tmp{ext}")
             os.close(fd)
             try:
                 yield tmp
