@@ -348,3 +348,14 @@ def test_search_keeps_the_trained_model_at_once_when_it_fits(capsys):
     assert best.value == 1.0 and [p.value for p in points] == [0.0, 1.0]  # nothing else scored
     assert "already within the budget" in capsys.readouterr().err
     assert search_report(best, points, max_kl=1e9)["trained_fits"]
+
+
+def test_points_carry_what_their_means_divide_by():
+    tokenizer = make_tokenizer()
+    model = get_control_model(make_model("llama", vocab_size=len(tokenizer)), ControlConfig(expanded_layers=[1, 3]))
+    perturb_trainable(model, 0.05)
+    point = dial_curve(Dial(model), tokenizer, CHATS, TOKENIZER_CORPUS, values=[1.0], seq_len=256, progress=False)[-1]
+    assert point.learn_tokens == _tokens_of(tokenizer, CHATS)
+    assert point.learn_characters == sum(len(m["content"]) for c in CHATS for m in c if m["role"] == "assistant")
+    assert point.keep_characters == sum(map(len, TOKENIZER_CORPUS))
+    assert point.keep_tokens == sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in TOKENIZER_CORPUS)

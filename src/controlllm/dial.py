@@ -199,8 +199,10 @@ class Dial:
         what = {
             ("control", "output"): "every interpolation weight scaled: w' = s w (stack copies: s x their contribution)",
             ("control", "weights"): "the copies' weights interpolated toward their starting point: W_0 + s (W - W_0)",
-            ("lora", "output"): "the LoRA update scaled: s B A",
-            ("lora", "weights"): "the LoRA update scaled: s B A",
+            ("lora", "output"): "the LoRA update scaled: s B A (DoRA magnitudes and modules_to_save copies "
+                                "interpolated toward the base)",
+            ("lora", "weights"): "the LoRA update scaled: s B A (DoRA magnitudes and modules_to_save copies "
+                                 "interpolated toward the base)",
             ("weights", "output"): "WiSE-FT: theta_0 + s (theta - theta_0)",
             ("weights", "weights"): "WiSE-FT: theta_0 + s (theta - theta_0)",
         }[(self.kind, self.mode)]
@@ -220,7 +222,8 @@ class DialPoint:
     the `choice_texts` used to choose, and `check_kl` / `check_keep_increase` on the `check_texts`
     left out of the choice. With a `confidence`, `kl_bound` / `keep_increase_bound` are one-sided
     upper bounds of `kl` / `keep_increase` from a per-text bootstrap of the choice texts; `choose`
-    holds these bounds, not the point estimates, to the budget."""
+    holds these bounds, not the point estimates, to the budget. `learn_tokens` / `learn_characters`
+    and `keep_tokens` / `keep_characters` are what the means divide by (keep: the choice texts)."""
 
     value: float
     learn_nll: float
@@ -236,6 +239,10 @@ class DialPoint:
     check_keep_increase: float | None = None
     choice_texts: int | None = None
     check_texts: int | None = None
+    learn_tokens: int = 0
+    learn_characters: int = 0
+    keep_tokens: int = 0
+    keep_characters: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -338,7 +345,9 @@ def _points(raw: dict, learn, keep, check: float, confidence: float | None, seed
                           keep_bpc=float(r["keep"][c].sum()) / LN2 / float(keep_chars[c].sum()),
                           kl=float(r["kl"][c].sum() / keep_tokens[c].sum()),
                           keep_increase=float(increase[c].sum() / keep_chars[c].sum()),
-                          choice_texts=len(choice))
+                          choice_texts=len(choice), learn_tokens=int(learn_tokens.sum()),
+                          learn_characters=int(learn_chars), keep_tokens=int(keep_tokens[c].sum()),
+                          keep_characters=int(keep_chars[c].sum()))
         point.gain = (float(base["learn"].sum()) - float(r["learn"].sum())) / LN2 / learn_chars
         if confidence is not None:
             point.kl_bound = 0.0 if v == 0.0 else _upper_bound(r["kl"][c], keep_tokens[c], confidence, seed)
