@@ -7,6 +7,8 @@ keeps what it knew.
 The public names are imported on first use, so `controlllm --help` answers without loading torch.
 """
 
+from . import quiet  # noqa: F401  (drops bitsandbytes' import-time message; imports no torch)
+
 __version__ = "0.1.0"
 
 _PUBLIC = {

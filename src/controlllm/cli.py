@@ -192,7 +192,8 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="run folder of any kind, merged folder or model folder")
     p.add_argument("--base", default=None, help=base_help)
     p.add_argument("--format", default="gguf", help="file format (allowed: gguf)")
-    p.add_argument("--dtype", default="f32", help="tensor type of the matrices (see controlllm.serving.export.DTYPES)")
+    p.add_argument("--dtype", default="f32",
+                   help="tensor type of the matrices: f32 (exact), f16, bf16, q8_0 or q4_k_m (llama.cpp's quantiser)")
     p.add_argument("--output", required=True, help="the .gguf file to write")
     _overwrite(p)
 
@@ -503,7 +504,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "export":
         from .model_card import merged_card_text
         from .runs import Output, open_run
-        from .serving.export import DTYPES, export_gguf
+        from .serving.export import DTYPES
 
         if args.format != "gguf":  # checked before any model loads
             raise UsageError(f"--format {args.format!r} is not supported; allowed: gguf")
@@ -515,9 +516,14 @@ def run(argv: list[str] | None = None) -> int:
         out = Output(args.output, kind="file", overwrite=args.overwrite, protect=run.protected)
         model, tokenizer = run.merged()
         name = os.path.basename(os.path.normpath(args.model))
+        from .serving.export import modelfile_text, write_gguf
+
         with out.staging() as tmp:
-            info = export_gguf(model, tmp, dtype=args.dtype, tokenizer=tokenizer, card=merged_card_text(run, holds="gguf"), name=name)
-        print(json.dumps({**info, "output": args.output, "source_kind": run.kind}, indent=2))
+            info = write_gguf(model, tokenizer, tmp, dtype=args.dtype, card=merged_card_text(run, holds="gguf"),
+                              source_kind=run.kind, name=name, modelfile=False)
+        modelfile = os.path.splitext(args.output)[0] + ".Modelfile"  # Ollama: FROM the file, its stop tokens
+        Output(modelfile, kind="file", overwrite=True).write_text(modelfile_text(os.path.basename(args.output), tokenizer))
+        print(json.dumps({**info, "output": args.output, "modelfile": modelfile, "source_kind": run.kind}, indent=2))
         return 0
     if args.command == "plot":
         from .plots import plot_run

@@ -170,7 +170,7 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     same full-precision weights always give the same quantised ones); another kind is an error.
     Weights are quantised on the device they are on; the layers compute in the dtype they had.
     """
-    from .surgery import decoder_layers
+    from .layers import decoder_layers
 
     check_quantization(mode)
     if mode is None:

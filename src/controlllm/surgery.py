@@ -4,33 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from .layers import decoder_layers  # noqa: F401  (re-exported: where a model's decoder layers are)
 from .block import CachePlan, ControlBlock, StackBlock, _Block
 from .config import ControlConfig
 from .interpolators import build_interpolator
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a causal LM, found by structure (`model.model.layers`).
-
-    Raises a ValueError naming the class when the model is not a decoder-only causal LM laid out
-    that way.
-    """
-    name = type(model).__name__
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"{name} is an encoder-decoder model; Control LLM expands decoder-only causal LMs")
-    if not callable(getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
-        raise ValueError(
-            f"{name} is not a causal language model (no output embeddings / LM head); expected e.g. "
-            "LlamaForCausalLM, Qwen2ForCausalLM, Gemma3ForCausalLM"
-        )
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(
-            f"{name} has no decoder layers at `model.model.layers` (an nn.ModuleList); Control LLM supports "
-            "decoder-only causal LMs laid out like Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi3, OLMo2, Granite"
-        )
-    return layers
 
 
 def hidden_size_of(model: nn.Module) -> int:

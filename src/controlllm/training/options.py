@@ -53,9 +53,10 @@ class TrainConfig:
                 "0.5 (1 - margin - cos)^2, e.g. 0.0005); replaces the fixed weight by adapted multipliers."})
     alignment_budget_lr: float | None = field(default=None, metadata={"help": "Dual-ascent step of the budget multipliers."})
     mix_data: str | None = field(default=None, metadata={
-        "help": "General data (the --data format) mixed into training, any method: evenly spaced examples replace "
-                "training examples, same count and token budget as without it."})
-    mix_ratio: float = field(default=0.1, metadata={"help": "Share of training examples taken from --mix-data."})
+        "help": "General data mixed into training, any method: its examples are interleaved with the training data "
+                "(kept in the order of the run without mixing) up to --mix-ratio of the trained tokens; text mixes into "
+                "SFT as documents."})
+    mix_ratio: float = field(default=0.1, metadata={"help": "Share of trained (label) tokens taken from --mix-data."})
     keep_data: str | None = field(default=None, metadata={
         "help": "After training, dial the run back (controlllm dial) to the budget below on this data of what to keep; "
                 "the new skill is measured on --eval-data; the dialled model goes to OUTPUT/dialled."})
