@@ -143,6 +143,9 @@ def test_readme_walkthrough_runs(tmp_path, monkeypatch, tiny_model_dir, capsys):
     assert (tmp_path / "runs/faq-dialled/dial.md").is_file()
     assert (tmp_path / "merged/faq/config.json").is_file()
     assert (tmp_path / "faq.q8_0.gguf").stat().st_size > 0
+    assert "FROM ./faq.q8_0.gguf" in (tmp_path / "faq.q8_0.Modelfile").read_text()
+    leftovers = [p.name for p in tmp_path.rglob(".*") if "staging" in p.name or ".tmp" in p.name]
+    assert not leftovers, f"staging files left behind: {leftovers}"
     assert (tmp_path / "served/faq/config.json").is_file()
 
     for _, body in blocks("python-example"):
