@@ -171,6 +171,11 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive, default=256, help="tokens per scored window")
     p.add_argument("--batch-size", type=_positive, default=8, help="windows per forward pass")
     p.add_argument("--limit", type=_positive, default=64, help="texts read from each data file (first N)")
+    p.add_argument("--check", type=_fraction, default=0.5,
+                   help="share of the keep texts held out of the choice, to report the chosen value's forgetting on "
+                        "texts it was not chosen on (0: choose on all)")
+    p.add_argument("--confidence", type=_confidence, default=0.95,
+                   help="hold the budget to a one-sided bootstrap bound at this confidence ('none': the estimate)")
 
     p = command("eval", "score a model (and its base, with the change) on benchmarks, held-out data and KL to the base")
     p.add_argument("--model", default=None, help=model_help)
@@ -226,6 +231,28 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def _confidence(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1) or 'none', got {text!r}")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1) or 'none', got {text!r}")
     return value
 
 
@@ -468,7 +495,8 @@ def run(argv: list[str] | None = None) -> int:
         record = run_dial(args.model, args.output, learn_data=args.learn_data, keep_data=args.keep_data,
                           max_kl=args.max_kl, max_keep_increase=args.max_keep_increase, value=args.value,
                           values=args.values or DEFAULT_VALUES, mode=args.mode, refine=args.refine, base=args.base,
-                          seq_len=args.seq_len, batch_size=args.batch_size, limit=args.limit, overwrite=args.overwrite)
+                          seq_len=args.seq_len, batch_size=args.batch_size, limit=args.limit, overwrite=args.overwrite,
+                          check=args.check, confidence=args.confidence)
         print(json.dumps({"output": args.output, "value": record["value"], "chosen": record["chosen"]}, indent=2))
         return 0
     if args.command == "eval":

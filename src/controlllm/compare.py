@@ -223,12 +223,12 @@ def score_dial(dial, tokenizer, learn_groups: list[list[str]], keep_groups: list
     out = []
     for learn, keep in zip(learn_groups, keep_groups):
         points = dial_curve(dial, tokenizer, learn, keep, values=values, seq_len=seq_len, progress=False)
-        chars_l, chars_k = sum(len(t) for t in learn), sum(len(t) for t in keep)
+        # What the means divide by, as the scorer counted it (chats: answer tokens and characters).
+        chars_l, chars_k = points[0].learn_characters, points[0].keep_characters
         unit = {"learn_chars": chars_l, "keep_chars": chars_k, "points": []}
         for p in points:
-            keep_tokens = p.keep_bpc * LN2 * chars_k / p.keep_nll if p.keep_nll > 0 else 0.0
             unit["points"].append({"value": p.value, "learn_bits": p.learn_bpc * chars_l, "keep_bits": p.keep_bpc * chars_k,
-                                   "kl_sum": p.kl * keep_tokens, "keep_tokens": keep_tokens})
+                                   "kl_sum": p.kl * p.keep_tokens, "keep_tokens": p.keep_tokens})
         out.append(unit)
     return out
 

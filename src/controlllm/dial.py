@@ -572,12 +572,17 @@ def load_dial(path: str | os.PathLike, base: str | None = None, mode: str = "out
 
 
 def _table(points: list[DialPoint], chosen: float | None) -> list[str]:
-    lines = ["| s | gain (bits/char) | KL to base | keep bits/char change | learn bits/char | keep bits/char |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| s | gain (bits/char) | KL to base | KL bound | KL held out | keep bits/char change | learn bits/char | "
+             "keep bits/char |", "|---|---|---|---|---|---|---|---|"]
+
+    def number(x, fmt=".4f"):
+        return "" if x is None else format(x, fmt)
+
     for p in points:
         mark = " **(chosen)**" if chosen is not None and p.value == chosen else ""
-        lines.append(f"| {p.value:g}{mark} | {p.gain:+.4f} | {p.kl:.4f} | {p.keep_increase:+.4f} | {p.learn_bpc:.4f} | "
-                     f"{p.keep_bpc:.4f} |")
+        held = p.check_kl if p.check_texts else None
+        lines.append(f"| {p.value:g}{mark} | {p.gain:+.4f} | {p.kl:.4f} | {number(p.kl_bound)} | {number(held)} | "
+                     f"{p.keep_increase:+.4f} | {p.learn_bpc:.4f} | {p.keep_bpc:.4f} |")
     return lines
 
 
@@ -620,14 +625,18 @@ def run_dial(model: str | os.PathLike, output: str | os.PathLike, learn_data: st
              keep_data: str | None = None, max_kl: float | None = None, max_keep_increase: float | None = None,
              value: float | None = None, values: Sequence[float] = DEFAULT_VALUES, mode: str = "output",
              refine: int = 3, base: str | None = None, seq_len: int = 256, batch_size: int = 8,
-             limit: int | None = 64, progress: bool = True, overwrite: bool = False) -> dict:
+             limit: int | None = 64, progress: bool = True, overwrite: bool = False, check: float = 0.5,
+             confidence: float | None = 0.95) -> dict:
     """What `controlllm dial` does: score the dial of run `model` on `learn_data` (the new skill's
     held-out data) and `keep_data` (what to keep), choose the value that gains most within the
     budget (`max_kl` and/or `max_keep_increase`), or take `value` as given (s = 0: roll back to the
     base), and write the dialled run to `output` (refused before anything loads when it is a file,
     the run itself or its base, or a non-empty folder without `overwrite`) with a table (dial.md),
     its data (dial.json) and a plot (dial.png). A value is relative to the trained stage: dialling a
-    dialled run sets a new value. Returns the record written to dial.json."""
+    dialled run sets a new value. The choice holds `check` of the keep texts out and compares the
+    budget with a one-sided `confidence` bootstrap bound on the rest (`search`); the record's "search"
+    entry reports the chosen value's forgetting on the held-out texts. Returns the record written to
+    dial.json."""
     from .plots import plot_dial_curve
     from .runs import Output, open_run
 
@@ -659,7 +668,8 @@ def run_dial(model: str | os.PathLike, output: str | os.PathLike, learn_data: st
     points: list[DialPoint] = []
     if value is None:
         chosen, points = search(dial, tokenizer, learn, keep, max_kl, max_keep_increase, values, refine,
-                                seq_len=seq_len, batch_size=batch_size, progress=progress)
+                                seq_len=seq_len, batch_size=batch_size, progress=progress, check=check,
+                                confidence=confidence)
     elif learn is not None and keep is not None:
         points = dial_curve(dial, tokenizer, learn, keep, [value], seq_len=seq_len, batch_size=batch_size,
                             progress=progress)
@@ -672,6 +682,8 @@ def run_dial(model: str | os.PathLike, output: str | os.PathLike, learn_data: st
               "chosen": chosen.to_dict() if chosen is not None else None,
               "learn_data": learn_data, "keep_data": keep_data, "seq_len": seq_len, "texts_limit": limit,
               "points": [p.to_dict() for p in points]}
+    if value is None:
+        record["search"] = search_report(chosen, points, max_kl, max_keep_increase)
     with out.staging() as folder:
         save_dialled(dial, tokenizer, run, folder, record)
         if points:
@@ -683,6 +695,9 @@ def run_dial(model: str | os.PathLike, output: str | os.PathLike, learn_data: st
                 limits = ", ".join(f"{k} <= {v:g}" for k, v in budget.items() if v is not None)
                 lines += [f"Budget: {limits}. Chosen: s = {chosen.value:g} (gain {chosen.gain:+.4f}, KL {chosen.kl:.4f}).",
                           ""]
+                note = record["search"].get("note")
+                if note:
+                    lines += [f"{note[0].upper()}{note[1:]}.", ""]
             else:
                 lines += [f"Set by hand: s = {value:g}.", ""]
             lines += _table(points, chosen.value if chosen else None)
