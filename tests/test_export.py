@@ -108,6 +108,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "lo
 # family -> (conftest architecture, config overrides, tokenizer kind, transformers reads the GGUF back).
 # Mistral without a sliding window (v0.2 on): llama.cpp's Mistral is its Llama, which attends everywhere.
 # transformers 5.25's GGUF loader has no olmo2 and drops qwen3's head_dim (key_length): it is passed back.
+# Gemma-3 keeps Gemma3TextConfig's query_pre_attn_scalar (256) beside head_dim 8, which llama.cpp cannot
+# say: the export folds the difference into the query norms (see test_gemma3_query_scale_is_folded).
 FAMILIES = {
     "llama3": ("llama", {"rope_parameters": LLAMA3_ROPE}, "bpe", True),
     "llama2": ("llama", {}, "sp-llama", True),
@@ -151,14 +153,17 @@ def record(family, column, value):
 
 def read_back_config(family, gguf_file):
     """What transformers 5.25's GGUF loader does not read from the file: llama3 RoPE scaling (llama.cpp
-    keeps it as the rope_freqs tensor, checked on its own) and qwen3's head_dim (its key_length)."""
+    keeps it as the rope_freqs tensor, checked on its own), qwen3's head_dim (its key_length), and
+    Gemma-3's query_pre_attn_scalar: a gemma3 file means llama.cpp's attention scale, 1/sqrt(head_dim)
+    (the export folds any other scalar into the query norm), where transformers' loader assumes 256."""
     if family == "llama3":
         return {"rope_parameters": LLAMA3_ROPE}
-    if family != "qwen3":
+    if family not in ("qwen3", "gemma3"):
         return {}
     from gguf import GGUFReader
 
-    return {"head_dim": int(GGUFReader(gguf_file).fields["qwen3.attention.key_length"].contents())}
+    key_length = int(GGUFReader(gguf_file).fields[f"{family}.attention.key_length"].contents())
+    return {"head_dim": key_length} if family == "qwen3" else {"query_pre_attn_scalar": key_length}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -188,6 +193,35 @@ def test_family_exports_and_reads_back(tmp_path, family):
     assert diff <= TOLERANCE["f32"]
     assert loaded_tokenizer(TEXTS[0])["input_ids"] == tokenizer(TEXTS[0])["input_ids"]
     record(family, "read back", f"yes (max logit diff {diff:.1g})")
+
+
+def test_gemma3_query_scale_is_folded_into_the_query_norm(tmp_path):
+    """llama.cpp scales Gemma-3's attention scores by 1/sqrt(head_dim), transformers by
+    query_pre_attn_scalar**-0.5: the file's query norms (1 + weight, as llama.cpp multiplies) carry the
+    ratio, and only the query norms; a config with query_pre_attn_scalar = head_dim (every released
+    Gemma-3 but 27B, whose llama.cpp rule is its own) is written unchanged."""
+    from gguf import GGUFReader
+
+    def norms(model, tokenizer, name):
+        export_gguf(model, tmp_path / name, tokenizer=tokenizer)
+        return {t.name: torch.from_numpy(t.data.copy()) for t in GGUFReader(tmp_path / name).tensors
+                if t.name.endswith("norm.weight")}
+
+    for scalar, factor in ((256, (8 / 256) ** 0.5), (8, 1.0)):
+        model, tokenizer = family_model("gemma3", tmp_path, query_pre_attn_scalar=scalar)
+        written = norms(model, tokenizer, f"m{scalar}.gguf")
+        for i, layer in enumerate(model.model.layers):
+            attn = layer.self_attn
+            torch.testing.assert_close(written[f"blk.{i}.attn_q_norm.weight"], (1 + attn.q_norm.weight) * factor)
+            torch.testing.assert_close(written[f"blk.{i}.attn_k_norm.weight"], 1 + attn.k_norm.weight)
+
+
+def test_gemma3_layouts_llama_cpp_cannot_run_are_refused(tmp_path):
+    """llama.cpp's gemma3 slides the window on every layer but each 6th: other layer_types are one error."""
+    model, tokenizer = family_model("gemma3", tmp_path, layer_types=["sliding_attention", "full_attention"] * 2)
+    with pytest.raises(ExportError, match=r"cannot export this Gemma3ForCausalLM to GGUF: layer_types .* fixed"):
+        export_gguf(model, tmp_path / "out" / "m.gguf", tokenizer=tokenizer)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
 @pytest.mark.parametrize("dtype, shape", [("f16", {}), ("bf16", {}), ("q8_0", {}), ("f32", {"tie_word_embeddings": True}),
@@ -506,10 +540,6 @@ def test_llama_cpp_decodes_each_family_as_transformers(tmp_path, family):
     (special tokens parsed, BOS as the tokenizer adds it) and greedy-decodes the same 12 tokens."""
     model, tokenizer = family_model(family, tmp_path, hidden_size=64, intermediate_size=128, initializer_range=0.2)
     summary = export_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer)
-    if family == "gemma3":
-        pytest.xfail("llama.cpp (node-llama-cpp 3.22.1) greedy-decodes the tiny Gemma-3 differently from transformers "
-                     "from the first token, with or without the sliding window; the file reads back exactly in "
-                     "transformers; open")
     # The ChatML markers are the BPE tokenizer's. SentencePiece with a space prefix: llama.cpp and transformers 5
     # tokenize a text starting with two spaces differently (one '▁' more in llama.cpp); left out, open.
     texts = TEXTS if FAMILIES[family][2] == "bpe" else TEXTS[:2]

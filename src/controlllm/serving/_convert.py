@@ -12,6 +12,12 @@ is the `gguf` it imports, whatever `gguf` the environment has. Two additions to 
   trained anew on the layout of GPT-2, SmolLM2, Llama-3 or Qwen2) is named by its layout instead of
   refused: the hash identifies the tokenizers of released models only.
 - The extra metadata (model card, source kind) is written with the model's own parameters.
+- Gemma-3: llama.cpp scales attention scores by 1/sqrt(head_dim) (by 1/sqrt(hidden/heads) for the
+  62-layer 27B) and has no key for `query_pre_attn_scalar`; transformers scales by
+  query_pre_attn_scalar**-0.5. Where the two differ (a config whose query_pre_attn_scalar is not its
+  head_dim), the ratio is folded into the query norm's weight, which multiplies every query just
+  before the scores. llama.cpp's sliding-window layers are fixed (every 6th layer global): a config
+  whose `layer_types` differ is refused, since the file cannot say so.
 """
 
 from __future__ import annotations
@@ -52,6 +58,35 @@ def pre_tokenizer_by_layout(tokenizer_json: Path) -> str | None:
     return None
 
 
+def gemma3_llama_cpp_attention_scale(hparams: dict) -> float:
+    """The attention score scale llama.cpp (llama-model.cpp, LLM_ARCH_GEMMA3) uses for a Gemma-3 model."""
+    hidden, heads = hparams["hidden_size"], hparams["num_attention_heads"]
+    if hparams.get("num_hidden_layers") == 62:  # llama.cpp's LLM_TYPE_27B
+        return (hidden // heads) ** -0.5
+    return hparams.get("head_dim", 256) ** -0.5
+
+
+def gemma3_query_norm_factor(hparams: dict) -> float:
+    """What the query norm's (1 + weight) is multiplied by so that llama.cpp's scores are transformers'."""
+    scalar = hparams.get("query_pre_attn_scalar", 256)  # Gemma3TextConfig's default
+    return (scalar ** -0.5) / gemma3_llama_cpp_attention_scale(hparams)
+
+
+def gemma3_unrepresentable(hparams: dict) -> str | None:
+    """Why llama.cpp cannot run this Gemma-3 config as transformers does, or None."""
+    layer_types = hparams.get("layer_types")
+    if hparams.get("sliding_window") and layer_types:
+        # llama.cpp: hparams.set_swa_pattern(6), layer il slides when il % 6 < 5.
+        expected = ["sliding_attention" if i % 6 < 5 else "full_attention" for i in range(len(layer_types))]
+        if list(layer_types) != expected:
+            return (f"layer_types {layer_types} cannot be written for llama.cpp's gemma3, whose sliding-window layers "
+                    f"are fixed (every 6th layer full attention): {expected}")
+    if hparams.get("attn_logit_softcapping") is not None:
+        return (f"attn_logit_softcapping {hparams['attn_logit_softcapping']} cannot be written for llama.cpp's gemma3 "
+                "(it has none); allowed: null")
+    return None
+
+
 def main(request_file: str) -> None:
     request = json.loads(Path(request_file).read_text(encoding="utf-8"))
     tools = Path(request["tools"])
@@ -75,6 +110,14 @@ def main(request_file: str) -> None:
         print(json.dumps({"error": "architecture", "architecture": architecture}))
         sys.exit(3)
     facts = {}
+    text_hparams = {**hparams, **hparams.get("text_config", {})}
+    gemma3 = architecture in ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+    if gemma3 and (why := gemma3_unrepresentable(text_hparams)):
+        print(json.dumps({"error": "unrepresentable", "message": why}))
+        sys.exit(4)
+    query_norm_factor = gemma3_query_norm_factor(text_hparams) if gemma3 else 1.0
+    if query_norm_factor != 1.0:
+        facts["query_norm_factor"] = query_norm_factor
 
     class Converter(base_class):
         model_arch = base_class.model_arch
@@ -88,6 +131,12 @@ def main(request_file: str) -> None:
                     raise
                 facts["pre_tokenizer_by_layout"] = name
                 return name
+
+        def modify_tensors(self, data_torch, name, bid):
+            if query_norm_factor != 1.0 and name.endswith("self_attn.q_norm.weight"):
+                # Gemma's norms multiply by (1 + weight); the converter adds the 1 itself.
+                data_torch = (data_torch.float() + 1.0) * query_norm_factor - 1.0
+            yield from super().modify_tensors(data_torch, name, bid)
 
         def set_gguf_parameters(self):
             super().set_gguf_parameters()

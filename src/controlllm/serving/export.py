@@ -120,6 +120,8 @@ def _convert(folder: Path, output: Path, outtype: str, name: str, kv: dict, mode
         raise ExportError(f"cannot export a {cls} (model_type {getattr(model.config, 'model_type', None)!r}) to GGUF: "
                           f"llama.cpp's converter (llama-cpp-python {llama_cpp.LLAMA_CPP_PYTHON_VERSION}) does not "
                           f"know it; checked: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if facts.get("error") == "unrepresentable":
+        raise ExportError(f"cannot export this {cls} to GGUF: {facts['message']}")
     errors = [line for line in result.stderr.strip().splitlines() if line.strip() and not line.startswith(" ")]
     last = errors[-1] if errors else f"exit status {result.returncode}"
     raise ExportError(f"llama.cpp's converter failed on the {cls}: {last}")
