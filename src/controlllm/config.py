@@ -117,7 +117,19 @@ class ControlConfig:
                                 "Embeddings and LM head stay full precision. Concat expansion only. None: no quantisation."}
     )
 
+    copy_rank: int | None = field(
+        default=None, metadata={"help": "Low-rank copies (`controlllm.lowrank`): each trainable copy is its frozen layer "
+                                "(shared, never duplicated; quantised when `quantize_base` is set) plus a trainable "
+                                "rank-r update (alpha / r) B A of every linear layer, B = 0 at the start, so no copy's "
+                                "full weights or optimizer states exist. Concat expansion only. None: full copies."}
+    )
+    copy_alpha: float | None = field(
+        default=None, metadata={"help": "Scale alpha of the low-rank copies' update (alpha / r) B A (default: 2 x "
+                                "copy_rank, as LoRA r16 alpha 32). Only with `copy_rank`."}
+    )
+
     def __post_init__(self):
+        self._check_copy_rank()
         if self.expand_type not in EXPAND_TYPES:
             raise _allowed("expand_type", self.expand_type, EXPAND_TYPES)
         if self.interpolation not in INTERPOLATIONS:
@@ -182,6 +194,31 @@ class ControlConfig:
                     f"ControlConfig.alignment_budget={self.alignment_budget!r} needs a scale-free alignment_loss, one "
                     f"of {', '.join(map(repr, BUDGET_LOSSES))}; got alignment_loss={self.alignment_loss!r}"
                 )
+
+    def _check_copy_rank(self) -> None:
+        if self.copy_rank is not None:
+            if isinstance(self.copy_rank, bool) or not isinstance(self.copy_rank, int) or self.copy_rank < 1:
+                raise ValueError(f"ControlConfig.copy_rank={self.copy_rank!r} must be a positive integer (or None: full copies)")
+            if self.expand_type != "concat":
+                raise ValueError(
+                    f"ControlConfig.copy_rank={self.copy_rank!r} works with expand_type='concat' (Control LLM) only, not "
+                    f"{self.expand_type!r}: a stack copy starts as the identity, which a shared frozen layer is not; "
+                    "use copy_rank=None for it"
+                )
+        if self.copy_alpha is not None:
+            if self.copy_rank is None:
+                raise ValueError(f"ControlConfig.copy_alpha={self.copy_alpha!r} scales low-rank copies: give copy_rank too")
+            _check_finite("copy_alpha", self.copy_alpha)
+            if self.copy_alpha <= 0:
+                raise ValueError(f"ControlConfig.copy_alpha={self.copy_alpha!r} must be > 0 (or None: 2 x copy_rank)")
+            self.copy_alpha = float(self.copy_alpha)
+
+    def copy_scale_alpha(self) -> float | None:
+        """The alpha of the low-rank copies' update (alpha / r) B A: `copy_alpha`, by default 2 x `copy_rank`;
+        None for full copies."""
+        if self.copy_rank is None:
+            return None
+        return self.copy_alpha if self.copy_alpha is not None else 2.0 * self.copy_rank
 
     def resolve_layers(self, num_layers: int) -> list[int]:
         """The sorted indices of the layers to expand in a model with `num_layers` decoder layers."""

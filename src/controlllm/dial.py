@@ -160,7 +160,15 @@ class Dial:
             self._start[key] = start.detach().to(p.device, p.dtype).clone()
 
     def _control_weight_ends(self, model: ControlModel) -> None:
+        from .lowrank import is_low_rank
+
         for index, block in model.blocks.items():
+            if not isinstance(block, StackBlock) and is_low_rank(block.expanded_layer):
+                # A low-rank copy is W_p + (alpha / r) B A: W_p + s (W_e - W_p) scales B (s B A), as a LoRA dial.
+                for name, p in block.expanded_layer.named_parameters():
+                    if name.endswith(".lora_B"):
+                        self._add(f"{index}.{name}", p, None)
+                continue
             if isinstance(block, StackBlock):
                 start = dict(make_identity(copy.deepcopy(block.base_layer), type(block.base_layer).__name__)
                              .named_parameters())

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .block import ControlBlock, StackBlock, _Block, make_identity, renumber_layer
+from .lowrank import fold_low_rank, is_low_rank
 from .surgery import decoder_layers
 
 
@@ -43,7 +44,10 @@ def merge_blocks(model: nn.Module, blocks: dict[int, _Block]) -> nn.Module:
     types = getattr(model.config, "layer_types", None)
     new_types = [] if types is not None else None
     for i, layer in enumerate(layers):
-        if isinstance(layer, ControlBlock):
+        if isinstance(layer, ControlBlock) and is_low_rank(layer.expanded_layer):
+            # W_e = W_p + (alpha / r) B A: the fold W_p + w (W_e - W_p) is W_p + w (alpha / r) B A.
+            new_layers.append(fold_low_rank(layer.base_layer, layer.expanded_layer, layer.merge_weight()))
+        elif isinstance(layer, ControlBlock):
             new_layers.append(fold_lerp(layer.base_layer, layer.expanded_layer, layer.merge_weight()))
         elif isinstance(layer, StackBlock):
             new_layers.append(layer.base_layer)

@@ -49,8 +49,11 @@ def install_blocks(model: nn.Module, config: ControlConfig) -> dict[int, _Block]
         else:
             interpolator = build_interpolator(config.interpolation, hidden, config.interpolation_init, config.gate_norm)
             interpolator.requires_grad_(config.train_interpolation)
-            block = ControlBlock(layers[index], index, slot, plan, interpolator,
-                                 config.alignment_loss, config.alignment_margin)
+            if config.copy_rank is None:
+                block = ControlBlock(layers[index], index, slot, plan, interpolator,
+                                     config.alignment_loss, config.alignment_margin)
+            else:
+                block = _low_rank_block(layers[index], index, slot, plan, interpolator, config)
             param = next(layers[index].parameters(), None)
             if param is not None:  # interpolator and statistics live where the layer lives
                 block.to(param.device)
@@ -58,6 +61,18 @@ def install_blocks(model: nn.Module, config: ControlConfig) -> dict[int, _Block]
         layers[index] = block
         blocks[index] = block
     return blocks
+
+
+def _low_rank_block(layer: nn.Module, index: int, slot: int, plan: CachePlan, interpolator, config: ControlConfig):
+    """A ControlBlock whose trainable branch is a low-rank copy of `layer` (`controlllm.lowrank`). The
+    block is made around a weightless placeholder, so no full copy is ever built (not even briefly:
+    on a quantised base it would be a full-precision one), then given the layer and its low-rank copy."""
+    from .lowrank import low_rank_copy
+
+    block = ControlBlock(nn.Identity(), index, slot, plan, interpolator, config.alignment_loss, config.alignment_margin)
+    block.base_layer = layer
+    block.expanded_layer = low_rank_copy(layer, index, slot, config.copy_rank, config.copy_scale_alpha())
+    return block
 
 
 def remove_blocks(model: nn.Module) -> dict[int, _Block]:

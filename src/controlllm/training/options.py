@@ -68,6 +68,12 @@ class TrainConfig:
                 "from the dequantised weights) or lora (QLoRA). Embeddings and LM head stay full precision."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (method lora)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (method lora)."})
+    copy_rank: int | None = field(default=None, metadata={
+        "help": "Low-rank copies (method control): each copy is its frozen layer, shared (and quantised with "
+                "--quantize-base), plus a trainable rank-r update of its linear layers; no full copy is made. "
+                "Default: full copies."})
+    copy_alpha: float | None = field(default=None, metadata={
+        "help": "Scale alpha of the low-rank copies' update (alpha / r) B A; default 2 x --copy-rank."})
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: only at the end)."})
     save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps."})
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept."})
@@ -112,6 +118,9 @@ class TrainConfig:
         if self.quantize_base is not None and self.method in ("full", "freeze"):
             raise ValueError(f"--quantize-base {self.quantize_base} keeps the base frozen in {self.quantize_base}; method "
                              f"{self.method!r} trains the base's own weights. Use it with --method control or lora")
+        if self.copy_rank is not None and self.method != "control":
+            raise ValueError(f"--copy-rank {self.copy_rank} makes low-rank Control copies: use it with --method control, "
+                             f"not {self.method!r}")
         # Validate the Control options early (named errors before anything loads).
         self.control_config(num_layers=None)
 
@@ -134,4 +143,4 @@ class TrainConfig:
 # TrainConfig fields passed on to ControlConfig when given.
 CONTROL_FIELDS = ("num_expanded_layers", "expanded_layers", "layer_placement", "interpolation", "interpolation_init",
                   "train_interpolation", "gate_norm", "alignment_loss", "alignment_weight", "alignment_margin",
-                  "alignment_budget", "alignment_budget_lr", "quantize_base")
+                  "alignment_budget", "alignment_budget_lr", "quantize_base", "copy_rank", "copy_alpha")
