@@ -1,5 +1,6 @@
-"""Shared pieces of the serving tests and the serving benchmark: tiny Llama bases and trained Control
-runs written to disk as a real run is, the transformers reference, and vLLM's engine on the CPU.
+"""Shared pieces of the serving tests and the serving benchmark: tiny bases of each family vLLM
+serves and trained Control runs (concat, stack, hybrid) written to disk as a real run is, the
+transformers reference, and vLLM's engine on the CPU.
 
 vLLM's CPU attention supports head sizes that are multiples of 32 only, so the tiny models here
 use hidden 64 with 2 heads of 32 (tests/conftest.py's models have heads of 8).
@@ -23,12 +24,21 @@ from conftest import make_model, make_tokenizer, perturb_trainable  # noqa: E402
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
             max_position_embeddings=256)
 EXPANDED = [1, 3]
+# Per family (tests/conftest.py's names): what its tiny model needs beyond TINY. Sliding windows are
+# shorter than the longer test prompts, so the windowed attention really runs.
+FAMILIES = {
+    "llama": {},
+    "mistral": {"sliding_window": 8},
+    "qwen2": {},
+    "qwen3": {"head_dim": 32},
+    "gemma3": {"head_dim": 32, "sliding_window": 8},
+}
 
 
-def write_base(path, seed: int = 0, **overrides) -> str:
-    """A tiny random Llama with the test tokenizer, saved as a model folder."""
+def write_base(path, seed: int = 0, family: str = "llama", **overrides) -> str:
+    """A tiny random model of `family` (a key of FAMILIES) with the test tokenizer, saved as a model folder."""
     tokenizer = make_tokenizer()
-    model = make_model("llama", seed=seed, vocab_size=len(tokenizer), **{**TINY, **overrides})
+    model = make_model(family, seed=seed, vocab_size=len(tokenizer), **{**TINY, **FAMILIES[family], **overrides})
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)
@@ -37,7 +47,7 @@ def write_base(path, seed: int = 0, **overrides) -> str:
 
 
 def write_control_run(path, base_dir: str, interpolation: str, dial: float = 1.0, seed: int = 1,
-                      expanded_layers=EXPANDED) -> str:
+                      expanded_layers=EXPANDED, expand_type: str = "concat") -> str:
     """A trained tiny Control run as `controlllm train` leaves it: the delta, its config and a
     run_config.json naming the base. Every trainable tensor (copies and, trained here, the
     interpolators) is moved as training would move it, so the branches and the gates differ."""
@@ -47,12 +57,14 @@ def write_control_run(path, base_dir: str, interpolation: str, dial: float = 1.0
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = ControlConfig(interpolation=interpolation, expanded_layers=list(expanded_layers), train_interpolation=True,
-                           interpolation_init=0.4)
+                           interpolation_init=0.4, expand_type=expand_type)
     model = get_control_model(base, config)
     perturb_trainable(model, scale=0.05, seed=seed)
     if interpolation in ("dlerp", "dlerp_in"):
         with torch.no_grad():  # gates that really vary per token
             for block in model.control_blocks.values():
+                if not hasattr(block, "interpolator"):
+                    continue  # a stack block
                 block.interpolator.gate.weight.normal_(0.0, 2.0, generator=torch.Generator().manual_seed(seed))
     model.set_dial(dial)
     os.makedirs(path, exist_ok=True)

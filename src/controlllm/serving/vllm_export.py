@@ -1,7 +1,7 @@
 """Export a Control run (or a plain model) as a folder vLLM serves unmerged with the controlllm plugin.
 
 The folder is a Hugging Face model folder whose `config.json` names the plugin's architecture
-(`ControlLlamaForCausalLM`) and carries the Control layer layout under `control_llm`; one
+(`Control` + the base architecture, e.g. `ControlQwen2ForCausalLM`) and carries the Control layer layout under `control_llm`; one
 safetensors file holds the frozen base weights under their usual names, each trainable copy under
 `model.expanded_layers.<slot>.` and each interpolator under `model.interpolators.<slot>.`, where
 `slot` (>= the base model's layer count) is the copy's own layer index, hence its own KV cache.
@@ -9,6 +9,7 @@ The tokenizer is saved beside them. Needs only torch and transformers, not vLLM.
 
     controlllm serve-export --model RUN --output DIR
     vllm serve DIR            # the plugin is found through the `vllm.general_plugins` entry point
+    python -m controlllm.serving.vllm_serve DIR   # the same where the `vllm` script cannot start
 """
 
 from __future__ import annotations
@@ -23,39 +24,65 @@ from torch import nn
 from ..block import ControlBlock, StackBlock
 from ..errors import UsageError
 
-ARCHITECTURE = "ControlLlamaForCausalLM"
+ARCHITECTURE = "ControlLlamaForCausalLM"  # the Llama family's served architecture (see `served_architecture`)
+ARCHITECTURE_PREFIX = "Control"
 CONTROL_KEY = "control_llm"  # the config.json entry the plugin reads
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds `expand_types` (concat/stack per expanded layer) and `base_architecture`
+READ_FORMATS = (1, 2)  # what the plugin reads: format 1 folders are concat-only Llama
 WEIGHTS_FILE = "model.safetensors"
-# Model types whose decoder layer is vLLM's LlamaDecoderLayer unchanged (RMSNorm, rotary, SiLU MLP).
-SUPPORTED_MODEL_TYPES = ("llama",)
+# transformers architectures whose vLLM model class the plugin extends, each checked token for token
+# against transformers in tests/serving (`make test-serving`).
+VLLM_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                      "Gemma3ForCausalLM")
+EXPAND_KINDS = ("concat", "stack")
+
+
+def served_architecture(base_architecture: str) -> str:
+    """The architecture name a served folder carries for a base of `base_architecture`
+    (e.g. `Qwen2ForCausalLM` -> `ControlQwen2ForCausalLM`), registered by the plugin."""
+    return ARCHITECTURE_PREFIX + base_architecture
+
+
+def base_architecture(model: nn.Module) -> str:
+    """The transformers architecture of the model (of a ControlModel: of its base), e.g. `Qwen2ForCausalLM`."""
+    base, config = _base_config(model)
+    names = getattr(config, "architectures", None) or [type(base).__name__]
+    return names[0]
 
 
 def control_layout(model: nn.Module) -> dict:
     """The `control_llm` entry of the exported config: which layers are expanded, each copy's slot,
-    and how the branches are merged. A plain model has no expanded layers."""
+    whether it is a concat copy (beside the frozen layer, merged by the interpolation) or a stack copy
+    (after it), how the branches are merged, the dial, and the base model's architecture. A plain
+    model has no expanded layers."""
     from ..model import ControlModel
 
+    architecture = base_architecture(model)
     if not isinstance(model, ControlModel):
-        return {"format": FORMAT_VERSION, "expanded_layers": [], "slots": [], "interpolation": None,
-                "gate_norm": False, "dial": 1.0}
+        return {"format": FORMAT_VERSION, "base_architecture": architecture, "expanded_layers": [], "slots": [],
+                "expand_types": [], "interpolation": None, "gate_norm": False, "dial": 1.0}
     blocks = model.blocks
-    stacked = sorted(i for i, b in blocks.items() if isinstance(b, StackBlock))
-    if stacked:
-        raise UsageError(f"the vLLM plugin serves concat expansion only; layers {stacked} of this run are stack "
-                         f"(expand_type={model.control_config.expand_type!r}): serve its merge instead "
-                         "(controlllm merge, then plain `vllm serve`)")
     config = model.control_config
     layers = sorted(blocks)
-    assert all(isinstance(blocks[i], ControlBlock) for i in layers)
-    return {"format": FORMAT_VERSION, "expanded_layers": layers, "slots": [blocks[i].slot for i in layers],
-            "interpolation": config.interpolation, "gate_norm": config.gate_norm, "dial": config.dial}
+    kinds = []
+    for i in layers:
+        if isinstance(blocks[i], ControlBlock):
+            kinds.append("concat")
+        elif isinstance(blocks[i], StackBlock):
+            kinds.append("stack")
+        else:
+            raise UsageError(f"layer {i} of this run is a {type(blocks[i]).__name__}; the vLLM plugin serves "
+                             f"ControlBlock (concat) and StackBlock (stack) layers")
+    return {"format": FORMAT_VERSION, "base_architecture": architecture, "expanded_layers": layers,
+            "slots": [blocks[i].slot for i in layers], "expand_types": kinds,
+            "interpolation": config.interpolation if "concat" in kinds else None,
+            "gate_norm": bool(config.gate_norm), "dial": float(config.dial)}
 
 
 def serving_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors vLLM loads, named as the plugin's modules: frozen layers under their base names,
-    copies under `model.expanded_layers.<slot>.`, interpolators under `model.interpolators.<slot>.`.
-    The drift budget's buffers (training state) are left out."""
+    copies (concat or stack) under `model.expanded_layers.<slot>.`, interpolators (concat only) under
+    `model.interpolators.<slot>.`. The drift budget's buffers (training state) are left out."""
     from ..model import ControlModel
 
     if not isinstance(model, ControlModel):
@@ -91,16 +118,17 @@ def _base_config(model: nn.Module):
 
 def export_for_vllm(model: nn.Module, tokenizer, output: str | os.PathLike, dtype: torch.dtype | None = None) -> str:
     """Write the folder `vllm serve` loads with the controlllm plugin, for a `ControlModel` (served
-    unmerged: both branches and the interpolation, with the dial) or a plain transformers Llama model
-    (served by the same plugin with no expanded layer). `dtype` casts the weights (default: as they
-    are). Returns the folder."""
+    unmerged: both branches, concat or stack, with the interpolation and the dial) or a plain
+    transformers model (served by the same plugin with no expanded layer), of an architecture in
+    `VLLM_ARCHITECTURES`. The folder's architecture is `served_architecture(base)`, e.g.
+    `ControlQwen2ForCausalLM`: vLLM's own model class of the family, extended with the copies.
+    `dtype` casts the weights (default: as they are). Returns the folder."""
     base, config = _base_config(model)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UsageError(f"the vLLM plugin serves Llama-family models (model_type {', '.join(SUPPORTED_MODEL_TYPES)}); "
-                         f"this model has model_type={model_type!r}")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise UsageError(f"vLLM's Llama layer supports hidden_act='silu' only; this model has {config.hidden_act!r}")
+    architecture = base_architecture(model)
+    if architecture not in VLLM_ARCHITECTURES:
+        raise UsageError(f"the vLLM plugin serves {', '.join(VLLM_ARCHITECTURES)}; this model is a {architecture} "
+                         f"(model_type={getattr(config, 'model_type', None)!r}): merge it (`controlllm merge`) and "
+                         "serve the merged folder with plain `vllm serve` if vLLM has the family")
     layout = control_layout(model)
     state = serving_state_dict(model)
     if getattr(config, "tie_word_embeddings", False):
@@ -113,7 +141,7 @@ def export_for_vllm(model: nn.Module, tokenizer, output: str | os.PathLike, dtyp
     save_file({k: v.to("cpu").contiguous() for k, v in state.items()}, os.path.join(output, WEIGHTS_FILE),
               metadata={"format": "pt"})
     payload = config.to_dict()
-    payload["architectures"] = [ARCHITECTURE]
+    payload["architectures"] = [served_architecture(architecture)]
     payload[CONTROL_KEY] = layout
     payload["dtype"] = str(weight_dtype).removeprefix("torch.")
     payload.pop("torch_dtype", None)
