@@ -51,7 +51,7 @@ def test_unknown_keys_are_refused_with_the_allowed_names(tmp_path):
     ("lr: fast\n", "lr must be a number, got 'fast'"),
     ("bf16: 1\n", "bf16 must be true or false"),
     ("control:\n  expanded_layers: 3\n", "expanded_layers must be a list of integers"),
-    ("lr:\n", "lr cannot be empty"),
+    ("max_steps:\n", "max_steps cannot be empty"),
     ("- lr\n", "must hold a mapping"),
     ("lr: [1\n", "not valid YAML"),
     ("preset: recommended\ncontrol:\n  preset: paper-cpt\n", "preset is given twice"),

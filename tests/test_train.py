@@ -9,6 +9,8 @@ import sys
 import time
 
 import pytest
+
+from controlllm.errors import UsageError
 import torch
 from safetensors.torch import load_file
 
@@ -18,7 +20,8 @@ from controlllm.training.train import TrainConfig, TrainingError, train, trainab
 
 from conftest import make_model, make_tokenizer
 
-FAST = dict(max_steps=4, batch_size=2, seq_len=32, save_steps=2, logging_steps=1, progress=False, lr=1e-3)
+FAST = dict(max_steps=4, batch_size=2, seq_len=32, save_steps=2, logging_steps=1, progress=False, lr=1e-3,
+            keep_checkpoints=True)
 
 
 def tiny():
@@ -39,8 +42,12 @@ def test_each_method_trains_and_writes_final(tmp_path, text_file, method):
     assert "eval_perplexity" in result.metrics and result.metrics["eval_perplexity"] > 1
     records = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    # the base's eval loss, measured at step 0 (every method is its base there), beside the trained run's
+    assert records[0]["step"] == 0 and "eval_loss" in records[0]
+    assert result.metrics["base_eval_loss"] == records[0]["eval_loss"]
+    assert result.metrics["eval_loss_change"] == result.metrics["eval_loss"] - records[0]["eval_loss"]
     if method in ("control", "stack"):
-        assert "alignment_loss" in records[0] or method == "stack"
+        assert "alignment_loss" in [r for r in records if "loss" in r][0] or method == "stack"
     after = result.model
     if method == "freeze":
         changed = {k.split(".")[2] for k, v in after.state_dict().items() if not torch.equal(v, before[k])}
@@ -97,7 +104,7 @@ def test_checkpoints_are_complete_and_rotated(tmp_path, text_file):
           model=model, tokenizer=tokenizer)
     names = sorted(os.listdir(tmp_path / "run"))
     # runs/: the Trainer's TensorBoard event files (tensorboard is a dependency)
-    assert names == ["checkpoint-4", "checkpoint-6", "final", "metrics.jsonl", "run_config.json", "runs"]
+    assert names == ["checkpoint-4", "checkpoint-6", "final", "logs", "metrics.jsonl", "run_config.json"]
     ckpt = set(os.listdir(tmp_path / "run" / "checkpoint-6"))
     assert {"control_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= ckpt
 
@@ -291,7 +298,7 @@ def test_final_is_never_missing_while_it_is_replaced(tmp_path, text_file, monkey
     final, real_replace = str(run / "final"), os.replace
 
     def replace(src, dst):  # the filesystem refuses to put the new final/ in place
-        if os.fspath(dst) == final and os.fspath(src) == final + ".tmp":
+        if os.fspath(dst) == final and os.path.basename(os.fspath(src)).startswith(".final.staging-"):
             raise OSError("disk full")
         return real_replace(src, dst)
 
@@ -302,3 +309,15 @@ def test_final_is_never_missing_while_it_is_replaced(tmp_path, text_file, monkey
               model=model, tokenizer=tokenizer)
     print("final/ after the failed replacement:", sorted(os.listdir(run)))
     assert (run / "final" / "control_model.safetensors").read_bytes() == delta
+
+
+def test_checkpoints_go_when_the_run_finishes_unless_kept(tmp_path, text_file):
+    model, tokenizer = tiny()
+    run = tmp_path / "run"
+    options = {**FAST, "keep_checkpoints": False}
+    train(TrainConfig(data=str(text_file), output=str(run), **options), model=model, tokenizer=tokenizer)
+    assert sorted(os.listdir(run)) == ["final", "logs", "metrics.jsonl", "run_config.json"]  # no optimizer state
+    model, tokenizer = tiny()
+    with pytest.raises(UsageError, match="checkpoints were removed.*--model"):
+        train(TrainConfig(data=str(text_file), output=str(run), resume=True, **options), model=model, tokenizer=tokenizer)
+    assert (run / "final").is_dir()

@@ -13,6 +13,19 @@ from ..config import ControlConfig
 
 METHODS = ("control", "full", "lora", "stack", "freeze")
 TASKS = ("cpt", "sft")
+# The learning rate a run gets when --lr is not given: what validation chose in the frontier benchmark
+# (SmolLM2-135M, docs/results.md) per method and task. Control in SFT: 3e-4, the paper-csft family's
+# choice, where the recommended family's validation tied 5e-5 and 1e-3 (5e-5 learned little on a
+# newcomer's FAQ data). LoRA in CPT chose the top of its grid (3e-3).
+DEFAULT_LR = {("full", "cpt"): 1e-4, ("full", "sft"): 3e-5, ("control", "cpt"): 1e-3, ("control", "sft"): 3e-4,
+              ("lora", "cpt"): 3e-3, ("lora", "sft"): 1e-3, ("stack", "cpt"): 1e-3, ("stack", "sft"): 3e-4,
+              ("freeze", "cpt"): 3e-4, ("freeze", "sft"): 1e-4}
+
+
+def default_expanded_count(num_layers: int) -> int:
+    """How many of `num_layers` layers a run expands when not told: N / 4, halves rounded up (8 of
+    SmolLM2's 30 layers, the paper's 8 of 32)."""
+    return max(1, int(num_layers / 4 + 0.5))
 
 
 @dataclass
@@ -29,13 +42,16 @@ class TrainConfig:
     batch_size: int = field(default=4, metadata={"help": "Sequences per device per step."})
     grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per sequence (cpt block size / sft truncation)."})
-    lr: float = field(default=1e-4, metadata={"help": "Peak learning rate (linear warmup, cosine decay)."})
+    lr: float | None = field(default=None, metadata={
+        "help": "Peak learning rate (linear warmup, cosine decay); default: per method and task, the rates the "
+                "frontier benchmark's validation chose (training.options.DEFAULT_LR); `controlllm compare` chooses "
+                "on your data."})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps used for warmup."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     preset: str | None = field(default=None, metadata={
         "help": "Control recipe to start from: 'recommended', 'paper-cpt' or 'paper-csft' (flags below override it; "
                 "default: ControlConfig's defaults)."})
-    num_expanded_layers: int | None = field(default=None, metadata={"help": "Layers to expand (control/stack/freeze); default N // 4."})
+    num_expanded_layers: int | None = field(default=None, metadata={"help": "Layers to expand (control/stack/freeze); default N / 4 rounded (8 of 30, 8 of 32)."})
     expanded_layers: list[int] | None = field(default=None, metadata={"help": "Explicit layer indices instead of a count."})
     layer_placement: str | None = field(default=None, metadata={"help": "'even' (over the whole depth) or 'group_end'."})
     interpolation: str | None = field(default=None, metadata={"help": "'lerp', 'dlerp', 'dlerp_in' or 'slerp'."})
@@ -76,7 +92,10 @@ class TrainConfig:
         "help": "Scale alpha of the low-rank copies' update (alpha / r) B A; default 2 x --copy-rank."})
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: only at the end)."})
     save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps."})
-    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept."})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept while training."})
+    keep_checkpoints: bool = field(default=False, metadata={
+        "help": "Keep the checkpoints (weights and optimizer state) once the run has finished; without it they are "
+                "removed when final/ is written, and a finished run is continued as a new stage (--model RUN)."})
     logging_steps: int = field(default=5, metadata={"help": "Log every N steps."})
     seed: int = field(default=42, metadata={"help": "Seed for initialisation and data order."})
     resume: bool = field(default=False, metadata={"help": "Continue from the last complete checkpoint in --output."})
@@ -95,6 +114,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.lr is None and self.method in METHODS and self.task in TASKS:
+            self.lr = DEFAULT_LR[(self.method, self.task)]
         for name in ("lr", "interpolation_lr"):
             value = getattr(self, name)
             if name == "lr" or value is not None:
@@ -108,8 +129,11 @@ class TrainConfig:
         budget = [n for n in ("max_kl", "max_keep_increase") if getattr(self, n) is not None]
         for name in budget:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+                    or (name == "max_kl" and value == 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number "
+                                 f"{'> 0' if name == 'max_kl' else '>= 0'}, got {value!r} (a budget of KL 0 is the base "
+                                 "model itself: to roll back, dial the run with --value 0)")
         if self.keep_data is not None and (not budget or self.eval_data is None):
             raise ValueError("--keep-data dials the run after training: it needs --max-kl or --max-keep-increase, and "
                              "--eval-data (the new skill's held-out data)")
@@ -136,7 +160,7 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 values[name] = getattr(self, name)
         if self.expanded_layers is None and self.num_expanded_layers is None:
-            values["num_expanded_layers"] = max(1, (num_layers or 4) // 4)
+            values["num_expanded_layers"] = default_expanded_count(num_layers or 4)
         return ControlConfig(expand_type="stack" if self.method == "stack" else "concat", **values)
 
 

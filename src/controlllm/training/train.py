@@ -27,11 +27,12 @@ from ..model import WEIGHTS_NAME, ControlModel, get_control_model, is_trainable_
 from ..model_card import write_model_card
 from .monitor import use_compact_console
 from .options import CONTROL_FIELDS, METHODS, TASKS, TrainConfig  # noqa: F401  (TrainConfig is imported from here)
-from ..runs import FINAL, RUN_CONFIG, Output, open_run, replace_dir, write_text_atomic
+from ..runs import FINAL, RUN_CONFIG, Output, open_run, read_run_config, replace_dir, write_text_atomic
 from ..surgery import decoder_layers
 
 METRICS = "metrics.jsonl"
 DIALLED = "dialled"
+LOGS = "logs"
 STAGING = ".staging"
 
 
@@ -368,6 +369,17 @@ class TrainResult:
     dial: dict | None = None  # with --keep-data: the dial's record (dial.json of OUTPUT/dialled)
 
 
+def _tensorboard(run_dir: str) -> list:
+    """TensorBoard's callback writing under RUN/logs (transformers' default is RUN/runs/<date>_<host>)."""
+    if not _tensorboard_available():
+        return []
+    from transformers.integrations import TensorBoardCallback
+
+    callback = TensorBoardCallback()
+    callback.logging_dir = os.path.join(run_dir, LOGS)
+    return [callback]
+
+
 def _tensorboard_available() -> bool:
     try:
         import tensorboard  # noqa: F401
@@ -410,6 +422,10 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
         os.replace(final_dir + ".old", final_dir)  # killed while its final/ was being replaced: the old one stands
     if os.path.isdir(final_dir) and not cfg.resume:
         raise UsageError(f"{final_dir!r} already exists: this run has finished; choose another --output")
+    if os.path.isdir(final_dir) and cfg.resume and get_last_checkpoint(cfg.output) is None:
+        raise UsageError(f"--resume: the run in {cfg.output!r} has finished and its checkpoints were removed (pass "
+                         "--keep-checkpoints to keep them); to train on, start a new stage with --model "
+                         f"{cfg.output!r} and another --output")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
@@ -439,7 +455,10 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     os.makedirs(cfg.output, exist_ok=True)
     shutil.rmtree(os.path.join(cfg.output, STAGING), ignore_errors=True)
     resume_from = get_last_checkpoint(cfg.output) if cfg.resume else None
+    earlier = read_run_config(cfg.output) if resume_from else {}
     record = run_record(cfg, base_fold)  # computed first: if it fails, the run's existing record stays as it was
+    if earlier.get("base_metrics"):
+        record["base_metrics"] = earlier["base_metrics"]
     write_text_atomic(os.path.join(cfg.output, RUN_CONFIG), json.dumps(record, indent=2))
 
     args = TrainingArguments(
@@ -461,7 +480,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
         data_seed=cfg.seed,
         bf16=cfg.bf16,
         use_cpu=not torch.cuda.is_available(),
-        report_to=["tensorboard"] if _tensorboard_available() else [],
+        report_to=[],  # TensorBoard through the callback below, logging under the run's logs/
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=not cfg.progress,
@@ -475,7 +494,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
         eval_dataset=eval_set,
         data_collator=DataCollator.from_tokenizer(tokenizer),
         processing_class=tokenizer,
-        callbacks=[MetricsFile(os.path.join(cfg.output, METRICS), resume_step), DriftBudgetCallback()],
+        callbacks=[MetricsFile(os.path.join(cfg.output, METRICS), resume_step), DriftBudgetCallback(),
+                   *_tensorboard(cfg.output)],
         save_total_limit_atomic=cfg.save_total_limit,
         interpolation_lr=cfg.interpolation_lr,
     )
@@ -484,6 +504,13 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     # Resuming a finished run leaves it as it is: the Trainer would take one step past max_steps and
     # rewrite final/. The model is the last checkpoint's (what final/ holds).
     finished = resume_step >= cfg.max_steps and os.path.isdir(final_dir)
+    base_metrics = record.get("base_metrics") or {}
+    if eval_set is not None and not base_metrics and not resume_from:
+        # At initialisation every method computes its base (with --quantize-base: the quantised base), so
+        # this is the base's eval loss, measured once and recorded beside the trained run's.
+        base_metrics = {k: v for k, v in trainer.evaluate().items() if k in ("eval_loss", "eval_perplexity")}
+        record["base_metrics"] = base_metrics
+        write_text_atomic(os.path.join(cfg.output, RUN_CONFIG), json.dumps(record, indent=2))
     if finished:
         trainer._load_from_checkpoint(resume_from)
     else:
@@ -491,13 +518,16 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
     metrics = {}
     if eval_set is not None:
         metrics = trainer.evaluate()
+        if "eval_loss" in base_metrics:
+            metrics["base_eval_loss"] = base_metrics["eval_loss"]
+            metrics["eval_loss_change"] = metrics["eval_loss"] - base_metrics["eval_loss"]
     seconds = time.time() - start
     full_state = full_state_dict(trainer.model) if is_sharded(trainer.model) else None  # gathers on every rank
     fold = None
     if not finished and full_state is None:
         fold = decide_fold(_unwrap(trainer.model), eval_set, tokenizer, cfg)
     if trainer.args.should_save and not finished:
-        _write_final(trainer, tokenizer, cfg, final_dir, metrics, full_state, base_fold, fold)
+        _write_final(trainer, tokenizer, cfg, final_dir, metrics, full_state, base_fold, fold, base_metrics)
     trainer.accelerator.wait_for_everyone()
     # Mixed precision wraps the model's forward in autocast; the returned model computes as it was
     # given (float32 stays float32), like the saved weights.
@@ -512,6 +542,9 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> T
         dial = run_dial(cfg.output, os.path.join(cfg.output, DIALLED), learn_data=cfg.eval_data,
                         keep_data=cfg.keep_data, max_kl=cfg.max_kl, max_keep_increase=cfg.max_keep_increase,
                         seq_len=cfg.seq_len, progress=cfg.progress, overwrite=True)
+    if trainer.args.should_save and not cfg.keep_checkpoints and os.path.isdir(final_dir):
+        for path in _checkpoints(cfg.output):  # final/ holds the result: the optimizer state is not needed
+            shutil.rmtree(path, ignore_errors=True)
     return TrainResult(cfg.output, final_dir, metrics, seconds, trainable, total, unwrapped, dial)
 
 
@@ -523,9 +556,19 @@ def run_record(cfg: TrainConfig, base_fold: dict | None = None) -> dict:
     rebuilt onto the base it was trained on."""
     lineage = open_run(cfg.model).lineage if cfg.model is not None else {"base_model": None, "stages": []}
     base_model, stages = lineage["base_model"], lineage["stages"]
-    this = {k: getattr(cfg, k) for k in ("output", "method", "task", "data", "max_steps", "lr", "preset")}
+    saved = dataclasses.asdict(cfg)
+    for key in PATH_FIELDS:  # absolute: the run reads the same files from any working folder
+        if saved.get(key) is not None and (key == "output" or os.path.exists(saved[key])):
+            saved[key] = os.path.abspath(saved[key])
+    if base_model is not None and os.path.exists(base_model):
+        base_model = os.path.abspath(base_model)
+    this = {k: saved[k] for k in ("output", "method", "task", "data", "max_steps", "lr", "preset")}
     this["base_fold"] = base_fold
-    return {**dataclasses.asdict(cfg), "lineage": {"base_model": base_model, "stages": [*stages, this]}}
+    return {**saved, "lineage": {"base_model": base_model, "stages": [*stages, this]}}
+
+
+# TrainConfig fields that name files or folders, recorded as absolute paths.
+PATH_FIELDS = ("model", "output", "data", "eval_data", "mix_data", "keep_data")
 
 
 def decide_fold(model: nn.Module, eval_set, tokenizer, cfg: TrainConfig) -> dict | None:
@@ -553,7 +596,8 @@ def decide_fold(model: nn.Module, eval_set, tokenizer, cfg: TrainConfig) -> dict
 
 
 def _write_final(trainer: ControlTrainer, tokenizer, cfg: TrainConfig, final_dir: str, metrics: dict,
-                 full_state: dict | None = None, base_fold: dict | None = None, fold: dict | None = None) -> None:
+                 full_state: dict | None = None, base_fold: dict | None = None, fold: dict | None = None,
+                 base_metrics: dict | None = None) -> None:
     model = _unwrap(trainer.model)
     with Output(final_dir, overwrite=True, flag="final/").staging() as tmp:  # replaced, never missing
         if full_state is not None:
@@ -562,6 +606,8 @@ def _write_final(trainer: ControlTrainer, tokenizer, cfg: TrainConfig, final_dir
             model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         record = {**run_record(cfg, base_fold), "final_metrics": metrics}
+        if base_metrics:
+            record["base_metrics"] = base_metrics
         if fold is not None:
             record["fold"] = fold
         write_text_atomic(os.path.join(tmp, RUN_CONFIG), json.dumps(record, indent=2))
