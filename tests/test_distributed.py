@@ -11,7 +11,7 @@ import torch
 SCRIPT = os.path.join(os.path.dirname(__file__), "dist_train.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # fp32 on CPU; the runs differ only in how the gradient sums are ordered (measured max |diff|:
-# see the README's distributed-training paragraph). AdamW's first steps amplify rounding a little.
+# see docs/guide.md, Distributed training). AdamW's first steps amplify rounding a little.
 TOLERANCE = 1e-5
 
 

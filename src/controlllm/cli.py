@@ -204,9 +204,9 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
 
     from . import compare
 
-    p = sub.add_parser("compare", help="which method keeps most at equal gain, on your data: trains full, LoRA and "
-                                       "Control over a rate grid with their dials and reports forgetting at equal gain",
-                       formatter_class=_HelpFormatter)
+    compare_help = ("which method keeps most at equal gain, on your data: trains full, LoRA and Control over a rate "
+                    "grid with their dials and reports forgetting at equal gain")
+    p = sub.add_parser("compare", help=compare_help, description=compare_help, formatter_class=_HelpFormatter)
     compare.add_arguments(p)  # its own --threads
 
     p = command("plot", "draw a run's metrics.jsonl as a PNG dashboard (loss, alignment, per-layer w and drift)")
@@ -333,10 +333,16 @@ def _numbers(results: dict, prefix: str = "") -> dict:
     return flat
 
 
+# Result keys that describe the measurement, not the model: no "change" is reported for them.
+_NOT_SCORES = ("tokens", "characters", "chars", "seconds", "stderr", "/n", "_n", "items", "texts", "runtime")
+
+
 def _with_base(results: dict, base: dict) -> dict:
-    """Every number of `results` beside the base's value and the change: {name: {model, base, change}}."""
+    """Every score of `results` beside the base's value and the change: {name: {model, base, change}}
+    (counts, timings and standard errors left out)."""
     ours, theirs = _numbers(results), _numbers(base)
-    return {k: {"model": v, "base": theirs[k], "change": v - theirs[k]} for k, v in ours.items() if k in theirs}
+    return {k: {"model": v, "base": theirs[k], "change": v - theirs[k]} for k, v in ours.items()
+            if k in theirs and not k.endswith(_NOT_SCORES)}
 
 
 def _merge(args) -> dict:
@@ -439,6 +445,8 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "compare":
         from .compare import run_from_args
 
+        if args.threads is None:  # as every command: not all the cores of a shared machine
+            args.threads = default_threads()
         return run_from_args(args)
     if args.command != "plot":
         import torch
@@ -544,14 +552,19 @@ def run(argv: list[str] | None = None) -> int:
         out = Output(args.output, kind="file", overwrite=args.overwrite, protect=run.protected)
         model, tokenizer = run.merged()
         name = os.path.basename(os.path.normpath(args.model))
+        card, source_kind = merged_card_text(run, holds="gguf"), run.kind
+        if run.kind == "base" and run.path and os.path.isfile(os.path.join(run.path, "README.md")):
+            card = open(os.path.join(run.path, "README.md"), encoding="utf-8").read()  # a merged folder's own card
+            if "library_name: controlllm" in card:
+                source_kind = "merged"
         from .serving.export import modelfile_text, write_gguf
 
         with out.staging() as tmp:
-            info = write_gguf(model, tokenizer, tmp, dtype=args.dtype, card=merged_card_text(run, holds="gguf"),
-                              source_kind=run.kind, name=name, modelfile=False)
+            info = write_gguf(model, tokenizer, tmp, dtype=args.dtype, card=card or None, source_kind=source_kind,
+                              name=name, modelfile=False)
         modelfile = os.path.splitext(args.output)[0] + ".Modelfile"  # Ollama: FROM the file, its stop tokens
         Output(modelfile, kind="file", overwrite=True).write_text(modelfile_text(os.path.basename(args.output), tokenizer))
-        print(json.dumps({**info, "output": args.output, "modelfile": modelfile, "source_kind": run.kind}, indent=2))
+        print(json.dumps({**info, "output": args.output, "modelfile": modelfile, "source_kind": source_kind}, indent=2))
         return 0
     if args.command == "plot":
         from .plots import plot_run

@@ -96,7 +96,7 @@ def run_demo(output: str = "runs/demo", max_steps: int | None = None, quick: boo
     steps = max_steps or (4 if quick else 90)
     n_eval = 8 if quick else 32
     os.makedirs(output, exist_ok=True)
-    print("[1/4] loading SmolLM2-135M-Instruct and the corpora (RV1909 Spanish, English fortunes, ARC-Easy)")
+    print("[1/5] loading SmolLM2-135M-Instruct and the corpora (RV1909 Spanish, English fortunes, ARC-Easy)")
     model, tokenizer = load_pretrained(None)
     train_docs, heldout = spanish_chapters()
     data_path = os.path.join(output, "train_es.txt")
@@ -106,13 +106,13 @@ def run_demo(output: str = "runs/demo", max_steps: int | None = None, quick: boo
     english = english_texts(n_eval)
     arc = load_benchmark("arc_easy", limit=20 if quick else 100)
 
-    print("[2/4] measuring the base model")
+    print("[2/5] measuring the base model")
     model.eval()
     before = measure(model, tokenizer, spanish, english, arc)
     prompt = "En el principio"
     before_sample = _sample(model, tokenizer, prompt)
 
-    print(f"[3/4] Control LLM continued pre-training on Spanish: {steps} steps of 4 x 128 tokens")
+    print(f"[3/5] Control LLM continued pre-training on Spanish: {steps} steps of 4 x 128 tokens")
     cfg = TrainConfig(data=data_path, output=os.path.join(output, "run"), task="cpt", method="control",
                       max_steps=steps, batch_size=4, seq_len=128, lr=5e-4, num_expanded_layers=8,
                       preset="recommended",

@@ -416,8 +416,11 @@ class ControlModel(nn.Module):
             warnings.warn(
                 f"The alignment term ({float(term.detach()):.4g}, alignment_loss={self.control_config.alignment_loss!r} "
                 f"x weight {self.control_config.alignment_weight}) is {ratio:.0f}x the LM loss "
-                f"({float(lm_loss.detach()):.4g}): the copies will learn little or nothing. Use the scale-free "
-                "alignment_loss='nmse' with an alignment_budget (e.g. 0.01), or a smaller alignment_weight.",
+                f"({float(lm_loss.detach()):.4g}): the copies will learn little or nothing. "
+                + ("Give an alignment_budget (e.g. 0.01) instead of the fixed weight, or a smaller alignment_weight."
+                   if self.control_config.alignment_loss in ("nmse", "cosine") else
+                   "Use the scale-free alignment_loss='nmse' with an alignment_budget (e.g. 0.01), or a smaller "
+                   "alignment_weight."),
                 stacklevel=2,
             )
 
