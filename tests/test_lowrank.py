@@ -219,6 +219,20 @@ def test_merge_is_exact_at_init_and_folds_like_the_equivalent_full_copies():
     print(f"merge fidelity after perturbation: low-rank {low}, full copies {full}")
 
 
+def test_dense_state_is_the_equivalent_full_copy():
+    from controlllm.lowrank import dense_state_dict
+
+    model = low_rank()
+    perturb_trainable(model, scale=0.1)
+    twin = dense_twin(model)
+    for i, block in model.control_blocks.items():
+        dense = dense_state_dict(block.expanded_layer)
+        full = twin.control_blocks[i].expanded_layer.state_dict()
+        assert sorted(dense) == sorted(full)
+        for key in full:
+            assert torch.allclose(dense[key], full[key], atol=1e-6, rtol=0), key
+
+
 def test_merge_on_a_4bit_base_dequantises_and_is_exact_at_init():
     pytest.importorskip("bitsandbytes")
     ids, mask = batch()

@@ -180,9 +180,32 @@ def fold_low_rank(base_layer: nn.Module, expanded_layer: nn.Module, w: float) ->
     return base_layer
 
 
+@torch.no_grad()
+def dense_state_dict(expanded_layer: nn.Module) -> dict[str, torch.Tensor]:
+    """The state a full copy would hold for this low-rank copy, keyed as a full copy's state dict:
+    each linear's weight W_p + (alpha / r) B A (W_p dequantised on a quantised base; float32 sum
+    rounded once to the layer's compute dtype) and bias, every shared module's own state. For
+    consumers that expect full copies (e.g. serving the unmerged model)."""
+    from .quantize import dequantized_weight, is_quantized_linear
+
+    state: dict[str, torch.Tensor] = {}
+    for name, module in expanded_layer.named_modules():
+        if isinstance(module, LowRankLinear):
+            frozen = module.frozen
+            weight = dequantized_weight(frozen) if is_quantized_linear(frozen) else frozen.weight.detach()
+            state[f"{name}.weight"] = (weight.float() + module.delta_weight().to(weight.device)).to(weight.dtype)
+            if frozen.bias is not None:
+                state[f"{name}.bias"] = frozen.bias.detach().to(weight.dtype).clone()
+        elif isinstance(module, SharedModule):
+            for key, value in module.frozen.state_dict().items():
+                state[f"{name}.{key}"] = value.detach().clone()
+    return state
+
+
 def factor_names(module: nn.Module) -> list[str]:
     """Names of the B factors in `module` (what the weight-space dial scales)."""
     return [f"{n}.lora_B" for n, m in module.named_modules() if isinstance(m, LowRankLinear)]
 
 
-__all__ = ["LowRankLinear", "SharedModule", "low_rank_copy", "is_low_rank", "fold_low_rank", "factor_names"]
+__all__ = ["LowRankLinear", "SharedModule", "low_rank_copy", "is_low_rank", "fold_low_rank", "dense_state_dict",
+           "factor_names"]
