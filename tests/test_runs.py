@@ -113,6 +113,22 @@ def test_every_reading_of_a_run_is_one_model(folders, name, dialled, capsys):
     assert torch.equal(logits(second.base_model()[0]), m)
     assert second.lineage["stages"][-2]["output"] in (str(where / "run"),)
 
+    # the serve-export folder: a plain model reads back in transformers as the model eval scores; a Control run's
+    # frozen branch is written dequantised (no packed 4-bit tensors), its copies and interpolators beside it
+    if name not in ("lora", "qlora", "stack", "hybrid"):
+        code, _, err = run_cli(["serve-export", "--model", str(run), "--output", str(where / "serve")], capsys)
+        assert code == 0, err
+        if name in ("full", "freeze"):
+            served = AutoModelForCausalLM.from_pretrained(where / "serve", dtype=torch.float32)
+            assert torch.equal(logits(served), e)
+        else:
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(where / "serve" / "model.safetensors"))
+            assert all(t.dtype == torch.float32 for t in tensors.values())
+            assert any(k.startswith("model.expanded_layers.") for k in tensors)
+            assert not any("absmax" in k or "quant" in k for k in tensors)
+
     # the GGUF file of the run (read back with transformers) is the merged folder
     gguf = where / "model.gguf"
     code, out, err = run_cli(["export", "--model", str(run), "--output", str(gguf)], capsys)

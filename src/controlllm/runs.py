@@ -342,10 +342,12 @@ class Run:
         earlier = open_run(path, dtype=dtype)
         return earlier.merged(fold=self.base_fold)
 
-    def model(self, dequantize: bool = False):
+    def model(self, dequantize: bool = False, base_model=None):
         """(model, tokenizer): the exact model this folder describes, in evaluation mode, with its
         dial applied (`self.dial` is left on it). `dequantize=True` gives a run on a quantised base
-        its dequantised frozen branch (exact: what the copies were trained against)."""
+        its dequantised frozen branch (exact: what the copies were trained against). `base_model`:
+        the run's base already loaded by the caller (e.g. lm-evaluation-harness with its own dtype);
+        only for a run of one stage, whose base is a plain model folder (tokenizer then None)."""
         import torch
 
         dtype = self.dtype or torch.float32
@@ -359,7 +361,13 @@ class Run:
             if dial and dial.get("stores") == DIAL_STORES_TRAINED:
                 self._dial_on(model, dial)
             return model.eval(), tokenizer
-        base_model, tokenizer = self.base_model(dtype)
+        if base_model is None:
+            base_model, tokenizer = self.base_model(dtype)
+        elif describe(self.base_path) != "base":
+            raise UsageError(f"{self.path!r} is a later stage: its base is an earlier stage folded into plain weights, "
+                             "which the caller cannot load as a model folder; open the run without a base model")
+        else:
+            tokenizer = None
         if self.kind == "control":
             from .model import ControlModel
 

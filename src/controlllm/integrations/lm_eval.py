@@ -25,12 +25,15 @@ __all__ = ["ControlLMEval"]
 
 @register_model("controlllm")
 class ControlLMEval(HFLM):
-    """`HFLM` whose model is `ControlModel.from_pretrained(base, control)`.
+    """`HFLM` whose model is the run in `control`, read by `controlllm.runs.open_run` as every
+    controlllm command reads it (any method, dial and fold as recorded).
 
     `pretrained` is the base model folder (it also provides the tokenizer and config);
-    `control` is the folder written by `ControlModel.save_pretrained`. Every other HFLM
-    argument (device, dtype, batch_size, max_length, ...) keeps its meaning; the base model is
-    loaded by HFLM as usual and then wrapped, so options such as `dtype` and `gguf_file` apply.
+    `control` is a run folder, its final/, or a folder written by `ControlModel.save_pretrained`.
+    Every other HFLM argument (device, dtype, batch_size, max_length, ...) keeps its meaning; for a
+    run of one stage the base model is loaded by HFLM as usual and the run built on it, so options
+    such as `dtype` and `gguf_file` apply; a later stage's base (earlier stages folded) is rebuilt
+    by `open_run` and cast to HFLM's dtype.
     """
 
     def __init__(self, pretrained: str, control: str | None = None, **kwargs) -> None:
@@ -52,10 +55,15 @@ class ControlLMEval(HFLM):
         if peft or delta:
             raise ValueError(f"model 'controlllm' does not combine with peft={peft!r} or delta={delta!r}; pass only control=")
         super()._create_model(pretrained, *args, **kwargs)
-        from controlllm import ControlModel
+        from controlllm.runs import describe, open_run
 
-        self._model = ControlModel.from_pretrained(self._model, self._control_path)
-        self._model.eval()
+        run = open_run(self._control_path, base=pretrained)
+        if describe(run.base_path) == "base":
+            model, _ = run.model(base_model=self._model)
+        else:
+            dtype = next(self._model.parameters()).dtype
+            model = run.model()[0].to(dtype)
+        self._model = model.eval()
 
 
 def main() -> None:
