@@ -36,6 +36,7 @@ from common import (SMOLLM2_135M, batch, llama_config, machine_info, make_optimi
 RESULTS = os.path.normpath(os.path.join(HERE, "..", "results"))
 GiB = 1024 ** 3
 COPIES = 8
+COPY_RANK = 16  # low-rank copies: rank 16, alpha 32 (LoRA's settings below)
 
 # Llama-3.2-1B's shape: 16 layers, hidden 2048, tied embeddings over a 128256-token vocabulary.
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -64,7 +65,15 @@ METHODS = {
     "control": dict(label=f"Control, {COPIES} copies", method="control"),
     "control-4bit": dict(label=f"Control, {COPIES} copies, 4-bit base", method="control", quantize_base="4bit"),
     "control-8bit": dict(label=f"Control, {COPIES} copies, 8-bit base", method="control", quantize_base="8bit"),
+    # Low-rank copies (ControlConfig.copy_rank): each copy is its frozen layer, shared, plus a rank-16
+    # update (alpha 32) of its 7 linear layers, as LoRA r16 but only at the copies' 8 layers.
+    "lowrank-control": dict(label=f"low-rank Control r{COPY_RANK}, {COPIES} copies", method="control",
+                            copy_rank=COPY_RANK),
+    "lowrank-control-4bit": dict(label=f"low-rank Control r{COPY_RANK}, {COPIES} copies, 4-bit base", method="control",
+                                 copy_rank=COPY_RANK, quantize_base="4bit"),
 }
+# Low-rank Control's target: its peak at most this many times QLoRA's (on the same shape).
+LOWRANK_GOAL = ("lowrank-control-4bit", "qlora", 1.2)
 GOAL = ("llama-1b", "control-4bit", 0.45)
 
 
@@ -117,7 +126,8 @@ def worker(shape_name: str, method: str, shapes: dict) -> dict:
     setup = time.perf_counter()
     base = random_model(spec["shape"], dtype)
     cfg = TrainConfig(data="unused", method=m["method"], quantize_base=m.get("quantize_base"), lora_r=16, lora_alpha=32,
-                      num_expanded_layers=COPIES if m["method"] == "control" else None)
+                      num_expanded_layers=COPIES if m["method"] == "control" else None, copy_rank=m.get("copy_rank"),
+                      copy_alpha=2.0 * m["copy_rank"] if m.get("copy_rank") else None)
     model = prepare_model(base, cfg)
     model.train()
     optimizer = make_optimizer(model)
@@ -172,6 +182,9 @@ def state_arithmetic(shape: dict, weight_bytes: int, copies: int = COPIES) -> di
     frozen_8bit = layers * linear * (1 + 4 / shape["hidden_size"])  # int8 + a float32 per row (about)
     rest = (total - layers * linear) * weight_bytes  # embeddings, head, norms stay in the training dtype
     lora = lora_parameters(shape)
+    # Low-rank copies: LoRA r16's factors at the copies' layers only; the factors are float32 (16 bytes
+    # each with gradient and AdamW moments) whatever the training dtype.
+    copy_factors = lora * copies // layers
     out = {
         "parameters": total,
         "full": total * trained,
@@ -180,6 +193,8 @@ def state_arithmetic(shape: dict, weight_bytes: int, copies: int = COPIES) -> di
         "control": total * weight_bytes + copies * layer * trained,
         "control-4bit": frozen_4bit + rest + copies * layer * trained,
         "control-8bit": frozen_8bit + rest + copies * layer * trained,
+        "lowrank-control": total * weight_bytes + copy_factors * 16,
+        "lowrank-control-4bit": frozen_4bit + rest + copy_factors * 16,
     }
     return {k: (v if k == "parameters" else v / 1e9) for k, v in out.items()}
 
@@ -226,6 +241,9 @@ def render(data: dict, output_dir: str) -> None:
               "gradients, optimizer state, activations, and the ~0.56 GB of the Python process itself (the 'process baseline' column subtracts it). Methods go "
               "through `controlllm.training.train.prepare_model`. LoRA/QLoRA: r 16, alpha 32, every linear layer of the "
               f"decoder. Control: {COPIES} copies spread evenly, lerp w = 0.5 fixed, nmse alignment (the defaults). "
+              f"Low-rank Control (`controlllm train --method control --copy-rank {COPY_RANK}`, with `--quantize-base "
+              f"4bit` for the 4-bit row): the same {COPIES} copies, each its frozen layer shared (not copied) plus "
+              f"rank-{COPY_RANK}, alpha-{2 * COPY_RANK} float32 factors B A on its 7 linear layers. "
               "Quantised bases: every linear layer of the decoder in bitsandbytes nf4 (4-bit, double-quantised "
               "scales) or int8 rows (8-bit); embeddings, norms and the (tied) LM head stay in the training dtype.", ""]
     goal_shape, goal_method, goal_ratio = GOAL
@@ -260,17 +278,26 @@ def render(data: dict, output_dir: str) -> None:
                 lines += [f"Goal: {METHODS[goal_method]['label']} at or below {goal_ratio}x full fine-tuning's peak "
                           f"memory at this shape: measured **{ratio:.3f}x**, "
                           f"{'met' if ratio <= goal_ratio else '**not met**'} (see the notes below).", ""]
+        method, against, limit = LOWRANK_GOAL
+        mine_row = next((r for r in mine if r["method"] == method and "peak_rss" in r), None)
+        ref_row = next((r for r in mine if r["method"] == against and "peak_rss" in r), None)
+        if mine_row and ref_row:
+            ratio = mine_row["peak_rss"] / ref_row["peak_rss"]
+            net = (mine_row["peak_rss"] - mine_row["rss_after_imports"]) / (ref_row["peak_rss"] - ref_row["rss_after_imports"])
+            lines += [f"Low-rank Control: {METHODS[method]['label']} at or below {limit}x {METHODS[against]['label']}'s "
+                      f"peak at this shape: measured **{ratio:.3f}x** ({net:.3f}x without the process baseline), "
+                      f"{'met' if ratio <= limit else '**not met**'}.", ""]
     lines += ["## The paper's shape: Llama-3.1-8B (32 layers, hidden 4096, intermediate 14336, vocab 128256, untied "
               f"LM head), {COPIES} copies, arithmetic", ""]
     lines += ["Model state only (weights, gradients, AdamW's two moments; activations excluded): 16 bytes per trained "
               "parameter in fp32 (8 in pure bf16), the frozen weights at 4 (2) bytes, nf4 at "
               f"{nf4_bytes_per_weight():.4f} bytes and int8 at ~1 byte per weight; embeddings and LM head stay in the "
               "training dtype.", ""]
-    lines += ["| method | fp32 (GB) | vs full FT | bf16 (GB) | vs full FT |", "|---|---|---|---|---|"]
+    lines += ["| method | fp32 (GB) | vs full FT | bf16 (GB) | vs full FT | bf16 vs QLoRA |", "|---|---|---|---|---|---|"]
     a32, a16 = state_arithmetic(LLAMA_8B, 4), state_arithmetic(LLAMA_8B, 2)
     for method, m in METHODS.items():
         lines.append(f"| {m['label']} | {a32[method]:.1f} | {a32[method] / a32['full']:.3f} | {a16[method]:.1f} | "
-                     f"{a16[method] / a16['full']:.3f} |")
+                     f"{a16[method] / a16['full']:.3f} | {a16[method] / a16['qlora']:.2f} |")
     fl = flops_per_token(LLAMA_8B, 8192)
     lines += ["", f"Parameters: {a32['parameters'] / 1e9:.2f} B; one decoder layer {layer_parameters(LLAMA_8B) / 1e6:.1f} M, "
               f"{COPIES} copies {COPIES * layer_parameters(LLAMA_8B) / 1e9:.2f} B trained; LoRA r16 "
