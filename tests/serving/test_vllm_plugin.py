@@ -64,6 +64,7 @@ CASES = {
     "lerp": ("lerp", 1.0),
     "dlerp": ("dlerp", 1.0),
     "dlerp_in-dial0.6": ("dlerp_in", 0.6),
+    "slerp-dial0.5": ("slerp", 0.5),
 }
 
 
