@@ -63,18 +63,20 @@ def test_low_rank_model_is_the_base_bit_for_bit_at_init(arch, interpolation):
 
 
 @pytest.mark.parametrize("interpolation", INTERPOLATIONS)
-def test_low_rank_on_a_4bit_base_is_the_quantised_base_and_copies_no_weight(interpolation):
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_low_rank_on_a_quantised_base_is_the_quantised_base_and_copies_no_weight(mode, interpolation):
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
 
     ids, mask = batch(left_pad=2)
-    reference = logits(quantized_base(), ids, mask)
-    model = low_rank(quantize="4bit", interpolation=interpolation)
+    reference = logits(quantized_base(mode=mode), ids, mask)
+    model = low_rank(quantize=mode, interpolation=interpolation)
     assert torch.equal(logits(model, ids, mask), reference)
+    kind = bnb.nn.Linear4bit if mode == "4bit" else bnb.nn.Linear8bitLt
     for block in model.control_blocks.values():
         linears = [m for m in block.expanded_layer.modules() if isinstance(m, LowRankLinear)]
         assert len(linears) == 7
-        assert all(isinstance(m.frozen, bnb.nn.Linear4bit) for m in linears)  # the quantised layer itself
+        assert all(isinstance(m.frozen, kind) for m in linears)  # the quantised layer itself
         assert not [m for m in block.expanded_layer.modules() if type(m) is nn.Linear]
         assert {n.rsplit(".", 1)[-1] for n, _ in block.expanded_layer.named_parameters()} == {"lora_A", "lora_B"}
 
