@@ -595,33 +595,24 @@ def _table(points: list[DialPoint], chosen: float | None) -> list[str]:
 
 
 def save_dialled(dial: Dial, tokenizer, run, folder: str | os.PathLike, record: dict) -> str:
-    """Write the dialled run into `folder` (a staging folder of `controlllm.runs.Output`): the trained
-    stage as its kind saves itself (Control delta, LoRA adapter, full weights) with the dial as the
-    record's "dial" entry (the value is relative to the trained stage; opening the folder applies it),
-    the tokenizer, `run_config.json` (the source run's record with the dial added, its lineage
-    unchanged), `dial.json` and the model card, which labels the dialled model's own measurements
-    apart from the source run's."""
+    """Write the dialled run into `folder` (a staging folder of `controlllm.runs.Output`): the dialled
+    model as its kind saves itself (a Control delta with s in its config or its copies' weights
+    moved, a LoRA adapter, full weights), so any tool loading the folder gets the dialled model; the
+    tokenizer; `run_config.json` (the trained run's record with the dial entry added, naming the
+    trained run as its source, so that dialling this folder again starts from it); `dial.json`; and
+    the model card, which labels the dialled model's own measurements apart from the trained run's."""
     import json
 
     from .model_card import write_model_card
-    from .runs import DIAL_STORES_TRAINED, RUN_CONFIG, write_text_atomic
+    from .runs import RUN_CONFIG, write_text_atomic
 
     folder = os.fspath(folder)
-    value = dial.value
-    if dial.kind == "control" and dial.mode == "output":
-        dial.model.save_pretrained(folder)  # the copies are the trained ones; the delta's config holds s
-    else:
-        dial.set(1.0)
-        try:
-            dial.model.save_pretrained(folder)
-        finally:
-            dial.set(value)
+    dial.model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     source = dict(run.record)
-    source_dial = source.pop("dial", None)
-    entry = {"source": run.path, "stores": DIAL_STORES_TRAINED, **record}
-    if source_dial:
-        entry["source_dial"] = {k: source_dial.get(k) for k in ("source", "value", "mode")}
+    earlier = source.pop("dial", None)
+    trained = (earlier or {}).get("source") or run.path  # always the trained stage, never a dialled folder
+    entry = {"source": os.path.abspath(trained) if trained else trained, "stores": "dialled", **record}
     saved = {**source, "dial": entry}
     write_text_atomic(os.path.join(folder, RUN_CONFIG), json.dumps(saved, indent=2))
     write_text_atomic(os.path.join(folder, DIAL_RECORD), json.dumps(entry, indent=2))

@@ -6,9 +6,9 @@ and `final/`), or what `dial` or `merge` wrote. `open_run(path)` reads it and re
 - `run.kind`: 'base' (a model folder, a .gguf file, or None for the default model), 'control' (a
   Control delta: concat, stack or hybrid), 'lora' (a LoRA/QLoRA adapter) or 'full' (full or
   freeze weights);
-- `run.model()`: the exact model the folder describes, with its dial applied (unmerged: the
-  model `eval`, `generate` and `chat` use);
-- `run.dial`: the `controlllm.dial.Dial` on the trained stage, set to the recorded value;
+- `run.model()`: the exact model the folder describes, dialled or not (unmerged: the model `eval`,
+  `generate` and `chat` use);
+- `run.open_dial(mode)`: a `controlllm.dial.Dial` on the trained stage, at this folder's value;
 - `run.base_model()`: the model the run was trained from (an earlier stage folded, as recorded);
 - `run.merged()`: the run as a plain transformers model (what `merge`, `export`, `serve-export`
   of a non-Control run and a next stage's frozen base use), folded by the one rule below.
@@ -25,10 +25,11 @@ opening a run never reads training or evaluation data. A later stage records the
 base was folded with ("base_fold" in its lineage) and is always rebuilt onto that very base.
 
 **The dial.** A dial value is always relative to the trained stage: s = 1 is the trained run and
-s = 0 its base, for every method. A dialled run folder holds the trained stage (the delta, the
-adapter or the weights) and the dial as its record's "dial" entry; opening it applies the dial,
-and dialling it again sets a new value (it does not compose). Folders dialled by earlier
-releases stored full and LoRA weights already dialled: they open as they are.
+s = 0 its base, for every method. A dialled run folder holds the dialled model as its kind saves
+itself (a Control delta with s in its config, a LoRA adapter, full weights: any tool that loads
+the folder gets the dialled model) and the dial as its record's "dial" entry and as an entry of
+the last stage of its lineage, naming the trained run it came from. Dialling a dialled folder
+again starts from that trained run, so the new value replaces the old one (it does not compose).
 
 **Outputs.** `Output` is the one writer of output folders and files: every output is checked
 before any model loads (not a file where a folder goes, not the source run or its base, not a
@@ -54,8 +55,6 @@ KINDS = ("base", "control", "lora", "full")
 # How a run whose record predates recorded fold weights had its base folded: dlerp/dlerp_in layers with
 # sigmoid(b), the rule of earlier releases, so it is rebuilt onto the base it was trained on.
 LEGACY_FOLD = {"calibration_data": None, "layers": None}
-# The dial entry of a dialled run written by this release: the folder holds the trained stage.
-DIAL_STORES_TRAINED = "trained"
 
 
 # ------------------------------------------------------------------------------------- writing
@@ -277,7 +276,6 @@ class Run:
     record: dict = field(default_factory=dict)
     base: str | None = None  # the base given instead of the recorded one
     dtype: object = None
-    dial: object = None  # the Dial of the model last loaded by model()
     last_fold: dict | None = None  # how merged() last folded a Control run (`fold_record`)
 
     # ---------------------------------------------------------------- what the run says of itself
@@ -343,23 +341,19 @@ class Run:
         return earlier.merged(fold=self.base_fold)
 
     def model(self, dequantize: bool = False, base_model=None):
-        """(model, tokenizer): the exact model this folder describes, in evaluation mode, with its
-        dial applied (`self.dial` is left on it). `dequantize=True` gives a run on a quantised base
+        """(model, tokenizer): the exact model this folder describes, in evaluation mode (a dialled
+        folder: the dialled model). `dequantize=True` gives a run on a quantised base
         its dequantised frozen branch (exact: what the copies were trained against). `base_model`:
         the run's base already loaded by the caller (e.g. lm-evaluation-harness with its own dtype);
         only for a run of one stage, whose base is a plain model folder (tokenizer then None)."""
         import torch
 
         dtype = self.dtype or torch.float32
-        self.dial = None
         if self.kind == "base":
             model, tokenizer = _load_pretrained(self.path, dtype)
             return model.eval(), tokenizer
         if self.kind == "full":
             model, tokenizer = _load_pretrained(self.folder, dtype)
-            dial = self.dial_record
-            if dial and dial.get("stores") == DIAL_STORES_TRAINED:
-                self._dial_on(model, dial)
             return model.eval(), tokenizer
         if base_model is None:
             base_model, tokenizer = self.base_model(dtype)
@@ -385,48 +379,39 @@ class Run:
                 if dequantize:  # the weights the adapter was trained against, in full precision
                     dequantize_model(base_model)
             model = PeftModel.from_pretrained(base_model, self.folder)
-        dial = self.dial_record
-        if dial and dial.get("stores") == DIAL_STORES_TRAINED:
-            self._dial_on(model, dial)
         return model.eval(), tokenizer
 
-    def _dial_on(self, model, dial: dict) -> None:
-        from .dial import Dial
-
-        start = None
-        if self.kind == "full":
-            start, _ = self.base_model()
-        self.dial = Dial(model, base=start, mode=dial.get("mode", "output"))
-        self.dial.set(float(dial["value"]))
-
     def open_dial(self, mode: str = "output"):
-        """(Dial, tokenizer): the trained stage's model under a dial in `mode`, set to this run's
-        recorded value (1 when undialled). Dialling a dialled run sets a new value relative to the
-        trained stage."""
+        """(Dial, tokenizer): the trained stage's model under a dial in `mode`, set to this folder's
+        value (1 for a trained run). A dialled folder is dialled again from the trained run it came
+        from (its record's dial "source"), so a value is always relative to the trained stage; a
+        Control delta dialled by its interpolation weights needs no source (its copies are the
+        trained ones)."""
         from .dial import Dial
 
         if self.kind == "base":
             raise UsageError(f"--model {self.path!r} is a base model, not a trained run: there is nothing to dial")
         recorded = self.dial_record or {}
-        if recorded.get("stores") != DIAL_STORES_TRAINED:
-            # An earlier release stored full and LoRA weights dialled (they are this dial's s = 1) and a
-            # Control delta's output dial in its own config (read by the Dial from the model).
-            recorded = {}
-        value = float(recorded.get("value", 1.0))
-        if recorded.get("mode", "output") != mode and value != 1.0:
-            raise UsageError(f"{self.path!r} is dialled in mode {recorded.get('mode')!r} (s = {value:g}); dial it in "
-                             f"that mode, or dial the trained run {recorded.get('source')!r} in mode {mode!r}")
-        saved, self.record = self.record, {k: v for k, v in self.record.items() if k != "dial"}
-        try:
-            model, tokenizer = self.model()
-        finally:
-            self.record = saved
+        output_only = self.kind == "control" and recorded.get("mode", "output") == "output" and mode == "output"
+        if recorded and not output_only:
+            source = recorded.get("source")
+            if source is None or not os.path.exists(source):
+                raise UsageError(f"{self.path!r} was dialled from the trained run {source!r}, which is not there: a dial "
+                                 "value is relative to the trained stage, so dialling again needs it (restore it, or "
+                                 "train a new stage on this folder with --model)")
+            source_run = open_run(source, base=self.base, dtype=self.dtype)
+            if source_run.dial_record:  # a chain written by an earlier release: follow it to the trained run
+                return source_run.open_dial(mode)
+            dial, tokenizer = source_run.open_dial(mode)
+            if recorded.get("mode", "output") == mode:
+                dial.set(float(recorded["value"]))
+            return dial, tokenizer
+        model, tokenizer = self.model()
         if self.kind == "control" and model.dial != 1.0 and mode == "weights":
             raise UsageError(f"{self.path!r} holds a Control delta dialled by its interpolation weights "
                              f"(s = {model.dial:g}); dial it with mode 'output'")
         start = self.base_model()[0] if self.kind == "full" else None
-        dial = Dial(model, base=start, mode=mode)
-        dial.set(value if recorded else dial.value)
+        dial = Dial(model, base=start, mode=mode)  # starts at the model's own value (a Control delta's config.dial)
         return dial, tokenizer
 
     def merged(self, fold: dict | None = None, dtype=None):
