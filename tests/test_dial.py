@@ -273,7 +273,7 @@ def test_dial_on_sft_chats_scores_the_answer_tokens():
 
 
 def _tokens_of(tokenizer, data):
-    from controlllm.scoring import prepare
+    from controlllm.evaluation.scoring import prepare
 
     prepared = prepare(tokenizer, data, 256)
     return sum(t != -100 for labels in prepared.labels for t in labels)

@@ -423,31 +423,29 @@ def test_loglikelihood_agrees_with_lm_eval(model, tokenizer, saved_model):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
 
 
-def test_lm_eval_plugin_wraps_the_base_with_control(model, tokenizer, saved_model, monkeypatch):
+def test_lm_eval_plugin_reads_the_run_as_every_command_does(model, tokenizer, saved_model, tmp_path):
     pytest.importorskip("lm_eval", reason="lm-eval is not installed")
-    import controlllm
-
-    calls = []
-
-    class StubControlModel:
-        """Stands in for ControlModel: records the call and returns the base model unchanged."""
-
-        @classmethod
-        def from_pretrained(cls, base, control_path):
-            calls.append((type(base).__name__, control_path))
-            return base
-
-    monkeypatch.setattr(controlllm, "ControlModel", StubControlModel, raising=False)
     from lm_eval.api.registry import get_model
+    from transformers import AutoModelForCausalLM
 
+    from conftest import perturb_trainable
+    from controlllm import ControlConfig, get_control_model
     from controlllm.integrations.lm_eval import ControlLMEval
+    from controlllm.runs import open_run
 
+    control = get_control_model(AutoModelForCausalLM.from_pretrained(saved_model, dtype=torch.float32),
+                                ControlConfig(num_expanded_layers=1))
+    perturb_trainable(control)  # a delta that changes the model, so wrapping it or not is told apart
+    control.save_pretrained(tmp_path / "delta")
     assert get_model("controlllm") is ControlLMEval
-    lm = ControlLMEval(pretrained=saved_model, control="/delta/folder", device="cpu", dtype="float32", batch_size=2)
-    assert calls == [("LlamaForCausalLM", "/delta/folder")]
-    ours = ev.loglikelihood(model, tokenizer, REQUESTS[:3], progress=False)
+    lm = ControlLMEval(pretrained=saved_model, control=str(tmp_path / "delta"), device="cpu", dtype="float32",
+                       batch_size=2)
+    expected, _ = open_run(tmp_path / "delta", base=saved_model).model()
+    ours = ev.loglikelihood(expected, tokenizer, REQUESTS[:3], progress=False)
+    base = ev.loglikelihood(model, tokenizer, REQUESTS[:3], progress=False)
     theirs = _lm_eval_loglikelihoods(lm, REQUESTS[:3])
     assert [a for a, _ in theirs] == pytest.approx([a for a, _ in ours], abs=1e-4)
+    assert [a for a, _ in theirs] != pytest.approx([a for a, _ in base], abs=1e-4)
     with pytest.raises(ValueError, match="needs control="):
         ControlLMEval(pretrained=saved_model, device="cpu")
 
@@ -496,11 +494,11 @@ def test_shared_context_falls_back_under_a_short_sliding_window(tokenizer):
     assert calls[0][0] == sum(len(i.choices) for i in SHARED)  # one row per choice
 
 
-# ---------------------------------------------------------------- one scorer for texts and chats (controlllm.scoring)
+# ---------------------------------------------------------------- one scorer for texts and chats (controlllm.evaluation.scoring)
 
 
 def test_token_sums_count_only_scored_positions():
-    from controlllm.scoring import token_sums
+    from controlllm.evaluation.scoring import token_sums
 
     g = torch.Generator().manual_seed(0)
     log_p = torch.randn(2, 5, 7, generator=g).log_softmax(-1)

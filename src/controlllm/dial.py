@@ -224,7 +224,7 @@ class DialPoint:
     KL(base || dialled) on the kept data, per scored token in nats; bits/char per scored character.
     `gain` is the new skill's bits/char drop from the base (s = 0), `keep_increase` the kept data's
     bits/char increase. Plain texts are scored on every token, chats on their answer tokens (what
-    SFT trains on), as `controlllm.scoring` does for `eval`.
+    SFT trains on), as `controlllm.evaluation.scoring` does for `eval`.
 
     When the keep data is split (`check` > 0), `kl`, `keep_*` and `keep_increase` are measured on
     the `choice_texts` used to choose, and `check_kl` / `check_keep_increase` on the `check_texts`
@@ -301,7 +301,7 @@ def _score(dial: Dial, tokenizer, learn, keep, values: Sequence[float], batch_si
     from tqdm.auto import tqdm
 
     from .evaluation import _device_of, _inference, _pad_id
-    from .scoring import log_probs, token_sums
+    from .evaluation.scoring import log_probs, token_sums
 
     model = dial.model
     device, pad = _device_of(model), _pad_id(tokenizer)
@@ -370,7 +370,7 @@ def _points(raw: dict, learn, keep, check: float, confidence: float | None, seed
 
 
 def _prepare(tokenizer, learn_data, keep_data, seq_len: int):
-    from .scoring import prepare
+    from .evaluation.scoring import prepare
 
     for name, data in (("learn", learn_data), ("keep", keep_data)):
         if data is None or isinstance(data, (str, bytes)) or not len(data):
@@ -389,7 +389,7 @@ def dial_curve(dial: Dial, tokenizer, learn_texts: Sequence[Any], keep_texts: Se
     list of plain texts (every token scored) or of chats (lists of {role, content} messages,
     rendered and labelled as SFT training does: only the answer tokens are scored), cut into
     windows of `seq_len` predicted tokens, each scored token predicted once: the same scoring as
-    `eval`'s `heldout:` and `kl:` tasks (`controlllm.scoring`). `check` holds that share of the
+    `eval`'s `heldout:` and `kl:` tasks (`controlllm.evaluation.scoring`). `check` holds that share of the
     keep texts out (see `DialPoint`); `confidence` adds bootstrap upper bounds. The dial is left
     where it was. Returns the points sorted by value.
     """
@@ -560,11 +560,11 @@ DIAL_PLOT = "dial.png"
 
 
 def read_eval_texts(path: str | os.PathLike, tokenizer=None, limit: int | None = None) -> list[str] | list[list[dict]]:
-    """What the dial scores from a file (`controlllm.scoring.read_scoring_data`): plain texts (a text
+    """What the dial scores from a file (`controlllm.evaluation.scoring.read_scoring_data`): plain texts (a text
     file's paragraphs, or a .jsonl of "text" records), or chats (a .jsonl of "messages" or
     "prompt"/"response" records) left as message lists, so that the dial renders and labels them
     as SFT training does and scores their answer tokens. `tokenizer` is not needed (kept for callers)."""
-    from .scoring import read_scoring_data
+    from .evaluation.scoring import read_scoring_data
 
     return read_scoring_data(path, limit)
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ["ScoringData", "TextScores", "is_chats", "prepare", "read_scoring_data", "score_texts", "token_sums"]
 
@@ -107,14 +107,14 @@ def prepare(tokenizer, data: Sequence[Any], seq_len: int = 256) -> ScoringData:
     Empty texts, and chats without an answer token, are left out (as training leaves them out);
     a `ScoringDataError` says so when nothing is left.
     """
-    from .evaluation import _encode, _prefix_token_id
+    from .common import _encode, _prefix_token_id
 
     _check_seq_len(seq_len)
     data = list(data)
     chats = is_chats(data)
     windows, labels, owner, characters = [], [], [], []
     if chats:
-        from .training.data import FALLBACK_CHAT_TEMPLATE, _check_messages, _label_tokens, assistant_spans
+        from ..training.data import FALLBACK_CHAT_TEMPLATE, _check_messages, _label_tokens, assistant_spans
 
         # The template and the labels exactly as build_sft_dataset makes them for training.
         template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
@@ -190,7 +190,7 @@ class TextScores:
 
 def log_probs(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """fp32 next-token log-probabilities of `model` on a right-padded batch."""
-    from .evaluation import _logits
+    from .common import _logits
 
     return _logits(model, ids, mask).float().log_softmax(-1)
 
@@ -203,7 +203,7 @@ def score_texts(model: Any, tokenizer, data: Sequence[Any] | ScoringData, seq_le
     summed over the same positions."""
     from tqdm.auto import tqdm
 
-    from .evaluation import _device_of, _inference, _pad_id
+    from .common import _device_of, _inference, _pad_id
 
     prepared = data if isinstance(data, ScoringData) else prepare(tokenizer, data, seq_len)
     n = prepared.texts
@@ -229,7 +229,7 @@ def read_scoring_data(path: str | os.PathLike, limit: int | None = None) -> list
     {"messages": [...]} or {"prompt", "response"} records (scored on the answers), plain texts
     from a .jsonl of {"text"} records or a text file (documents separated by blank lines).
     Keeps the first `limit` records."""
-    from .training.data import DataError, read_chat_records, read_text_records
+    from ..training.data import DataError, read_chat_records, read_text_records
 
     path = os.fspath(path)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -251,7 +251,7 @@ def read_scoring_data(path: str | os.PathLike, limit: int | None = None) -> list
     elif path.endswith(".txt"):
         records = read_text_records(path)
     else:  # any other text file: its paragraphs
-        from .evaluation import load_texts
+        from .heldout import load_texts
 
         records = load_texts(path)
     return records[:limit] if limit is not None else records
