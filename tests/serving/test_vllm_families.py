@@ -28,6 +28,10 @@ FAMILIES = {
     "qwen2": ("Qwen2ForCausalLM", "Qwen2DecoderLayer"),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3DecoderLayer"),
     "gemma3": ("Gemma3ForCausalLM", "Gemma3DecoderLayer"),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2DecoderLayer"),
+    "phi3": ("Phi3ForCausalLM", "LlamaDecoderLayer"),
+    "gemma": ("GemmaForCausalLM", "GemmaDecoderLayer"),
+    "granite": ("GraniteForCausalLM", "GraniteDecoderLayer"),
 }
 # expand_type -> (interpolation, dial): concat with a per-token gate under a dial, stack at s = 1,
 # hybrid (layer 1 stack, layer 3 concat) with a dial that scales both kinds.

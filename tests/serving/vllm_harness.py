@@ -32,6 +32,10 @@ FAMILIES = {
     "qwen2": {},
     "qwen3": {"head_dim": 32},
     "gemma3": {"head_dim": 32, "sliding_window": 8},
+    "gemma2": {"head_dim": 32, "sliding_window": 8, "tie_word_embeddings": True},  # vLLM ties Gemma-2 always
+    "phi3": {},
+    "gemma": {"head_dim": 32},
+    "granite": {"residual_multiplier": 0.5, "embedding_multiplier": 2.0, "logits_scaling": 1.5, "attention_multiplier": 0.2},
 }
 
 

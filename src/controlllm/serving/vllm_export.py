@@ -33,8 +33,11 @@ WEIGHTS_FILE = "model.safetensors"
 # transformers architectures whose vLLM model class the plugin extends, each checked token for token
 # against transformers in tests/serving (`make test-serving`).
 VLLM_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                      "Gemma3ForCausalLM")
+                      "Gemma3ForCausalLM", "Gemma2ForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM",
+                      "GraniteForCausalLM")
 EXPAND_KINDS = ("concat", "stack")
+# Architectures whose vLLM class always reads the output projection from the embeddings (no lm_head).
+TIED_ONLY = ("Gemma2ForCausalLM",)
 
 
 def served_architecture(base_architecture: str) -> str:
@@ -129,6 +132,10 @@ def export_for_vllm(model: nn.Module, tokenizer, output: str | os.PathLike, dtyp
         raise UsageError(f"the vLLM plugin serves {', '.join(VLLM_ARCHITECTURES)}; this model is a {architecture} "
                          f"(model_type={getattr(config, 'model_type', None)!r}): merge it (`controlllm merge`) and "
                          "serve the merged folder with plain `vllm serve` if vLLM has the family")
+    if architecture in TIED_ONLY and not getattr(config, "tie_word_embeddings", True):
+        raise UsageError(f"vLLM's {architecture} uses the input embeddings as the output projection; this model has "
+                         "tie_word_embeddings=False (an lm_head of its own), which vLLM would not load: merge it and "
+                         "serve it another way")
     layout = control_layout(model)
     state = serving_state_dict(model)
     if getattr(config, "tie_word_embeddings", False):
@@ -172,6 +179,10 @@ def export_run_for_vllm(path: str | os.PathLike, output: str | os.PathLike, base
                          "this export is for Control runs and plain models")
     out = Output(output, overwrite=overwrite, protect=run.protected)
     model, tokenizer = run.model(dequantize=True)
+    if run.kind == "control":
+        from ..lowrank import densify
+
+        densify(model)  # low-rank copies are served as the full copies they stand for (W_p + (alpha/r) B A)
     layout = control_layout(model)  # refuses what the plugin cannot serve before anything is written
     with out.staging() as folder:
         export_for_vllm(model.eval(), tokenizer, folder, dtype=dtype)

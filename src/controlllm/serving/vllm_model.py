@@ -104,21 +104,39 @@ def _merged(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor
 
 
 class _ControlSiteLayer:
-    """Mixin placed before a family's decoder layer class: calling the layer runs the Control block."""
+    """Mixin placed before a family's decoder layer class: calling the layer runs the Control block.
+
+    Two layer conventions: most families' layers take and return `(hidden, residual)`, added by the next
+    fused norm (`_residual` True); some (Granite) take and return the full hidden state."""
 
     _control_site_class = True
+    _residual = True
 
-    def forward(self, positions, hidden_states, residual, *args, **kwargs):
+    def forward(self, positions, hidden_states, *args, **kwargs):
         site: ControlSite = self.__dict__["control_site"]
-        x = _merged(hidden_states, residual)
+        frozen = super().forward
+        if self._residual:
+            residual, rest = (args[0], args[1:]) if args else (kwargs.pop("residual", None), ())
+            x = _merged(hidden_states, residual)
+
+            def run(layer, inputs):
+                return _merged(*layer(positions, inputs, None, *rest, **kwargs))
+        else:
+            x = hidden_states
+
+            def run(layer, inputs):
+                return layer(positions, inputs, *args, **kwargs)
+
         # Each branch gets its own input tensor: a fused residual norm may write into its residual.
-        h_p = _merged(*super().forward(positions, x.clone(), None, *args, **kwargs))
+        h_p = run(frozen, x.clone())
         if site.kind == "stack":
-            h_e = _merged(*site.copy(positions, h_p.clone(), None, *args, **kwargs))
+            h_e = run(site.copy, h_p.clone())
             h = h_e if site.dial == 1.0 else torch.lerp(h_p, h_e, site.dial)
         else:
-            h_e = _merged(*site.copy(positions, x.clone(), None, *args, **kwargs))
+            h_e = run(site.copy, x.clone())
             h, _ = site.interpolator(h_p, h_e, x, site.dial)
+        if not self._residual:
+            return h
         # (0, h): the next layer's fused norm adds them, h + 0 == h exactly, and the model's final
         # norm always gets a residual.
         return torch.zeros_like(h), h
@@ -126,7 +144,9 @@ class _ControlSiteLayer:
 
 @functools.cache
 def _control_site_class(layer_cls: type) -> type:
-    return type(f"ControlSite{layer_cls.__name__}", (_ControlSiteLayer, layer_cls), {"__module__": __name__})
+    residual = "residual" in inspect.signature(layer_cls.forward).parameters
+    return type(f"ControlSite{layer_cls.__name__}", (_ControlSiteLayer, layer_cls),
+                {"__module__": __name__, "_residual": residual})
 
 
 def attach_control(model: nn.Module, vllm_config: VllmConfig, prefix: str = "model") -> None:
