@@ -44,6 +44,7 @@ $(SERVING_STAMP): pyproject.toml
 	touch $(SERVING_STAMP)
 
 test-serving: $(SERVING_STAMP)
+	$(SBIN)/python -m controlllm.serving.vllm_serve --install-metadata  # environments made before it was part of the set-up
 	$(SBIN)/python -m pytest -q tests/serving
 
 bench-serving: $(SERVING_STAMP)
