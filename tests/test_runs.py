@@ -38,6 +38,8 @@ METHODS = {
     "lora": dict(method="lora", lora_r=4, lora_alpha=8),
     "qlora": dict(method="lora", lora_r=4, lora_alpha=8, quantize_base="4bit"),
     "control-4bit": dict(method="control", quantize_base="4bit"),
+    "lowrank": dict(method="control", copy_rank=4),
+    "lowrank-4bit": dict(method="control", copy_rank=4, quantize_base="4bit"),
 }
 EXACT_MERGE = {"stack", "full", "freeze"}
 

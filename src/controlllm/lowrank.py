@@ -209,3 +209,22 @@ def factor_names(module: nn.Module) -> list[str]:
 
 __all__ = ["LowRankLinear", "SharedModule", "low_rank_copy", "is_low_rank", "fold_low_rank", "dense_state_dict",
            "factor_names"]
+
+
+def densify(model) -> int:
+    """Replace every low-rank copy of a ControlModel by the full copy it stands for (in place): the
+    decoder layer's structure with `dense_state_dict`'s weights, in the copy's own cache slot. For
+    consumers built for full copies (serving the unmerged model). Returns how many were replaced."""
+    from .block import ControlBlock, copy_layer
+
+    replaced = 0
+    for index, block in model.blocks.items():
+        if not isinstance(block, ControlBlock) or not is_low_rank(block.expanded_layer):
+            continue
+        dense = copy_layer(block.base_layer, index, block.slot)
+        missing, unexpected = dense.load_state_dict(dense_state_dict(block.expanded_layer), strict=False)
+        if unexpected or [k for k in missing if not k.endswith("inv_freq")]:
+            raise RuntimeError(f"layer {index}: the dense copy does not match (missing {missing}, unexpected {unexpected})")
+        block.expanded_layer = dense
+        replaced += 1
+    return replaced
