@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 import retention_tasks as tasks
+from controlllm.compare import on_envelope, pareto_envelope  # noqa: F401  (one envelope for every report)
 
 MC_LABELS = {"arc_easy": "ARC-E", "piqa": "PIQA", "hellaswag": "HellaSwag"}
 
@@ -75,35 +76,6 @@ def _trajectory(run: dict, base_point: dict) -> tuple[list[dict], dict]:
         origin_point = base_point
         points = [dict(base_point, step=0)] + run["checkpoints"]
     return points, _arrays(origin_point)
-
-
-def pareto_envelope(gains, values) -> list[tuple[float, float]]:
-    """A trajectory's Pareto envelope: its points (origin included) that no other of its points
-    beats on both gain (higher or equal) and forgetting (lower or equal), by increasing gain; along
-    it forgetting increases strictly too. Step order plays no part: a method is credited with the
-    least forgetting at which it reached a gain, wherever in training that was."""
-    out, least = [], math.inf
-    for g, v in sorted(zip(map(float, gains), map(float, values)), key=lambda p: (-p[0], p[1])):
-        if v < least:  # less forgetting than every point of higher (or equal) gain
-            out.append((g, v))
-            least = v
-    return out[::-1]
-
-
-def on_envelope(gains, values, level: float) -> float | None:
-    """Forgetting at gain `level` read on the trajectory's Pareto envelope: the least forgetting at
-    which the trajectory reached that gain, interpolated linearly between the two envelope points
-    around `level`; at or below the lowest-gain envelope point, that point's forgetting (it reaches
-    the level at less forgetting than any other point); None when the best gain is below `level`."""
-    env = pareto_envelope(gains, values)
-    if not env or level > env[-1][0]:
-        return None
-    if level <= env[0][0]:
-        return env[0][1]
-    for (g0, v0), (g1, v1) in zip(env, env[1:]):
-        if level <= g1:
-            return v0 + (level - g0) / (g1 - g0) * (v1 - v0)
-    return None  # not reached: level <= env[-1][0] above
 
 
 def monotone_levels(gains) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import typing
@@ -224,49 +225,27 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _number(cast, ok, allowed: str, none: bool = False):
+    """An argparse type: `cast` the text, keep it when `ok(value)`, else say what is `allowed`
+    (with `none`, the word 'none' gives None)."""
+    def parse(text: str):
+        if none and text.lower() == "none":
+            return None
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return value
+    return parse
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
-
-
-def _confidence(text: str) -> float | None:
-    if text.lower() == "none":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1) or 'none', got {text!r}")
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1) or 'none', got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r} (to roll back to the base, use "
-                                         "--value 0)")
-    return value
+_positive = _number(int, lambda v: v >= 1, "a positive integer")
+_fraction = _number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+_confidence = _number(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1) or 'none'", none=True)
+_non_negative = _number(float, lambda v: math.isfinite(v) and v > 0,
+                        "a finite number > 0 (to roll back to the base, use --value 0)")
 
 
 def _chat_prompt(tokenizer, text: str, raw: bool) -> str:
