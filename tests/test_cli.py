@@ -237,3 +237,25 @@ def test_merge_refuses_a_non_empty_folder_and_replaces_it_whole_with_overwrite(t
     (other / "todo.txt").write_text("mine")
     code, _, err = run_cli(["merge", "--model", str(run), "--output", str(other)], capsys)
     assert code == 2 and "not empty" in err and (other / "todo.txt").read_text() == "mine"
+
+
+def test_one_recipe_file_feeds_train_dial_and_compare_and_flags_override_it(tmp_path, capsys):
+    from controlllm.cli import _recipe_defaults, build_parser
+
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text("lr: 3.0e-4\nmax_steps: 7\ndial:\n  max_kl: 0.07\n  seq-len: 32\n  value: 0.4\n"
+                      "compare:\n  steps: 3\n  keep: general.txt\n")
+
+    def parse(*argv):
+        command, defaults = _recipe_defaults(list(argv))
+        return build_parser(defaults if command == "train" else None, {command: defaults}).parse_args(list(argv))
+
+    train = parse("train", "--config", str(recipe), "--max-steps", "9")
+    assert (train.lr, train.max_steps) == (3e-4, 9)
+    dial = parse("dial", "--config", str(recipe), "--model", "m", "--output", "o", "--value", "0.5")
+    assert (dial.max_kl, dial.seq_len, dial.value) == (0.07, 32, 0.5)
+    compare = parse("compare", "--config", str(recipe), "--train", "a", "--validation", "b", "--test", "c")
+    assert (compare.steps, compare.keep) == (3, "general.txt")  # --keep, required, comes from the file
+    recipe.write_text("dial:\n  maxkl: 1\n")
+    code, _, err = run_cli(["dial", "--config", str(recipe), "--model", "m", "--output", "o"], capsys)
+    assert code == 2 and "unknown key 'maxkl'" in err and "max_kl" in err

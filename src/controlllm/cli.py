@@ -99,9 +99,10 @@ def _overwrite(p: argparse.ArgumentParser) -> None:
                    help="replace an existing output (never the model being read or its base)")
 
 
-def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
-    """The `controlllm` parser; `train_defaults` (a recipe file's values) replace train's defaults, so
-    flags on the command line override the file."""
+def build_parser(train_defaults: dict | None = None, command_defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The `controlllm` parser; `train_defaults` (a recipe file's values) replace train's defaults,
+    `command_defaults` ({command: values}) another command's, so flags on the command line override
+    the file."""
     from .training.options import TrainConfig
 
     parser = _Parser(prog="controlllm", description="Control LLM: learn something new, keep what you knew.",
@@ -153,6 +154,8 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
 
     p = command("dial", "turn a trained run back toward its base: the value that learns most within a forgetting "
                         "budget, or a value you give (0 = roll back)")
+    p.add_argument("--config", default=None, metavar="RECIPE.yaml",
+                   help="take options from the recipe's `dial:` section; flags override it")
     p.add_argument("--model", required=True, help="run folder (any method) to dial")
     p.add_argument("--output", required=True, help="new folder for the dialled run (a run folder every command accepts)")
     _overwrite(p)
@@ -209,6 +212,15 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                     "grid with their dials and reports forgetting at equal gain")
     p = sub.add_parser("compare", help=compare_help, description=compare_help, formatter_class=_HelpFormatter)
     compare.add_arguments(p)  # its own --threads
+    p.add_argument("--config", default=None, metavar="RECIPE.yaml",
+                   help="take options from the recipe's `compare:` section; flags override it")
+    for name, values in (command_defaults or {}).items():
+        if values:
+            chosen = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+            chosen.set_defaults(**values)
+            for action in chosen._actions:  # an option the recipe gives is no longer required on the command line
+                if action.dest in values:
+                    action.required = False
 
     p = command("plot", "draw a run's metrics.jsonl as a PNG dashboard (loss, alignment, per-layer w and drift)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder holding metrics.jsonl (the --output of train)")
@@ -404,23 +416,31 @@ def _base_dtype(run) -> str | None:
     return dtype if dtype in ("float32", "bfloat16", "float16") else None
 
 
-def _recipe_defaults(argv: list[str] | None) -> dict | None:
-    """The values of `train --config FILE`, read before the real parse (None without one)."""
+def _recipe_defaults(argv: list[str] | None) -> tuple[str | None, dict | None]:
+    """(command, the values of its `--config FILE`), read before the real parse: train's options
+    (`controlllm.training.recipe.load_recipe`), or the file's `dial:` / `compare:` section."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] != "train":
-        return None
-    pre = _Parser(prog="controlllm train", add_help=False)
+    if not argv or argv[0] not in ("train", "dial", "compare"):
+        return None, None
+    pre = _Parser(prog=f"controlllm {argv[0]}", add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv[1:])
     if known.config is None:
-        return None
-    from .training.recipe import load_recipe
+        return None, None
+    from .training.recipe import command_section, load_recipe
 
-    return load_recipe(known.config)
+    if argv[0] == "train":
+        return "train", load_recipe(known.config)
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
+    allowed = [a.dest for a in sub._actions if a.option_strings and a.dest not in ("help", "config")]
+    return argv[0], command_section(known.config, argv[0], allowed)
 
 
 def run(argv: list[str] | None = None) -> int:
-    args = build_parser(_recipe_defaults(argv)).parse_args(argv)
+    command, defaults = _recipe_defaults(argv)
+    args = build_parser(defaults if command == "train" else None, {command: defaults} if command else None
+                        ).parse_args(argv)
     if args.command == "compare":
         from .compare import run_from_args
 

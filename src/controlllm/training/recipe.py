@@ -160,8 +160,10 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
                               "or with both dashes and underscores); keep one")
         values[name] = _convert(value, fields[name], where)
 
-    top_allowed = (*fields, CONTROL_SECTION)
+    top_allowed = (*fields, CONTROL_SECTION, *COMMAND_SECTIONS)
     for key, value in data.items():
+        if str(key) in COMMAND_SECTIONS:
+            continue  # the options of `controlllm dial` / `compare` (`command_section`)
         if str(key) == CONTROL_SECTION:
             if not isinstance(value, dict):
                 raise RecipeError(f"{path}: '{CONTROL_SECTION}:' must be a mapping of Control options, got "
@@ -173,4 +175,38 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     return values
 
 
-__all__ = ["CONTROL_SECTION", "RecipeError", "load_recipe"]
+# Sections of a recipe for the other commands that read it: `controlllm dial --config` and
+# `controlllm compare --config` take their options from these (flags override them).
+COMMAND_SECTIONS = ("dial", "compare")
+
+
+def command_section(path: str | os.PathLike, command: str, allowed: Iterable[str]) -> dict[str, Any]:
+    """The options of `command` ('dial' or 'compare') in a recipe file: its section (`dial:` ...),
+    keys as the command's flags (dashes or underscores), values as YAML gives them; an unknown key
+    is refused with the allowed names. {} when the file has no such section."""
+    import yaml
+
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise RecipeError(f"cannot read recipe file {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe file {path} must hold a mapping, got a {type(data).__name__}")
+    section = data.get(command) or {}
+    if not isinstance(section, dict):
+        raise RecipeError(f"{path}: '{command}:' must be a mapping of its options, got {type(section).__name__}")
+    allowed = tuple(allowed)
+    values = {}
+    for key, value in section.items():
+        name = str(key).replace("-", "_")
+        if name not in allowed:
+            raise RecipeError(f"{path}: {command}: unknown key {str(key)!r}; allowed: {_names(allowed)}")
+        values[name] = value
+    return values
+
+
+__all__ = ["COMMAND_SECTIONS", "CONTROL_SECTION", "RecipeError", "command_section", "load_recipe"]
