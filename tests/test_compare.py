@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import TOKENIZER_CORPUS, make_model, make_tokenizer
 from controlllm import compare as cmp
@@ -63,6 +64,75 @@ def test_compare_end_to_end_at_toy_size_and_resumes_from_its_records(tmp_path, f
     # a different budget is another plan: its runs are not reused
     with pytest.raises(AssertionError, match="trained again"):
         cmp.compare(**files, loader=_loader, **{**options, "steps": 3})
+
+
+@pytest.fixture()
+def chat_files(tmp_path):
+    """Chats (prompt / response) for an SFT comparison: sums to learn, greetings to keep."""
+    sums = [{"prompt": f"What is {a} plus {b}?", "response": f"{a + b}"} for a in range(6) for b in range(6)]
+    keep = [{"prompt": p, "response": r} for p, r in (("Hello there, how are you today?", "I am fine, thank you."),
+                                                       ("What is the capital of France?", "Paris is."),
+                                                       ("What is the capital of Spain?", "Madrid is."))]
+    out = {}
+    for name, rows in (("train", sums), ("validation", sums[:4]), ("test", sums[4:8]), ("keep", keep)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+        out[name] = str(path)
+    return out
+
+
+def test_sdft_runs_beside_full_fine_tuning_on_chats_and_reports_its_rows(tmp_path, chat_files, capsys):
+    output = tmp_path / "cmp"
+    options = dict(task="sft", output=str(output), methods=("full", "sdft"),
+                   rates={"full": (1e-3,), "sdft": (1e-4, 1e-3)}, seeds=(42,), steps=2, batch_size=2, seq_len=32,
+                   dial_values=(0.5, 1.0), bootstrap=20, threads=1, progress=False)
+    an = cmp.compare(**chat_files, loader=_loader, **options)
+    assert sorted(os.listdir(output / "runs")) == ["full@0.001-seed42.json", "sdft@0.0001-seed42.json",
+                                                    "sdft@0.001-seed42.json"]
+    assert an["methods"] == ["full", "sdft"] and an["missing"] == []
+    record = json.loads((output / "runs" / "sdft@0.001-seed42.json").read_text())
+    assert record["method"] == "sdft" and record["train_seconds"] > 0 and np.isfinite(record["peak_memory_mib"])
+    assert record["dial_kind"] == json.loads((output / "runs" / "full@0.001-seed42.json").read_text())["dial_kind"]
+    t = an["table"]["sdft"]
+    assert t["lr"] in (1e-4, 1e-3) and t["trainable_parameters"] == an["table"]["full"]["trainable_parameters"]
+    p = t["points"][0]
+    assert p["value"] == [0.0, 0.5, 1.0] and p["kl"][0] == 0.0 and p["kl"][-1] > 0  # it moved off the base
+    md = (output / "compare.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| sdft |"))
+    print(row)
+    with capsys.disabled():
+        print("\n" + "\n".join(line for line in md.splitlines() if line.startswith(("| method", "| full", "| sdft"))))
+
+
+def test_sdft_saves_a_run_folder_that_opens_as_full_weights_on_its_base(tmp_path):
+    from controlllm.integrations.sdft import SDFTError, sdft_records, train_sdft
+    from controlllm.runs import open_run
+
+    chats = [[{"role": "user", "content": f"What is {a} plus {a}?"}, {"role": "assistant", "content": f"{2 * a}"}]
+             for a in range(4)]
+    assert sdft_records(chats[:1]) == [{"prompt": chats[0][:1], "privileged_context": "0"}]
+    with pytest.raises(SDFTError, match="needs a user turn"):
+        sdft_records([[{"role": "assistant", "content": "hi"}]])
+    model, tokenizer = _loader()
+    result = train_sdft(model, tokenizer, chats, str(tmp_path / "run"), lr=1e-3, steps=1, batch_size=2, seq_len=24,
+                        seed=1, threads=1, progress=False)
+    run = open_run(tmp_path / "run")
+    assert run.kind == "full" and run.record["method"] == "sdft" and run.base_path == result.base_path
+    trained, _ = run.model()
+    base, _ = run.base_model()
+    fresh, _ = _loader()
+    for (name, a), b, c in zip(trained.named_parameters(), base.parameters(), fresh.parameters()):
+        assert torch.equal(b, c), name  # the recorded base is the model SDFT started from
+    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters()))
+
+
+def test_sft_defaults_add_sdft_and_cpt_refuses_it(files, tmp_path):
+    assert cmp.CompareConfig(train="a", validation="b", test="c", keep="d").methods == (
+        "full", "lora", "control", "sdft")
+    assert "sdft" not in cmp.CompareConfig(train="a", validation="b", test="c", keep="d", task="cpt").methods
+    assert cmp.CompareConfig(train="a", validation="b", test="c", keep="d").grid("sdft") == (1e-5, 3e-5, 1e-4)
+    with pytest.raises(cmp.CompareError, match="'sdft' learn from chats"):
+        cmp.compare(**files, task="cpt", methods=("full", "sdft"), output=str(tmp_path / "x"), loader=_loader)
 
 
 def _record(method, lr, kl_scale, gain_bits=1.0, val_bits=1.0, units=20, noise=0.0, seed=0):

@@ -1,7 +1,7 @@
 """Compare fine-tuning methods on your own data before you choose one: forgetting at equal gain.
 
-`compare` trains each method (default: full fine-tuning, LoRA, Control LLM's recommended preset)
-over a small learning-rate grid on the new skill's training data, picks each method's rate on the
+`compare` trains each method (default: full fine-tuning, LoRA, Control LLM's recommended preset,
+and for chats self-distillation fine-tuning, SDFT, through TRL: `controlllm.integrations.sdft`) over a small learning-rate grid on the new skill's training data, picks each method's rate on the
 validation data only, scores every run along its dial (`controlllm.dial`: s = 0 is the base, s = 1
 the trained model) on the test data (the gain: bits/char drop) and on the data to keep (the
 forgetting: KL to the base, nats/token), and reads each method's Pareto frontier at 50 / 75 / 90% of
@@ -52,8 +52,11 @@ METHODS = {
     "stack": (dict(method="stack"), (1e-4, 3e-4, 1e-3)),
     "control-paper-csft": (dict(method="control", preset="paper-csft"), (5e-5, 3e-4, 1e-3)),
     "control-paper-cpt": (dict(method="control", preset="paper-cpt"), (5e-5, 3e-4, 1e-3)),
+    # Self-distillation fine-tuning (TRL's SDFTTrainer): every weight trained, like full; chats only.
+    "sdft": (dict(method="sdft"), (1e-5, 3e-5, 1e-4)),
 }
-DEFAULT_METHODS = ("full", "lora", "control")
+SFT_ONLY = ("sdft",)  # methods that learn from demonstrations (chats), not from plain text
+DEFAULT_METHODS = {"sft": ("full", "lora", "control", "sdft"), "cpt": ("full", "lora", "control")}
 REFERENCE = "full"  # its gain at s = 1, at its chosen rate, sets the equal-gain levels
 DIAL_VALUES = (0.25, 0.5, 0.75, 1.0)
 
@@ -134,7 +137,7 @@ class CompareConfig:
     task: str = "sft"
     output: str = "runs/compare"
     model: str | None = None  # a model folder or .gguf; default SmolLM2-135M-Instruct
-    methods: tuple = DEFAULT_METHODS
+    methods: tuple | None = None  # default: DEFAULT_METHODS of the task
     rates: dict = field(default_factory=dict)  # {method: (lr, ...)}: overrides METHODS' grids
     seeds: tuple = (42,)
     steps: int = 100
@@ -148,6 +151,11 @@ class CompareConfig:
     bf16: bool = False
     threads: int | None = None
     progress: bool = True
+
+    def __post_init__(self):
+        if self.methods is None:
+            self.methods = DEFAULT_METHODS.get(self.task, DEFAULT_METHODS["cpt"])
+        self.methods = tuple(self.methods)
 
     def grid(self, method: str) -> tuple:
         return tuple(sorted(float(x) for x in self.rates.get(method, METHODS[method][1])))
@@ -166,6 +174,10 @@ def check_config(cfg: CompareConfig) -> None:
     if unknown or not cfg.methods:
         raise CompareError(f"method(s) {', '.join(map(repr, unknown)) or '(none)'} not supported; "
                            f"allowed: {', '.join(METHODS)}")
+    text_only = [m for m in cfg.methods if m in SFT_ONLY and cfg.task != "sft"]
+    if text_only:
+        raise CompareError(f"method(s) {', '.join(map(repr, text_only))} learn from chats (--task sft) only; with "
+                           f"--task {cfg.task} choose from: {', '.join(m for m in METHODS if m not in SFT_ONLY)}")
     for m in cfg.methods:
         grid = cfg.grid(m)
         if not grid or any(not (math.isfinite(lr) and lr > 0) for lr in grid):
@@ -289,7 +301,8 @@ def _texts(cfg: CompareConfig, tokenizer) -> dict:
 
 def train_and_score(cfg: CompareConfig, method: str, lr: float, seed: int, texts: dict,
                     loader: Callable | None = None) -> dict:
-    """Train one run, then score it along its dial on test + keep data and at s = 1 on validation."""
+    """Train one run, then score it along its dial on test + keep data and at s = 1 on validation.
+    SDFT trains through `controlllm.integrations.sdft` and is dialled like full fine-tuning."""
     import shutil
 
     import torch
@@ -303,17 +316,28 @@ def train_and_score(cfg: CompareConfig, method: str, lr: float, seed: int, texts
     overrides = dict(METHODS[method][0])
     if overrides["method"] in ("control", "stack", "freeze") and cfg.num_expanded_layers is not None:
         overrides["num_expanded_layers"] = cfg.num_expanded_layers
-    tcfg = TrainConfig(data=cfg.train, output=folder, task=cfg.task, lr=lr, seed=seed, max_steps=cfg.steps,
-                       batch_size=cfg.batch_size, seq_len=cfg.seq_len, save_steps=cfg.steps, save_total_limit=1,
-                       logging_steps=max(1, cfg.steps // 10), bf16=cfg.bf16, threads=cfg.threads,
-                       progress=cfg.progress, **overrides)
     model, tokenizer = _load(cfg, loader)
-    with _PeakMemory() as memory:
-        result = train(tcfg, model=model, tokenizer=tokenizer)
+    if overrides["method"] == "sdft":
+        from .integrations.sdft import train_sdft
+        from .training.data import read_chat_records
+
+        conversations = read_chat_records(cfg.train)
+        with _PeakMemory() as memory:  # the teacher (a second copy of the model) is part of its cost
+            result = train_sdft(model, tokenizer, conversations, folder, lr=lr, steps=cfg.steps,
+                                batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=seed, bf16=cfg.bf16,
+                                threads=cfg.threads, progress=cfg.progress,
+                                base=cfg.model if isinstance(cfg.model, str) else None, data=os.path.abspath(cfg.train))
+    else:
+        tcfg = TrainConfig(data=cfg.train, output=folder, task=cfg.task, lr=lr, seed=seed, max_steps=cfg.steps,
+                           batch_size=cfg.batch_size, seq_len=cfg.seq_len, save_steps=cfg.steps, save_total_limit=1,
+                           logging_steps=max(1, cfg.steps // 10), bf16=cfg.bf16, threads=cfg.threads,
+                           progress=cfg.progress, **overrides)
+        with _PeakMemory() as memory:
+            result = train(tcfg, model=model, tokenizer=tokenizer)
     trained = result.model
     trained.eval()
     base = None
-    if overrides["method"] in ("full", "freeze"):
+    if overrides["method"] in ("full", "freeze", "sdft"):
         base, _ = _load(cfg, loader)
         base.to(next(trained.parameters()).device).eval()
     dial = Dial(trained, base=base)
@@ -627,8 +651,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--task", choices=TASKS, default="sft", help="cpt (text) or sft (chats); default sft")
     parser.add_argument("--output", default="runs/compare", help="folder for the run records and the report")
     parser.add_argument("--model", default=None, help="model folder or .gguf (default SmolLM2-135M-Instruct)")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help=f"comma-separated, of: {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma-separated, of: {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS['sft'])} "
+                             f"for sft, {','.join(DEFAULT_METHODS['cpt'])} for cpt; {', '.join(SFT_ONLY)}: sft only)")
     parser.add_argument("--rates", action="append", default=[], metavar="METHOD=LR,LR",
                         help="a method's learning-rate grid (repeatable), e.g. full=1e-5,3e-5")
     parser.add_argument("--seeds", default="42", help="comma-separated seeds (each multiplies the grid)")
@@ -666,7 +691,8 @@ def config_from_args(args) -> CompareConfig:
         raise CompareError(f"--seeds {args.seeds!r}: give comma-separated integers") from None
     return CompareConfig(train=args.train, validation=args.validation, test=args.test, keep=args.keep,
                          task=args.task, output=args.output, model=args.model,
-                         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), rates=rates,
+                         methods=None if args.methods is None else tuple(m.strip() for m in args.methods.split(",")
+                                                                         if m.strip()), rates=rates,
                          seeds=seeds, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                          dial_values=_floats(args.dial_values, "--dial-values"), max_items=args.max_items,
                          bootstrap=args.bootstrap, num_expanded_layers=args.num_expanded_layers, bf16=args.bf16,

@@ -15,6 +15,7 @@ between the base and the trained weights), scoring, merge and export treat it as
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -88,7 +89,8 @@ def train_sdft(model, tokenizer, conversations: list[list[dict]], output: str, *
     "method" = "sdft") and `output/run_config.json`. Prompts keep their last `seq_len` tokens; the
     student's answers are at most `seq_len` tokens, and at most 16 tokens longer than the longest
     demonstration. `base`: the base model's path to record (default: the folder the teacher is built
-    from). TRL's other SDFT settings are its defaults (top-k logit distillation, the initial model as
+    from). The schedule, warm-up, weight decay and activation checkpointing are `controlllm train`'s
+    defaults; TRL's SDFT settings are its own defaults (top-k logit distillation, the initial model as
     teacher)."""
     import datasets
     import torch
@@ -96,6 +98,11 @@ def train_sdft(model, tokenizer, conversations: list[list[dict]], output: str, *
 
     from ..runs import FINAL, RUN_CONFIG, write_text_atomic
     from ..training.data import FALLBACK_CHAT_TEMPLATE
+    from ..training.options import TrainConfig
+
+    # The optimisation every other method of `controlllm train` gets (schedule, warm-up, weight decay,
+    # no activation checkpointing), so that time and memory compare like with like.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
     records = sdft_records(conversations)
     if threads:
@@ -108,6 +115,8 @@ def train_sdft(model, tokenizer, conversations: list[list[dict]], output: str, *
         output_dir=output, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr, seed=seed,
         num_generations=1, max_prompt_length=seq_len, max_completion_length=max(1, min(seq_len, longest + 16)),
         teacher_prompt_template=TEACHER_PROMPT, chat_template_kwargs=template or None, bf16=bf16,
+        lr_scheduler_type="cosine", warmup_steps=int(round(defaults["warmup_ratio"] * steps)),
+        weight_decay=defaults["weight_decay"], gradient_checkpointing=defaults["gradient_checkpointing"],
         logging_steps=max(1, steps // 10), save_strategy="no", report_to="none", disable_tqdm=not progress,
         use_cpu=not torch.cuda.is_available())
     trainer = SDFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(records),
