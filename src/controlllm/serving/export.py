@@ -75,7 +75,7 @@ def _check_model(model) -> None:
 # --------------------------------------------------------------------------- the model folder
 
 
-def _save_model_folder(model, tokenizer, folder: Path) -> None:
+def _save_model_folder(model, tokenizer, folder: Path, sentencepiece_model: str | os.PathLike | None = None) -> None:
     """save_pretrained model and tokenizer into `folder`, as the converter reads them."""
     quantizer = getattr(model, "hf_quantizer", None)
     quantization_config = getattr(model.config, "quantization_config", None)
@@ -95,7 +95,8 @@ def _save_model_folder(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
     # transformers 5 saves a SentencePiece tokenizer as tokenizer.json only; llama.cpp's converter reads
     # the SentencePiece model itself (scores, token types) where the family has one.
-    vocab_file = getattr(tokenizer, "vocab_file", None) or tokenizer.init_kwargs.get("vocab_file")
+    vocab_file = (sentencepiece_model or getattr(tokenizer, "vocab_file", None)
+                  or tokenizer.init_kwargs.get("vocab_file"))
     if (vocab_file and str(vocab_file).endswith(".model") and os.path.isfile(vocab_file)
             and not (folder / "tokenizer.model").exists()):
         shutil.copyfile(vocab_file, folder / "tokenizer.model")
@@ -160,7 +161,8 @@ def modelfile_text(gguf_name: str, tokenizer) -> str:
 
 
 def write_gguf(model, tokenizer, output_file: str | os.PathLike, dtype: str = "f32", card: str | None = None,
-               source_kind: str = "model", name: str | None = None, modelfile: bool = True) -> dict:
+               source_kind: str = "model", name: str | None = None, modelfile: bool = True,
+               sentencepiece_model: str | os.PathLike | None = None) -> dict:
     """Write a plain transformers causal LM and its tokenizer as one GGUF file (the writing side of export_gguf).
 
     Args:
@@ -173,6 +175,8 @@ def write_gguf(model, tokenizer, output_file: str | os.PathLike, dtype: str = "f
         name: `general.name` (default: the output file's stem).
         modelfile: also write an Ollama Modelfile `<stem>.Modelfile` beside the file (when it is named
             *.gguf; a caller writing a staging name writes `modelfile_text(final_name, tokenizer)` itself).
+        sentencepiece_model: the tokenizer's SentencePiece model (`tokenizer.model`) where the tokenizer no
+            longer names it (transformers 5 saves tokenizer.json only); the converter reads its scores.
 
     Returns a summary: output, architecture, dtype, source kind, tensor count, bytes, tokenizer facts.
     Raises ExportError for what cannot be written; llama_cpp.ToolsMissing when the converter (or, for
@@ -195,7 +199,7 @@ def write_gguf(model, tokenizer, output_file: str | os.PathLike, dtype: str = "f
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     try:
         with tempfile.TemporaryDirectory(prefix="controlllm-export-") as folder:
-            _save_model_folder(model, tokenizer, Path(folder))
+            _save_model_folder(model, tokenizer, Path(folder), sentencepiece_model)
             if dtype == "q4_k_m":
                 full = output.with_name(f".{output.name}.f32-{os.getpid()}")
                 try:
@@ -235,6 +239,61 @@ def _description(card: str) -> str:
             return " ".join(paragraph.split())
     return ""
 
+
+
+def _same_vocabulary(sentencepiece_model: Path, tokenizer) -> bool:
+    try:
+        from sentencepiece import SentencePieceProcessor
+
+        processor = SentencePieceProcessor(model_file=os.fspath(sentencepiece_model))
+    except (ImportError, OSError, RuntimeError):
+        return False
+    vocab = tokenizer.get_vocab()
+    return all(vocab.get(processor.id_to_piece(i)) == i for i in range(processor.get_piece_size()))
+
+
+def find_sentencepiece_model(path: str | os.PathLike, tokenizer, card: str | None = None) -> Path | None:
+    """The SentencePiece model (`tokenizer.model`) of the tokenizer of a run, dialled, merged or model folder.
+
+    transformers 5 saves a SentencePiece tokenizer as tokenizer.json only, so a run's or merged folder's
+    tokenizer has lost the file llama.cpp's converter reads (scores; Phi-3's converter refuses without it).
+    Looked for in the folder, its final/, the base model the run records and the model card's
+    `base_model:`; taken only where its pieces are the tokenizer's vocabulary, id for id. None otherwise.
+    """
+    import re
+
+    from ..runs import open_run
+
+    folder = Path(path)
+    candidates = [folder, folder / "final"]
+    try:
+        base = open_run(folder).base_path
+    except Exception:  # noqa: BLE001 - an unreadable record only means one candidate fewer
+        base = None
+    if base:
+        candidates.append(Path(base))
+    if card and card.startswith("---"):
+        header = card[3:card.find("\n---", 3)]
+        match = re.search(r'^base_model:\s*"?([^"\n]+?)"?\s*$', header, re.MULTILINE)
+        if match:
+            candidates.append(Path(match.group(1)))
+    for candidate in candidates:
+        model_file = candidate / "tokenizer.model"
+        if model_file.is_file() and _same_vocabulary(model_file, tokenizer):
+            return model_file
+    return None
+
+
+def _lost_sentencepiece_model(tokenizer) -> bool:
+    """A SentencePiece-style tokenizer (byte fallback, '▁' for spaces) that names no tokenizer.model file."""
+    vocab_file = getattr(tokenizer, "vocab_file", None) or tokenizer.init_kwargs.get("vocab_file")
+    if vocab_file and os.path.isfile(vocab_file):
+        return False
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    state = json.loads(backend.to_str())
+    return (state.get("model") or {}).get("byte_fallback") is True
 
 
 def _load(path: str | os.PathLike, base: str | None):
@@ -280,16 +339,19 @@ def export_gguf(model_or_path, output_file: str | os.PathLike, dtype: str = "f32
     with what is supported; loading errors of a path are the loaders' UserErrors.
     """
     output = _check_options(output_file, dtype)
-    kind = "model"
+    kind, sentencepiece_model = "model", None
     if isinstance(model_or_path, (str, os.PathLike)):
         source = os.fspath(model_or_path)
         model, loaded_tokenizer, kind, folder_card = _load(model_or_path, base)
         tokenizer = tokenizer or loaded_tokenizer
         card = card if card is not None else folder_card
         name = name or os.path.basename(os.path.normpath(source))
+        if _lost_sentencepiece_model(tokenizer):
+            sentencepiece_model = find_sentencepiece_model(source, tokenizer, folder_card)
     else:
         model = model_or_path
-    return write_gguf(model, tokenizer, output, dtype=dtype, card=card, source_kind=kind, name=name)
+    return write_gguf(model, tokenizer, output, dtype=dtype, card=card, source_kind=kind, name=name,
+                      sentencepiece_model=sentencepiece_model)
 
 
 __all__ = ["DTYPES", "MODEL_CARD_KEY", "SOURCE_KIND_KEY", "SUPPORTED_ARCHITECTURES", "ExportError", "export_gguf",
