@@ -24,6 +24,7 @@ LOGPROB_ATOL = 1e-4
 # family -> (transformers architecture, the layer class vLLM must run for it)
 FAMILIES = {
     "llama": ("LlamaForCausalLM", "LlamaDecoderLayer"),
+    "llama3": ("LlamaForCausalLM", "LlamaDecoderLayer"),
     "mistral": ("MistralForCausalLM", "MistralDecoderLayer"),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2DecoderLayer"),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3DecoderLayer"),

@@ -26,8 +26,11 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_atte
 EXPANDED = [1, 3]
 # Per family (tests/conftest.py's names): what its tiny model needs beyond TINY. Sliding windows are
 # shorter than the longer test prompts, so the windowed attention really runs.
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 FAMILIES = {
     "llama": {},
+    "llama3": {"rope_parameters": LLAMA3_ROPE},  # Llama-3.1+ RoPE scaling
     "mistral": {"sliding_window": 8},
     "qwen2": {},
     "qwen3": {"head_dim": 32},
@@ -38,11 +41,13 @@ FAMILIES = {
     "granite": {"residual_multiplier": 0.5, "embedding_multiplier": 2.0, "logits_scaling": 1.5, "attention_multiplier": 0.2},
 }
 
+ARCHITECTURE_OF = {"llama3": "llama"}  # families that are a conftest architecture with a different config
+
 
 def write_base(path, seed: int = 0, family: str = "llama", **overrides) -> str:
     """A tiny random model of `family` (a key of FAMILIES) with the test tokenizer, saved as a model folder."""
     tokenizer = make_tokenizer()
-    model = make_model(family, seed=seed, vocab_size=len(tokenizer), **{**TINY, **FAMILIES[family], **overrides})
+    model = make_model(ARCHITECTURE_OF.get(family, family), seed=seed, vocab_size=len(tokenizer), **{**TINY, **FAMILIES[family], **overrides})
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)
