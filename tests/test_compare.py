@@ -131,6 +131,13 @@ def test_sft_defaults_add_sdft_and_cpt_refuses_it(files, tmp_path):
         "full", "lora", "control", "sdft")
     assert "sdft" not in cmp.CompareConfig(train="a", validation="b", test="c", keep="d", task="cpt").methods
     assert cmp.CompareConfig(train="a", validation="b", test="c", keep="d").grid("sdft") == (1e-5, 3e-5, 1e-4)
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cmp.add_arguments(parser)
+    flags = ["--train", "a", "--validation", "b", "--test", "c", "--keep", "d"]
+    assert cmp.config_from_args(parser.parse_args(flags)).methods == cmp.DEFAULT_METHODS["sft"]
+    assert cmp.config_from_args(parser.parse_args([*flags, "--task", "cpt"])).methods == cmp.DEFAULT_METHODS["cpt"]
     with pytest.raises(cmp.CompareError, match="'sdft' learn from chats"):
         cmp.compare(**files, task="cpt", methods=("full", "sdft"), output=str(tmp_path / "x"), loader=_loader)
 
