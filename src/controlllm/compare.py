@@ -1,7 +1,8 @@
 """Compare fine-tuning methods on your own data before you choose one: forgetting at equal gain.
 
 `compare` trains each method (default: full fine-tuning, LoRA, Control LLM's recommended preset,
-and for chats self-distillation fine-tuning, SDFT, through TRL: `controlllm.integrations.sdft`) over a small learning-rate grid on the new skill's training data, picks each method's rate on the
+and for chats self-distillation fine-tuning, SDFT, through TRL: `controlllm.integrations.sdft`) over
+a small learning-rate grid on the new skill's training data, picks each method's rate on the
 validation data only, scores every run along its dial (`controlllm.dial`: s = 0 is the base, s = 1
 the trained model) on the test data (the gain: bits/char drop) and on the data to keep (the
 forgetting: KL to the base, nats/token), and reads each method's Pareto frontier at 50 / 75 / 90% of
