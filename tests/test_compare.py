@@ -124,6 +124,12 @@ def test_sdft_saves_a_run_folder_that_opens_as_full_weights_on_its_base(tmp_path
     for (name, a), b, c in zip(trained.named_parameters(), base.parameters(), fresh.parameters()):
         assert torch.equal(b, c), name  # the recorded base is the model SDFT started from
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters()))
+    # a tokenizer without a chat template: prompts rendered as `controlllm train` renders chats
+    model, _ = _loader()
+    plain = make_tokenizer(chat_template=None)
+    train_sdft(model, plain, chats, str(tmp_path / "plain"), lr=1e-3, steps=1, batch_size=2, seq_len=24, threads=1,
+               progress=False)
+    assert open_run(tmp_path / "plain").kind == "full"
 
 
 def test_sft_defaults_add_sdft_and_cpt_refuses_it(files, tmp_path):
