@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 from conftest import make_model, make_tokenizer, perturb_trainable
 from controlllm import ControlConfig, get_control_model
 from controlllm.cli import main
-from controlllm.serving.vllm_export import (ARCHITECTURE, CONTROL_KEY, FORMAT_VERSION, VLLM_ARCHITECTURES, control_layout,
-                                           export_for_vllm, served_architecture, serving_state_dict)
+from controlllm.serving.vllm_export import (ARCHITECTURE, CONTROL_KEY, FORMAT_VERSION, VLLM_ARCHITECTURES,
+                                           control_layout, export_for_vllm, served_architecture,
+                                           serving_state_dict)
 
 
 def run_cli(args, capsys):

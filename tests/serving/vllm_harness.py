@@ -38,7 +38,8 @@ FAMILIES = {
     "gemma2": {"head_dim": 32, "sliding_window": 8, "tie_word_embeddings": True},  # vLLM ties Gemma-2 always
     "phi3": {},
     "gemma": {"head_dim": 32},
-    "granite": {"residual_multiplier": 0.5, "embedding_multiplier": 2.0, "logits_scaling": 1.5, "attention_multiplier": 0.2},
+    "granite": {"residual_multiplier": 0.5, "embedding_multiplier": 2.0, "logits_scaling": 1.5,
+                "attention_multiplier": 0.2},
 }
 
 ARCHITECTURE_OF = {"llama3": "llama"}  # families that are a conftest architecture with a different config
@@ -47,7 +48,8 @@ ARCHITECTURE_OF = {"llama3": "llama"}  # families that are a conftest architectu
 def write_base(path, seed: int = 0, family: str = "llama", **overrides) -> str:
     """A tiny random model of `family` (a key of FAMILIES) with the test tokenizer, saved as a model folder."""
     tokenizer = make_tokenizer()
-    model = make_model(ARCHITECTURE_OF.get(family, family), seed=seed, vocab_size=len(tokenizer), **{**TINY, **FAMILIES[family], **overrides})
+    model = make_model(ARCHITECTURE_OF.get(family, family), seed=seed, vocab_size=len(tokenizer),
+                       **{**TINY, **FAMILIES[family], **overrides})
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)

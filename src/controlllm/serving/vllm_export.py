@@ -1,7 +1,8 @@
 """Export a Control run (or a plain model) as a folder vLLM serves unmerged with the controlllm plugin.
 
 The folder is a Hugging Face model folder whose `config.json` names the plugin's architecture
-(`Control` + the base architecture, e.g. `ControlQwen2ForCausalLM`) and carries the Control layer layout under `control_llm`; one
+(`Control` + the base architecture, e.g. `ControlQwen2ForCausalLM`) and carries the Control layer
+layout under `control_llm`; one
 safetensors file holds the frozen base weights under their usual names, each trainable copy under
 `model.expanded_layers.<slot>.` and each interpolator under `model.interpolators.<slot>.`, where
 `slot` (>= the base model's layer count) is the copy's own layer index, hence its own KV cache.
@@ -35,7 +36,6 @@ WEIGHTS_FILE = "model.safetensors"
 VLLM_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                       "Gemma3ForCausalLM", "Gemma2ForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM",
                       "GraniteForCausalLM")
-EXPAND_KINDS = ("concat", "stack")
 # Architectures whose vLLM class always reads the output projection from the embeddings (no lm_head).
 TIED_ONLY = ("Gemma2ForCausalLM",)
 
