@@ -35,7 +35,7 @@ K = 7
 
 def build(workdir: str) -> tuple[dict[str, str], list[int]]:
     """The served folders: base (vLLM's own Llama), base through the plugin, the lerp run merged (vLLM's
-    Llama), and lerp and dlerp runs unmerged (the plugin)."""
+    Llama), and lerp, stack and dlerp runs unmerged (the plugin)."""
     from controlllm.runs import load_model
     from controlllm.config import ControlConfig
     from controlllm.serving.vllm_export import export_run_for_vllm
@@ -47,6 +47,10 @@ def build(workdir: str) -> tuple[dict[str, str], list[int]]:
         run = H.write_control_run(os.path.join(workdir, f"run-{interpolation}"), base, interpolation, expanded_layers=layers)
         folders[f"unmerged {interpolation} (plugin)"] = export_run_for_vllm(
             run, os.path.join(workdir, f"served-{interpolation}"))["output"]
+        if interpolation == "lerp":  # a stack run (LLaMA-Pro): the copy after the frozen layer, same cost per token
+            stack = H.write_control_run(os.path.join(workdir, "run-stack"), base, interpolation, expanded_layers=layers,
+                                        expand_type="stack")
+            folders["unmerged stack (plugin)"] = export_run_for_vllm(stack, os.path.join(workdir, "served-stack"))["output"]
         if interpolation == "lerp":
             model, tokenizer, _ = load_model(run)
             merged = model.merge_and_unload()
