@@ -208,8 +208,8 @@ def build_parser(train_defaults: dict | None = None, command_defaults: dict | No
 
     from . import compare
 
-    compare_help = ("which method keeps most at equal gain, on your data: trains full, LoRA and Control over a rate "
-                    "grid with their dials and reports forgetting at equal gain")
+    compare_help = ("which method keeps most at equal gain, on your data: trains full, LoRA, Control (and SDFT for "
+                    "SFT data) over a rate grid with their dials and reports forgetting at equal gain")
     p = sub.add_parser("compare", help=compare_help, description=compare_help, formatter_class=_HelpFormatter)
     compare.add_arguments(p)  # its own --threads
     p.add_argument("--config", default=None, metavar="RECIPE.yaml",
