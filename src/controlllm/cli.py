@@ -228,7 +228,8 @@ def build_parser(train_defaults: dict | None = None, command_defaults: dict | No
 
     p = command("serve-export", "write a folder `vllm serve` loads with the controlllm plugin: a Control run served "
                                 "unmerged (both branches and the interpolation), or a plain model")
-    p.add_argument("--model", required=True, help="run folder (Control delta or full weights) or Llama model folder")
+    p.add_argument("--model", required=True, help="run folder (Control, stack, hybrid, low-rank or full weights) or a model folder of a family vLLM "
+                        "serves (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, Granite)")
     p.add_argument("--base", default=None, help=base_help)
     p.add_argument("--output", required=True, help="new folder to write; then: vllm serve OUTPUT")
     _overwrite(p)

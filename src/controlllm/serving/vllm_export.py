@@ -186,4 +186,5 @@ def export_run_for_vllm(path: str | os.PathLike, output: str | os.PathLike, base
     layout = control_layout(model)  # refuses what the plugin cannot serve before anything is written
     with out.staging() as folder:
         export_for_vllm(model.eval(), tokenizer, folder, dtype=dtype)
-    return {"output": os.fspath(output), "kind": run.kind, "architecture": ARCHITECTURE, CONTROL_KEY: layout}
+    architecture = served_architecture(layout["base_architecture"]) if layout.get("base_architecture") else ARCHITECTURE
+    return {"output": os.fspath(output), "kind": run.kind, "architecture": architecture, CONTROL_KEY: layout}
