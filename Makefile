@@ -76,7 +76,8 @@ test-llamacpp: $(STAMP) $(LLAMACPP_STAMP)
 	$(BIN)/python -m pytest -q -rP -m llamacpp tests/test_export.py
 
 # docs/support-matrix.md from what the family tests pass (train, dial, merge, export, read back, llama.cpp; about
-# 2 min); `make support-matrix SERVING=1` also runs the vLLM family tests in $(SERVING_VENV) for the vLLM column.
+# 4 min on 2 cores); `make support-matrix SERVING=1` also runs the vLLM family tests in $(SERVING_VENV) for the
+# vLLM column.
 support-matrix: $(STAMP) $(LLAMACPP_STAMP)
 	$(BIN)/python tests/support_matrix.py $(if $(SERVING),--serving)
 

@@ -103,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {family} | {kind} | " + " | ".join(row.get(c, MISSING) for c in COLUMNS) + " |")
     lines += ["", "Also checked (tests/test_export.py, not per family): f16, bf16, q8_0 and Q4_K_M files in llama.cpp "
               "on a tiny Llama; SmolLM2-135M-Instruct (Control, merged) at f32 and q8_0; the real Gemma-3-270M "
-              "trained, dialled and exported at f32 (`-m 'slow and llamacpp'`)."]
+              "trained, dialled and exported at f32 (`-m 'slow and llamacpp'`).", "",
+              "llama.cpp's logits are taken with a float32 KV cache and without flash attention (its defaults move a "
+              "tiny model's logits by about 1e-2). Gemma-3's larger difference is llama.cpp's CPU GELU, read from a "
+              "table at float16 inputs (1e-4 once transformers' GELU rounds likewise), not the file."]
     args.output.write_text("\n".join(lines) + "\n")
     print(f"{args.output} ({time.monotonic() - started:.0f} s)")
     return 0
