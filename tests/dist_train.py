@@ -32,7 +32,7 @@ def main(data: str, output: str, method: str, batch_size: str, fault: str = "non
         model.lm_head.register_forward_hook(poison)
     cfg = TrainConfig(data=data, output=output, method=method, max_steps=4, batch_size=int(batch_size), seq_len=32,
                       save_steps=2, logging_steps=1, lr=1e-2, progress=False, interpolation="dlerp",
-                      train_interpolation=True)
+                      train_interpolation=True, keep_checkpoints=True)
     try:
         result = train(cfg, model=model, tokenizer=tokenizer)
     except TrainingError as err:

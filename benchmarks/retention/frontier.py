@@ -305,7 +305,7 @@ class FrontierBench(retention.Bench):
         steps = s.cpt_steps if job.experiment == "cpt" else s.sft_steps
         common = dict(output=output, lr=lr, seed=job.seed, progress=False, logging_steps=max(1, steps // 16),
                       threads=s.threads, bf16=s.bf16, max_steps=steps, save_steps=steps // 2, save_total_limit=3,
-                      **overrides)
+                      keep_checkpoints=True, **overrides)
         if job.mix:
             common.update(mix_data=self.mix_path, mix_ratio=MIX_RATIO)
         if job.experiment == "cpt":

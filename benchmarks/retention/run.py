@@ -417,7 +417,7 @@ class Bench:
         s = self.s
         common = dict(output=output, lr=lr, seed=SEED, progress=False, logging_steps=max(1, steps // 20),
                       threads=s.threads, bf16=s.bf16, max_steps=steps, save_steps=save_steps,
-                      save_total_limit=steps // save_steps + 1, model=model, **variant.overrides)
+                      save_total_limit=steps // save_steps + 1, model=model, keep_checkpoints=True, **variant.overrides)
         if task == "cpt":
             data = self.cpt_replay if variant.replay else self.cpt_train
             return TrainConfig(data=data, task="cpt", batch_size=s.cpt_batch, seq_len=s.cpt_seq, **common)
@@ -621,11 +621,14 @@ def _portable_config(config: dict | None) -> dict | None:
     # Options TrainConfig gained after a run was made, at their defaults, do not make it another run.
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     return {k: os.path.relpath(v, runs) if isinstance(v, str) and v.startswith(runs + os.sep) else v
-            for k, v in config.items() if k not in LATER_OPTIONS or v != defaults.get(k)}
+            for k, v in config.items() if k not in NOT_THE_MODEL and (k not in LATER_OPTIONS or v != defaults.get(k))}
 
 
 # TrainConfig fields added after the committed runs were made (their defaults change nothing).
-LATER_OPTIONS = ("mix_data", "mix_ratio", "keep_data", "max_kl", "max_keep_increase", "quantize_base")
+LATER_OPTIONS = ("mix_data", "mix_ratio", "keep_data", "max_kl", "max_keep_increase", "quantize_base", "copy_rank",
+                 "copy_alpha")
+# Fields that say what is kept on disk, not which model is trained (the benchmark keeps its checkpoints).
+NOT_THE_MODEL = ("keep_checkpoints",)
 
 
 def _write_if_changed(path: str, text: str) -> None:
