@@ -503,6 +503,18 @@ class MixedDataset(torch.utils.data.IterableDataset):
             yield (self.mix if is_mix else self.main)[index]
 
 
+def _documents(texts: Iterable[str], tokenizer, seq_len: int, what: str, why_eos: str) -> tuple[list[str], int]:
+    """(the non-empty texts, the eos id) for building `what`, or a DataError naming what is missing."""
+    _check_seq_len(seq_len)
+    texts = [t for t in texts if t]
+    if not texts:
+        raise DataError(f"no texts to build {what} from")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError(f"the tokenizer has no eos token; {why_eos}")
+    return texts, eos
+
+
 def build_text_examples(texts: Iterable[str], tokenizer, seq_len: int) -> TokenizedDataset:
     """Plain documents as examples of their own (for mixing general text into SFT): each text is
     tokenised without special tokens, followed by the eos token, and cut into pieces of at most
@@ -511,13 +523,7 @@ def build_text_examples(texts: Iterable[str], tokenizer, seq_len: int) -> Tokeni
     Raises:
         DataError: bad `seq_len`, no eos token, or no text.
     """
-    _check_seq_len(seq_len)
-    texts = [t for t in texts if t]
-    if not texts:
-        raise DataError("no texts to build examples from")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise DataError("the tokenizer has no eos token; plain documents need one to end them")
+    texts, eos = _documents(texts, tokenizer, seq_len, "examples", "plain documents need one to end them")
     examples = []
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         ids = [*ids, eos]
@@ -562,13 +568,7 @@ def build_cpt_dataset(texts: Iterable[str], tokenizer, seq_len: int) -> PackedDa
     Raises:
         DataError: no texts, no eos token, bad ``seq_len``, or fewer tokens than one block.
     """
-    _check_seq_len(seq_len)
-    texts = [t for t in texts if t]
-    if not texts:
-        raise DataError("no texts to build a CPT dataset from")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise DataError("the tokenizer has no eos token; CPT packing needs one to separate documents")
+    texts, eos = _documents(texts, tokenizer, seq_len, "a CPT dataset", "CPT packing needs one to separate documents")
     stream: list[int] = []
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         stream.extend(ids)
