@@ -136,3 +136,12 @@ def chat_file(tmp_path_factory):
     rows = [{"prompt": f"What is {a} plus {b}?", "response": f"{a + b}"} for a in range(8) for b in range(8)]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A command run in-process sets torch's thread count for the process (--threads); each test
+    starts from the suite's own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

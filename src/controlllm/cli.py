@@ -75,8 +75,9 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def default_threads() -> int:
-    """torch CPU threads when --threads is not given: OMP_NUM_THREADS when set, else half the cores
-    this process may use (at least 1), so a command does not oversubscribe a shared machine."""
+    """torch CPU threads when --threads is not given: $OMP_NUM_THREADS when set, else the cores this
+    process may use minus the machine's current load (1-minute average, rounded), at least 1: all
+    cores on an idle machine, fewer on a busy one, so a command does not oversubscribe it."""
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)
@@ -84,13 +85,17 @@ def default_threads() -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
-    return max(1, cores // 2)
+    try:
+        busy = round(os.getloadavg()[0])
+    except OSError:  # pragma: no cover - no load average
+        busy = 0
+    return max(1, min(cores, cores - busy))
 
 
 def _common() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="torch CPU threads (default: $OMP_NUM_THREADS, else half the available cores)")
+                        help="torch CPU threads (default: $OMP_NUM_THREADS, else the available cores minus the current load)")
     return common
 
 
