@@ -259,3 +259,15 @@ def test_one_recipe_file_feeds_train_dial_and_compare_and_flags_override_it(tmp_
     recipe.write_text("dial:\n  maxkl: 1\n")
     code, _, err = run_cli(["dial", "--config", str(recipe), "--model", "m", "--output", "o"], capsys)
     assert code == 2 and "unknown key 'maxkl'" in err and "max_kl" in err
+
+
+def test_threads_default_leaves_the_busy_cores_alone(monkeypatch):
+    from controlllm import cli
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cli.default_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: set(range(8)))
+    for load, threads in ((0.2, 8), (2.6, 5), (7.9, 1), (30.0, 1)):
+        monkeypatch.setattr(cli.os, "getloadavg", lambda load=load: (load, load, load))
+        assert cli.default_threads() == threads
