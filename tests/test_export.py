@@ -402,9 +402,12 @@ def test_every_run_kind_exports_its_merged_model(tmp_path, runs, kind):
     loaded, _ = load_gguf(tmp_path / "run.gguf")
     assert max_logit_diff(reference.eval(), loaded, tokenizer) <= TOLERANCE["f32"]
     fields = GGUFReader(tmp_path / "run.gguf").fields
-    card = (runs[kind] / "final" / "README.md").read_text()
-    assert fields["controlllm.model_card"].contents() == card
-    assert fields["general.description"].contents() == f"A {kind} run, for the export tests."
+    # the card of what the file holds (the run folded into plain weights), as `controlllm export` writes it
+    from controlllm.model_card import merged_card_text
+    from controlllm.runs import open_run
+
+    assert fields["controlllm.model_card"].contents() == merged_card_text(open_run(runs[kind]), holds="gguf")
+    assert fields["general.description"].contents().startswith("This GGUF file holds")
     assert fields["general.name"].contents() == kind
 
 

@@ -543,9 +543,8 @@ def run(argv: list[str] | None = None) -> int:
         run_demo(output=args.output, max_steps=args.max_steps, quick=args.quick)
         return 0
     if args.command == "export":
-        from .model_card import merged_card_text
         from .runs import Output, open_run
-        from .serving.export import DTYPES
+        from .serving.export import DTYPES, export_run
 
         if args.format != "gguf":  # checked before any model loads
             raise UsageError(f"--format {args.format!r} is not supported; allowed: gguf")
@@ -555,21 +554,9 @@ def run(argv: list[str] | None = None) -> int:
             raise UsageError(f"--output {args.output!r} must end in .gguf")
         run = open_run(args.model, base=args.base)
         out = Output(args.output, kind="file", overwrite=args.overwrite, protect=run.protected)
-        model, tokenizer = run.merged()
-        name = os.path.basename(os.path.normpath(args.model))
-        card, source_kind = merged_card_text(run, holds="gguf"), run.kind
-        if run.kind == "base" and run.path and os.path.isfile(os.path.join(run.path, "README.md")):
-            card = open(os.path.join(run.path, "README.md"), encoding="utf-8").read()  # a merged folder's own card
-            if "library_name: controlllm" in card:
-                source_kind = "merged"
-        from .serving.export import modelfile_text, write_gguf
-
-        with out.staging() as tmp:
-            info = write_gguf(model, tokenizer, tmp, dtype=args.dtype, card=card or None, source_kind=source_kind,
-                              name=name, modelfile=False)
-        modelfile = os.path.splitext(args.output)[0] + ".Modelfile"  # Ollama: FROM the file, its stop tokens
-        Output(modelfile, kind="file", overwrite=True).write_text(modelfile_text(os.path.basename(args.output), tokenizer))
-        print(json.dumps({**info, "output": args.output, "modelfile": modelfile, "source_kind": source_kind}, indent=2))
+        with out.staging() as tmp:  # the Modelfile (Ollama: FROM the file, its stop tokens) names the final file
+            info = export_run(run, tmp, dtype=args.dtype, modelfile=args.output)
+        print(json.dumps({**info, "output": args.output}, indent=2))
         return 0
     if args.command == "plot":
         from .plots import plot_run

@@ -209,30 +209,4 @@ def write_merged_card(folder: str | os.PathLike, run, fidelity: dict | None = No
     return path
 
 
-def carry_card_to_merge(model: str | os.PathLike, merged: str | os.PathLike, fidelity: dict, check_text: str | None = None) -> str:
-    """Copy the model card of the run `model` (a run folder or its final/) into the merged folder and add
-    the merge and its fidelity; a run without a card gets a short one. Returns the card's path."""
-    from .runs import resolve_run_folder
-
-    source = os.path.join(resolve_run_folder(model), CARD_NAME)
-    target = os.path.join(os.fspath(merged), CARD_NAME)
-    tmp = f"{target}.tmp-{os.getpid()}"
-    if os.path.isfile(source):
-        shutil.copyfile(source, tmp)
-    else:
-        with open(tmp, "w") as f:
-            f.write(f"# {os.path.basename(os.path.abspath(os.fspath(merged)))}\n\nMerged from `{os.fspath(model)}`.\n")
-    lines = ["", "## Merged", "",
-             f"This folder is the Control delta of `{os.fspath(model)}` folded into its base model "
-             "(`controlllm merge`): a plain transformers model at the base model's cost. The sections above "
-             "describe the run it came from.", "",
-             "Fidelity of the merge (KL of the merged model's next-token distribution from the unmerged model's"
-             + (f", on {json.dumps(check_text)}" if check_text else "") + "):", "",
-             *_table(fidelity, ("measure", "value"))]
-    with open(tmp, "a") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, target)
-    return target
-
-
-__all__ = ["build_model_card", "carry_card_to_merge", "merged_card_text", "write_merged_card", "write_model_card"]
+__all__ = ["build_model_card", "merged_card_text", "write_merged_card", "write_model_card"]

@@ -216,9 +216,10 @@ def write_gguf(model, tokenizer, output_file: str | os.PathLike, dtype: str = "f
                "bytes": output.stat().st_size, "model_card": bool(card), **_facts(output)}
     if "pre_tokenizer_by_layout" in facts:
         summary["pre_tokenizer_by_layout"] = True
-    if modelfile and output.suffix.lower() == ".gguf":
-        path = output.with_name(output.stem + ".Modelfile")
-        path.write_text(modelfile_text(output.name, tokenizer), encoding="utf-8")
+    final = Path(modelfile) if isinstance(modelfile, (str, os.PathLike)) else output if modelfile else None
+    if final is not None and final.suffix.lower() == ".gguf":
+        path = final.with_name(final.stem + ".Modelfile")
+        path.write_text(modelfile_text(final.name, tokenizer), encoding="utf-8")
         summary["modelfile"] = os.fspath(path)
     return summary
 
@@ -296,24 +297,33 @@ def _lost_sentencepiece_model(tokenizer) -> bool:
     return (state.get("model") or {}).get("byte_fallback") is True
 
 
-def _load(path: str | os.PathLike, base: str | None):
-    """(plain model, tokenizer, kind, model card or None) for a run folder, merged folder or model folder."""
-    from ..runs import load_model, resolve_run_folder
-    from ..model_card import CARD_NAME
+def _card_of(run) -> tuple[str | None, str]:
+    """(model card, source kind) of an opened run for the file's metadata: a run's card rewritten for
+    the folded model; a folder `controlllm merge` wrote keeps its own card (kind 'merged')."""
+    from ..model_card import CARD_NAME, merged_card_text
 
-    model, tokenizer, kind = load_model(path, base=base)
-    if kind == "control":
-        if any(b.interpolator.dynamic for b in model.control_blocks.values()):
-            import sys
-
-            print("controlllm: note: dlerp/dlerp_in layers are folded with sigmoid(b); for weights measured on data "
-                  "run `controlllm merge --calibration-data ...` first and export the merged folder", file=sys.stderr)
-        model = model.merge_and_unload()
-    elif kind == "lora":
-        model = model.merge_and_unload()
-    card_path = Path(resolve_run_folder(path)) / CARD_NAME if os.path.isdir(path) else None
+    if run.kind != "base":
+        return merged_card_text(run, holds="gguf"), run.kind
+    card_path = Path(run.path) / CARD_NAME if run.path and os.path.isdir(run.path) else None
     card = card_path.read_text(encoding="utf-8") if card_path is not None and card_path.is_file() else None
-    return model, tokenizer, kind, card
+    return card, "merged" if card and "library_name: controlllm" in card else "base"
+
+
+def export_run(run, output_file: str | os.PathLike, dtype: str = "f32", name: str | None = None,
+               modelfile: bool | str | os.PathLike = True) -> dict:
+    """Write an opened run (`controlllm.runs.open_run`: any kind, dialled or not) as one GGUF file: the
+    run folded by `Run.merged()` (the one fold rule; a quantised base dequantised), its card and kind
+    in the metadata, the SentencePiece model recovered where the tokenizer lost it. `modelfile`: write
+    the Ollama Modelfile beside the output (True), beside another final path (a caller writing a
+    staging file), or not (False). Returns `write_gguf`'s summary."""
+    model, tokenizer = run.merged()
+    card, kind = _card_of(run)
+    sentencepiece_model = None
+    if run.path is not None and _lost_sentencepiece_model(tokenizer):
+        sentencepiece_model = find_sentencepiece_model(run.path, tokenizer, card)
+    name = name or (os.path.basename(os.path.normpath(run.path)) if run.path else None)
+    return write_gguf(model, tokenizer, output_file, dtype=dtype, card=card, source_kind=kind, name=name,
+                      sentencepiece_model=sentencepiece_model, modelfile=modelfile)
 
 
 def export_gguf(model_or_path, output_file: str | os.PathLike, dtype: str = "f32", tokenizer=None,
@@ -339,20 +349,12 @@ def export_gguf(model_or_path, output_file: str | os.PathLike, dtype: str = "f32
     with what is supported; loading errors of a path are the loaders' UserErrors.
     """
     output = _check_options(output_file, dtype)
-    kind, sentencepiece_model = "model", None
     if isinstance(model_or_path, (str, os.PathLike)):
-        source = os.fspath(model_or_path)
-        model, loaded_tokenizer, kind, folder_card = _load(model_or_path, base)
-        tokenizer = tokenizer or loaded_tokenizer
-        card = card if card is not None else folder_card
-        name = name or os.path.basename(os.path.normpath(source))
-        if _lost_sentencepiece_model(tokenizer):
-            sentencepiece_model = find_sentencepiece_model(source, tokenizer, folder_card)
-    else:
-        model = model_or_path
-    return write_gguf(model, tokenizer, output, dtype=dtype, card=card, source_kind=kind, name=name,
-                      sentencepiece_model=sentencepiece_model)
+        from ..runs import open_run
+
+        return export_run(open_run(model_or_path, base=base), output, dtype=dtype, name=name)
+    return write_gguf(model_or_path, tokenizer, output, dtype=dtype, card=card, source_kind="model", name=name)
 
 
-__all__ = ["DTYPES", "MODEL_CARD_KEY", "SOURCE_KIND_KEY", "SUPPORTED_ARCHITECTURES", "ExportError", "export_gguf",
+__all__ = ["DTYPES", "MODEL_CARD_KEY", "SOURCE_KIND_KEY", "SUPPORTED_ARCHITECTURES", "ExportError", "export_gguf", "export_run",
            "modelfile_text", "write_gguf"]
