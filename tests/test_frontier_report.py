@@ -77,7 +77,7 @@ def test_the_reference_chosen_at_the_edge_of_its_grid_waits_for_one_rate_beyond_
     rates = (1e-4, 3e-4, 1e-3)
     runs = _runs()
     assert report.beyond_rate("cpt", "full", rates, runs) is False  # an inner rate: no run beyond
-    assert report.beyond_rate("cpt", "control-a", (1e-4, 1e-3), runs) is False  # not the reference
+    assert report.beyond_rate("cpt", "control-a", (1e-4, 1e-3), runs) == 3e-3  # its top rate: one run beyond
     runs["full@0.0001"]["checkpoints"][-1]["spanish_val"]["bpc"] = 1.9  # validation now picks the lowest rate
     below = report.BEYOND["full"][0]
     assert report.beyond_rate("cpt", "full", rates, runs) == below
@@ -94,6 +94,26 @@ def test_the_reference_chosen_at_the_edge_of_its_grid_waits_for_one_rate_beyond_
     assert report.chosen_rate("cpt", "full", rates, runs) == below and an["rows"]["full"] == "full@beyond"
     assert [(g["beyond"], g["edge"]) for g in an["grid"] if g["chosen"] and g["family"] == "full"] == [(True, "bottom")]
     assert an["rows"]["full-gentle"] == "full@0.0001"  # gentle stays the grid's lowest rate
+
+
+def test_a_family_other_than_the_reference_at_its_edge_gets_a_row_beyond_and_keeps_its_choice():
+    runs = _runs()  # control-a chose 1e-3, the top of (1e-4, 1e-3)
+    assert report.beyond_pair("control-a", (1e-4, 1e-3)) == (3.3e-05, 3e-3)
+    assert report.chosen_rate("cpt", "control-a", (1e-4, 1e-3), runs) == 1e-3  # no waiting for the run beyond
+    an = report.analyse("cpt", BASE, runs, FAMILIES, (42,))
+    assert "control-a-beyond" not in an["rows"]
+    runs["control-a@beyond"] = _run("control-a", 3e-3, (19.0, 0.5), val_bpc=2.0, name="control-a@beyond")
+    an = report.analyse("cpt", BASE, runs, FAMILIES, (42,))
+    assert report.chosen_rate("cpt", "control-a", (1e-4, 1e-3), runs) == 1e-3  # the choice stays on the grid
+    assert an["rows"]["control-a"] == "control-a@0.001" and an["rows"]["control-a-beyond"] == "control-a@beyond"
+    beyond = [g for g in an["grid"] if g["family"] == "control-a" and g["beyond"]]
+    assert [(g["lr"], g["validation_prefers"]) for g in beyond] == [(3e-3, True)]  # 2.0 bpc against 2.2
+    md = report.markdown({"cpt": an}, _Settings(), BASE, "cmd", 1, 1)
+    assert "control-a@0.003 (beyond the grid)" in md
+    assert "control-a (the higher rate 0.003: validation prefers it)" in md
+    runs["control-a@beyond"]["checkpoints"][-1]["spanish_val"]["bpc"] = 2.4
+    an = report.analyse("cpt", BASE, runs, FAMILIES, (42,))
+    assert [g["validation_prefers"] for g in an["grid"] if g["beyond"]] == [False]
 
 
 def test_seed_and_mixed_runs_are_not_grid_points():

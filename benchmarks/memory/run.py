@@ -30,8 +30,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "perf"))
-from common import (SMOLLM2_135M, batch, llama_config, machine_info, make_optimizer, reset_peak_rss,  # noqa: E402
-                    rss_bytes, train_step, trainable, vm_hwm_bytes)
+from common import (SMOLLM2_135M, batch, llama_config, machine_info, make_optimizer, random_model,  # noqa: E402
+                    reset_peak_rss, rss_bytes, train_step, trainable, vm_hwm_bytes)
 
 RESULTS = os.path.normpath(os.path.join(HERE, "..", "results"))
 GiB = 1024 ** 3
@@ -78,37 +78,6 @@ GOAL = ("llama-1b", "control-4bit", 0.45)
 
 
 # --------------------------------------------------------------------------------- one method
-def random_model(shape: dict, dtype: torch.dtype):
-    """A Llama of `shape` with random weights in `dtype`, built without the slow per-layer init:
-    on the meta device, then materialised and filled from one random pool (values do not change
-    memory or time)."""
-    from transformers import LlamaForCausalLM
-
-    config = llama_config(shape)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
-    model.to_empty(device="cpu")
-    pool = (torch.randn(1 << 22, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-                continue
-            flat = p.view(-1)
-            for start in range(0, flat.numel(), pool.numel()):
-                n = min(pool.numel(), flat.numel() - start)
-                flat[start:start + n].copy_(pool[:n])
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its buffers were left empty
-    model.tie_weights()
-    model.generation_config.pad_token_id = 0
-    return model
-
-
 def _trim() -> None:
     gc.collect()
     try:

@@ -32,6 +32,37 @@ def build_base(shape: dict, seed: int = 0):
     return model
 
 
+def random_model(shape: dict, dtype: torch.dtype):
+    """A Llama of `shape` with random weights in `dtype`, built without the slow per-layer init:
+    on the meta device, then materialised and filled from one random pool (values do not change
+    memory or time)."""
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(shape)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.to_empty(device="cpu")
+    pool = (torch.randn(1 << 22, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+                continue
+            flat = p.view(-1)
+            for start in range(0, flat.numel(), pool.numel()):
+                n = min(pool.numel(), flat.numel() - start)
+                flat[start:start + n].copy_(pool[:n])
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its buffers were left empty
+    model.tie_weights()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
 def methods_for(num_layers: int) -> list[dict]:
     """The training methods compared, each a dict the builder understands."""
     q, h = max(1, num_layers // 4), max(1, num_layers // 2)

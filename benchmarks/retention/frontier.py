@@ -15,11 +15,11 @@ Forgetting, both: KL to the base model and bits/char on held-out English; multip
 PIQA, HellaSwag) at the end of each run.
 
 Rows: every method's grid (full 3e-5/1e-4/3e-4, LoRA, freeze-8, stack-8, three Control presets on 8
-copies from the authors' 5e-5 up) at seed 42, and for full fine-tuning (the reference, whose gain
+copies from the authors' 5e-5 up, low-rank Control on LoRA's grid) at seed 42, and for full fine-tuning (the reference, whose gain
 sets the levels) one rate beyond the edge of its grid where validation chose that edge; each setting's
 grids followed by its headline rows at
 seeds 1 and 2 (full at its chosen rate, gentle full = its lowest rate, LoRA and the best Control at
-their chosen rates); then in cpt each method at its chosen rate with 10% general English mixed in
+their chosen rates); then in cpt each method but low-rank Control at its chosen rate with 10% general English mixed in
 (`TrainConfig.mix_data`).
 
     .venv/bin/python benchmarks/retention/frontier.py                # the plan; resumes; ~10 min per run per worker
@@ -77,7 +77,14 @@ FAMILIES = {  # in the order their grids run: the rows the verdict rests on firs
     "stack-8": (dict(method="stack", num_expanded_layers=8), (1e-4, 3e-4, 1e-3)),
     "freeze-8": (dict(method="freeze", num_expanded_layers=8), (1e-4, 3e-4, 1e-3)),
     "control-paper-cpt-8": (dict(method="control", preset="paper-cpt", num_expanded_layers=8), CONTROL_RATES),
+    # Low-rank Control (`--copy-rank 16`): the recommended recipe on the same 8 layers, each copy its frozen
+    # layer plus rank-16, alpha-32 factors on its 7 linear layers; LoRA's grid, since it trains LoRA-sized factors.
+    "lowrank-control-8": (dict(method="control", preset="recommended", num_expanded_layers=8, copy_rank=16,
+                               copy_alpha=32), (3e-4, 1e-3, 3e-3)),
 }
+# Families run again with 10% general English mixed in (cpt, at their chosen rates): the first seven.
+MIX_FAMILIES = ("full", "control-recommended-8", "lora-r16", "control-paper-csft-8", "stack-8", "freeze-8",
+                "control-paper-cpt-8")
 SEEDED = report.SEEDED  # the rows run at 3 seeds
 MIX_RATIO = 0.1
 
@@ -155,7 +162,7 @@ def jobs(s: Settings) -> list[Job]:
                     out.append(Job(experiment, "full", "lowest", seed))
                 elif row == "control-best" or row in s.families:
                     out.append(Job(experiment, row, "chosen", seed))
-    out += [Job("cpt", fam, "chosen", mix=True) for fam in s.families]
+    out += [Job("cpt", fam, "chosen", mix=True) for fam in s.families if fam in MIX_FAMILIES]
     return out
 
 

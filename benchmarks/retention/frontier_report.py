@@ -9,7 +9,10 @@ Rules, stated once (they are repeated in the report):
   Spanish validation bits/char; csft: the highest validation exact match, ties to the lower rate).
   Full fine-tuning (the reference) is not left at the edge of its grid: where validation chooses
   its lowest (highest) grid rate, one more run at 1e-5 (1e-3) is made and the choice is made again
-  over the four rates (once; "beyond the grid" in the table).
+  over the four rates (once; "beyond the grid" in the table). Every other family chosen at the edge
+  of its grid gets one run beyond it too (a third of its lowest rate, or three times its highest),
+  shown as a row of its own ("<family>-beyond"); its choice stays on its grid, and the table says
+  where validation prefers the run beyond.
 - The reference is full fine-tuning at its chosen rate; the equal-gain levels are 50%, 75% and 90%
   of its gain at s = 1.
 - Uncertainty: 400 bootstrap resamples of the test items, shared by every run and the base model;
@@ -39,13 +42,20 @@ MIN_REACHED = 0.8  # share of resamples in which a row must reach a level for an
 # forgetting (KL at s = 1).
 CLAIM_GAIN, CLAIM_LOSS = 0.9, 0.25
 # Rows run at 3 seeds: full at its chosen rate, gentle full (its grid's lowest rate), LoRA, and the
-# Control family with the least KL on its frontier (best_control; chosen on the test frontier, which
-# favours Control).
+# Control family with the least KL on its frontier (best_control, among the full-copy Control presets;
+# chosen on the test frontier, which favours Control).
 SEEDED = ("full", "full-gentle", "lora-r16", "control-best")
-# The reference (full fine-tuning) defines the equal-gain levels, so its rate is not left at the edge
-# of its grid: where validation chooses the lowest (highest) grid rate, one more run at the rate below
-# (above) is made, once, and the choice is made over the grid and that rate. {family: (below, above)}
+# A family chosen at the edge of its grid gets one run at the rate below (above) it, once. The reference
+# (full fine-tuning) defines the equal-gain levels, so its choice is then made again over the grid and that
+# rate (RECHOOSE); every other family keeps its grid's choice and shows the run beyond as a row of its own.
+# {family: (below, above)}; families not listed: a third of the lowest rate, three times the highest.
 BEYOND = {"full": (1e-5, 1e-3)}
+RECHOOSE = ("full",)
+
+
+def beyond_pair(family: str, rates) -> tuple[float, float]:
+    """The rates one step below and above `family`'s grid (BEYOND, else / 3 and x 3, two significant digits)."""
+    return BEYOND.get(family) or (float(f"{min(rates) / 3:.2g}"), float(f"{max(rates) * 3:.2g}"))
 MEASURES = {"kl": "KL(base || model) on English, nats/token", "english": "English bits/char increase"}
 GAIN_LABEL = {"cpt": "Spanish bits/char gain (base - run)", "csft": "arithmetic exact-match gain (run - base)"}
 SETTING = {"cpt": "continued pre-training on Spanish", "csft": "continued SFT on arithmetic (gold answers)"}
@@ -117,15 +127,15 @@ def validation_ties(experiment: str, family: str, rates, runs: dict) -> list[flo
 
 
 def beyond_rate(experiment: str, family: str, rates, runs: dict) -> float | None | bool:
-    """The rate beyond the edge of the reference's grid that validation chose (BEYOND), False when
-    no such run is needed (another family, or an inner rate chosen), None until the grid has finished."""
-    if family not in BEYOND or len(rates) < 2:
+    """The rate beyond the edge of `family`'s grid that validation chose (beyond_pair), False when no
+    such run is needed (an inner rate chosen, or a grid of one rate), None until the grid has finished."""
+    if len(rates) < 2:
         return False
     grid = grid_runs(family, runs)
     if any(lr not in grid for lr in rates):
         return None
     first = _best_on_validation(experiment, rates, grid)
-    below, above = BEYOND[family]
+    below, above = beyond_pair(family, rates)
     return below if first == min(rates) else above if first == max(rates) else False
 
 
@@ -139,7 +149,10 @@ def chosen_rate(experiment: str, family: str, rates, runs: dict) -> float | None
 
 
 def rates_of(experiment: str, family: str, rates, runs: dict) -> tuple:
-    """The rates the family's choice is made over: its grid, plus the rate beyond its edge where one is needed."""
+    """The rates the family's choice is made over: its grid, plus (for the reference, RECHOOSE) the rate
+    beyond its edge where one is needed."""
+    if family not in RECHOOSE:
+        return tuple(sorted(rates))
     extra = beyond_rate(experiment, family, rates, runs)
     return tuple(sorted(tuple(rates) + ((extra,) if extra not in (False, None) else ())))
 
@@ -206,8 +219,8 @@ def rows_of(experiment: str, runs: dict, families) -> dict:
         if family == "full" and min(rates) != lr:
             out["full-gentle"] = f"full@{min(rates):g}"
         beyond = grid_names(family, runs).get(beyond_rate(experiment, family, rates, runs) or None)
-        if family == "full" and beyond is not None and beyond != out[family]:
-            out["full-beyond"] = beyond  # the run beyond the grid, not chosen: a row like the others
+        if beyond is not None and beyond != out[family]:
+            out[f"{family}-beyond"] = beyond  # the run beyond the grid, not chosen: a row like the others
         if f"{family}@chosen-mix" in runs and not runs[f"{family}@chosen-mix"].get("failed"):
             out[f"{family} + mix"] = f"{family}@chosen-mix"
     return out
@@ -223,7 +236,11 @@ def analyse(experiment: str, base: dict, runs: dict, families, seeds) -> dict | 
         tried = rates_of(experiment, family, rates, ok)
         for lr, name in sorted(grid_names(family, ok).items()):
             run = ok[name]
+            prefers = (lr not in rates and chosen is not None and lr != chosen and family not in RECHOOSE
+                       and choose_rate({lr: validation_gain(experiment, run),
+                                        chosen: validation_gain(experiment, ok[grid_names(family, ok)[chosen]])})[0] == lr)
             grid.append({"family": family, "lr": lr, "run": name, "chosen": lr == chosen, "beyond": lr not in rates,
+                         "validation_prefers": prefers,
                          "val_tied_with": validation_ties(experiment, family, rates, ok) if lr == chosen else [],
                          "edge": ("top" if lr == max(tried) else "bottom" if lr == min(tried) else None)
                          if lr == chosen and len(tried) > 1 else None,
@@ -289,7 +306,7 @@ def control_ratios(curves: Curves, rows: dict, levels, ref_gain_b: np.ndarray) -
     bootstrap interval: {"<control> / <full>": [per level]}."""
     out = {}
     fulls = [r for r in rows if r == "full" or r.startswith("full-") and " + " not in r]
-    for c in (r for r in rows if r.startswith("control-") and " + " not in r):
+    for c in (r for r in rows if r.startswith(("control-", "lowrank-control")) and " + " not in r):
         for f in fulls:
             cells = []
             for frac, level in zip(LEVELS, levels):
@@ -392,13 +409,13 @@ def seed_table(experiment: str, curves: Curves, runs: dict, rows: dict, families
 
 def best_control(experiment: str, base: dict | None, runs: dict, settings, curves: Curves | None = None,
                  rows: dict | None = None, families=None) -> str | None:
-    """The Control family whose chosen-rate run has the least KL at 75% of full fine-tuning's gain on
-    its frontier (chosen on the test frontier: the choice favours Control); None until full
+    """The full-copy Control family (low-rank copies are a method of their own) whose chosen-rate run has
+    the least KL at 75% of full fine-tuning's gain on its frontier (chosen on the test frontier: the choice favours Control); None until full
     fine-tuning's and every Control family's grids are finished."""
     families = families if families is not None else settings.families
     ok = {n: r for n, r in runs.items() if not r.get("failed")}
     rows = rows if rows is not None else rows_of(experiment, ok, families)
-    controls = [f for f in families if families[f][0].get("method") == "control"]
+    controls = [f for f in families if families[f][0].get("method") == "control" and not families[f][0].get("copy_rank")]
     if "full" not in rows or any(f not in rows for f in controls) or not controls:
         return None
     curves = curves or Curves(experiment, base, {n: ok[n] for n in set(rows.values())})
@@ -446,7 +463,7 @@ def reading(an: dict) -> str:
         tied = [r for r in an["rows"] if table[r].get("kl_vs_best") == "tied"]
         parts.append(f"at {int(f * 100)}% {best} ({table[best]['kl']:.4f})" + (f", tied: {', '.join(tied)}" if tied else ""))
     meets = [f"{r} ({c['kl_ratio_at_90']:.2f})" for r, c in an["claim"].items() if c["meets"]]
-    controls = [r for r in an["rows"] if r.startswith("control-")]
+    controls = [r for r in an["rows"] if r.startswith(("control-", "lowrank-control"))]
     on = [r for r in controls if any(an["equal_gain"][f"{f:g}"][r].get("kl_vs_best") in ("best", "tied") for f in LEVELS)]
     return ("Reading: least KL on the frontier " + "; ".join(parts) + ". Meets the paper's claim (<= "
             f"{CLAIM_LOSS:g}x at {int(CLAIM_GAIN * 100)}% of the gain): " + (", ".join(meets) if meets else "no row")
@@ -480,7 +497,8 @@ def markdown(an_all: dict, settings, base: dict, command: str, done: int, total:
                 [f"tied on validation with {', '.join(f'{x:g}' for x in g['val_tied_with'])}: ties go to the lower rate"]
                 if g.get("val_tied_with") else [])
             mark = (" **chosen**" + (f" ({'; '.join(notes)})" if notes else "")) if g["chosen"] else ""
-            mark = (" (beyond the grid)" if g.get("beyond") else "") + mark
+            mark = (" (beyond the grid" + ("; validation prefers it to the chosen rate" if g.get("validation_prefers")
+                                            else "") + ")" if g.get("beyond") else "") + mark
             lines.append(f"| {g['family']} | {g['lr']:g}{mark} | {val} | "
                          f"{_pm(g['gain'], g['gain_se'], '{:.3f}')} | {_pm(g['kl'], g['kl_se'])} | "
                          f"{_pm(g['english'], g['english_se'])} | {_f(g.get('mc_change'), '{:+.3f}')} | "
@@ -488,8 +506,13 @@ def markdown(an_all: dict, settings, base: dict, command: str, done: int, total:
         for edge, more in (("top", "higher"), ("bottom", "lower")):
             edges = [g["family"] for g in an["grid"] if g.get("edge") == edge]
             if edges:
-                lines += ["", f"Chosen at the {edge} of its grid: {', '.join(edges)} (a {more} rate might gain more "
-                          "on validation; the grid does not say)."]
+                said = []
+                for fam in edges:
+                    past = [g for g in an["grid"] if g["family"] == fam and g.get("beyond")]
+                    said.append(f"{fam} (" + (f"the {more} rate {past[0]['lr']:g}: validation "
+                                              + ("prefers it" if past[0].get("validation_prefers") else "does not prefer it")
+                                              if past else f"the run at a {more} rate is not finished") + ")")
+                lines += ["", f"Chosen at the {edge} of its grid: {', '.join(said)}."]
         if not an.get("levels"):
             why = (f"full fine-tuning at its chosen rate ({an['reference']['run']}) gained nothing"
                    if an.get("reference") else "full fine-tuning's grid is not finished")
@@ -511,7 +534,8 @@ def markdown(an_all: dict, settings, base: dict, command: str, done: int, total:
                 cells.append("not reached" if c["kl"] is None else
                              f"{_pm(c['kl'], c['kl_se'])}{' **best**' if tag == 'best' else f' ({tag})' if tag else ''}")
             c90, c75 = an["equal_gain"]["0.9"][row], an["equal_gain"]["0.75"][row]
-            shown = f"full@{an['reference_rates'][name]:g} (beyond the grid)" if name.endswith("@beyond") else name
+            lr_of = {g["run"]: g["lr"] for g in an["grid"]}
+            shown = f"{name.split('@')[0]}@{lr_of[name]:g} (beyond the grid)" if name.endswith("@beyond") else name
             lines.append(f"| {row} | {shown} | " + " | ".join(cells) + f" | {_f(c90['kl_ratio'], '{:.2f}')} | "
                          f"{_pm(c75['english'], c75['english_se'])} |")
         lines += ["", reading(an)]
