@@ -57,6 +57,8 @@ SHAPES = {
     "llama-1b": dict(shape=LLAMA_1B, dtype="bfloat16", batch=1, seq=32),
 }
 QUICK_SHAPES = {"quick": dict(shape=QUICK, dtype="float32", batch=1, seq=64)}
+# On a GPU (--device cuda, benchmarks/memory/gpu_plan.sh): the paper's model, in bf16, at a real sequence length.
+GPU_SHAPES = {"llama-8b": dict(shape=LLAMA_8B, dtype="bfloat16", batch=1, seq=2048)}
 
 METHODS = {
     "full": dict(label="full fine-tuning", method="full"),
@@ -86,7 +88,7 @@ def _trim() -> None:
         pass
 
 
-def worker(shape_name: str, method: str, shapes: dict) -> dict:
+def worker(shape_name: str, method: str, shapes: dict, device: str = "cpu") -> dict:
     from controlllm.training.train import TrainConfig, prepare_model
 
     spec, m = shapes[shape_name], METHODS[method]
@@ -97,16 +99,26 @@ def worker(shape_name: str, method: str, shapes: dict) -> dict:
     cfg = TrainConfig(data="unused", method=m["method"], quantize_base=m.get("quantize_base"), lora_r=16, lora_alpha=32,
                       num_expanded_layers=COPIES if m["method"] == "control" else None, copy_rank=m.get("copy_rank"),
                       copy_alpha=2.0 * m["copy_rank"] if m.get("copy_rank") else None)
-    model = prepare_model(base, cfg)
+    model = prepare_model(base, cfg)  # quantised (if asked) on the CPU, then moved
+    model.to(device)
     model.train()
     optimizer = make_optimizer(model)
-    ids, mask = batch(spec["shape"]["vocab_size"], spec["batch"], spec["seq"])
+    ids, mask = (t.to(device) for t in batch(spec["shape"]["vocab_size"], spec["batch"], spec["seq"]))
     setup = time.perf_counter() - setup
-    _trim()
-    rss_before = rss_bytes()
-    reset = reset_peak_rss()
-    seconds = train_step(model, optimizer, ids, mask)
-    peak = vm_hwm_bytes()
+    if device == "cuda":  # GPU memory: what torch allocated at its peak during the step (weights included)
+        torch.cuda.synchronize()
+        rss_start = rss_before = 0
+        torch.cuda.reset_peak_memory_stats()
+        reset = True
+        seconds = train_step(model, optimizer, ids, mask)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        _trim()
+        rss_before = rss_bytes()
+        reset = reset_peak_rss()
+        seconds = train_step(model, optimizer, ids, mask)
+        peak = vm_hwm_bytes()
     trained = trainable(model)
     frozen_bytes = sum(t.numel() * t.element_size() for n, t in model.state_dict().items())
     return {
@@ -193,7 +205,9 @@ def flops_per_token(shape: dict, seq: int, copies: int = COPIES) -> dict:
 # ---------------------------------------------------------------------------------- report
 def render(data: dict, output_dir: str) -> None:
     rows = data["results"]
-    lines = ["# Memory: Control LLM on a quantised frozen branch, against full fine-tuning, LoRA and QLoRA (CPU)", ""]
+    gpu = data.get("device") == "cuda"
+    lines = ["# Memory: Control LLM on a quantised frozen branch, against full fine-tuning, LoRA and QLoRA "
+             f"({'GPU' if gpu else 'CPU'})", ""]
     lines += [f"Command: `{data['command']}` (started {data['started']}, {data['minutes']:.1f} min in all).", ""]
     for update in data.get("updates", []):
         lines += [f"Then: `{update['command']}` (started {update['started']}), measuring the methods it names "
@@ -203,6 +217,10 @@ def render(data: dict, output_dir: str) -> None:
               f"{(info.get('memory_bytes') or 0) / GiB:.0f} GiB RAM, shared with other jobs (step times are single steps on a busy "
               f"machine: read them as rough). Python {info.get('python')}, torch {info.get('torch')}, transformers "
               f"{info.get('transformers')}, bitsandbytes {data.get('bitsandbytes')}.", ""]
+    if gpu:
+        lines += [f"Device: {data.get('gpu')}. Peak memory is torch.cuda.max_memory_allocated over one training step "
+                  "(weights, gradients, optimizer state, activations; the CUDA context and the allocator's cache are "
+                  "not in it), so the 'process baseline' columns equal the peak columns.", ""]
     lines += ["Method: each method in its own process; the model is built with random weights (and quantised), "
               "the optimizer made (AdamW, fused, as the HF Trainer), the kernel's peak-RSS mark (VmHWM) reset, then "
               "one training step (forward with the LM loss, backward, AdamW step: the first step, which allocates "
@@ -330,12 +348,14 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
     parser.add_argument("--update", action="store_true",
                         help="measure the chosen shapes/methods again into the existing memory.json (its other rows kept)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cuda: the Llama-3.1-8B shape on the GPU, peak = max_memory_allocated")
     parser.add_argument("--worker", nargs=2, metavar=("SHAPE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    shapes = QUICK_SHAPES if args.quick else GPU_SHAPES if args.device == "cuda" else SHAPES
     if args.worker:
         torch.set_num_threads(args.threads)
-        print(json.dumps(worker(*args.worker, shapes)))
+        print(json.dumps(worker(*args.worker, shapes, args.device)))
         return
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "memory.json")
@@ -351,7 +371,8 @@ def main() -> None:
     data = {"command": command,
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)), "threads": args.threads,
             "machine": machine_info(), "bitsandbytes": bitsandbytes.__version__,
-            "shapes": {k: shapes[k] for k in chosen}, "results": []}
+            "shapes": {k: shapes[k] for k in chosen}, "results": [], "device": args.device,
+            "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None}
     if args.update:
         with open(path) as f:
             data = json.load(f)
@@ -362,7 +383,7 @@ def main() -> None:
     for shape_name in chosen:
         for method in args.methods.split(","):
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", shape_name, method,
-                   "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+                   "--threads", str(args.threads), "--device", args.device] + (["--quick"] if args.quick else [])
             t = time.time()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode == 0:
