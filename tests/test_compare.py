@@ -66,6 +66,17 @@ def test_compare_end_to_end_at_toy_size_and_resumes_from_its_records(tmp_path, f
         cmp.compare(**files, loader=_loader, **{**options, "steps": 3})
 
 
+def test_low_rank_control_is_a_method_of_the_comparison(tmp_path, files):
+    an = cmp.compare(**files, loader=_loader, task="cpt", output=str(tmp_path / "cmp"),
+                     methods=("full", "control-lowrank"), rates={"full": (1e-3,), "control-lowrank": (3e-3,)},
+                     seeds=(42,), steps=2, batch_size=2, seq_len=32, dial_values=(0.5, 1.0), bootstrap=20, threads=1,
+                     progress=False)
+    full, low = an["table"]["full"], an["table"]["control-lowrank"]
+    assert low["lr"] == 3e-3 and low["points"][0]["kl"][0] == 0.0  # s = 0 is the base
+    assert 0 < low["trainable_parameters"] < full["trainable_parameters"] / 4  # factors, not copies
+    assert cmp.METHODS["control-lowrank"][0]["copy_rank"] == 16
+
+
 @pytest.fixture()
 def chat_files(tmp_path):
     """Chats (prompt / response) for an SFT comparison: sums to learn, greetings to keep."""

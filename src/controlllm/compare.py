@@ -53,6 +53,8 @@ METHODS = {
     "stack": (dict(method="stack"), (1e-4, 3e-4, 1e-3)),
     "control-paper-csft": (dict(method="control", preset="paper-csft"), (5e-5, 3e-4, 1e-3)),
     "control-paper-cpt": (dict(method="control", preset="paper-cpt"), (5e-5, 3e-4, 1e-3)),
+    # Low-rank Control (`--copy-rank 16`): each copy its frozen layer plus rank-16 factors; LoRA's grid.
+    "control-lowrank": (dict(method="control", preset="recommended", copy_rank=16, copy_alpha=32), (3e-4, 1e-3, 3e-3)),
     # Self-distillation fine-tuning (TRL's SDFTTrainer): every weight trained, like full; chats only.
     "sdft": (dict(method="sdft"), (1e-5, 3e-5, 1e-4)),
 }
