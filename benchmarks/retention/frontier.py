@@ -155,7 +155,7 @@ def jobs(s: Settings) -> list[Job]:
     out = []
     for experiment in EXPERIMENTS:
         out += [Job(experiment, fam, f"{lr:g}") for fam, (_, rates) in s.families.items() for lr in rates]
-        out += [Job(experiment, fam, "beyond") for fam in s.families if fam in report.BEYOND]
+        out += [Job(experiment, fam, "beyond") for fam in s.families]
         for seed in s.seeds[1:]:
             for row in SEEDED:
                 if row == "full-gentle":
