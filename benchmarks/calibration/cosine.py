@@ -10,7 +10,7 @@ measures for each run:
 
 * along the dial s = 0, 0.25, 0.5, 0.75, 1: the gain (Spanish test bits/char, base - run) and the KL
   to the base on held-out English (nats/token), so the two losses are compared at equal gain on their
-  dial curves (linear interpolation, as the frontier reads its envelopes);
+  dial curves (`controlllm.compare.on_envelope`, as the frontier reads its envelopes);
 * the mean per-token norm of the hidden state entering each expanded layer (the output of the layers
   below it), trained over base, on the English text: growth there is cosine's drift;
 * the two branches' norms at each expanded layer, copy over frozen.
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -41,16 +40,6 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks", "retention"))
 LOSSES = ("cosine", "nmse")
 DIALS = (0.0, 0.25, 0.5, 0.75, 1.0)
 LEVELS = (0.5, 0.75, 0.9)  # shares of the smaller of the two runs' gains at s = 1
-LN2 = math.log(2.0)
-
-
-def interpolate(gains, values, level: float) -> float | None:
-    """`values` at `level` along a curve whose gains rise with s (linear between the points around it)."""
-    pts = sorted(zip(gains, values))
-    for (g0, v0), (g1, v1) in zip(pts, pts[1:]):
-        if g0 <= level <= g1:
-            return v0 if g1 == g0 else v0 + (v1 - v0) * (level - g0) / (g1 - g0)
-    return None
 
 
 @torch.no_grad()
@@ -133,12 +122,15 @@ def run_one(loss: str, args, data: dict, folder: str) -> dict:
 
 
 def equal_gain(results: dict) -> list[dict]:
-    """KL of each loss at shared gain levels on its dial curve, and the ratio cosine / nmse."""
+    """KL of each loss at shared gain levels on its dial curve (read as the frontier benchmark reads
+    envelopes, `controlllm.compare.on_envelope`), and the ratio cosine / nmse."""
+    from controlllm.compare import on_envelope
+
     top = min(max(p["gain"] for p in results[loss]["dial"]) for loss in LOSSES)
     rows = []
     for frac in LEVELS:
         level = frac * top
-        kl = {loss: interpolate([p["gain"] for p in results[loss]["dial"]], [p["kl"] for p in results[loss]["dial"]],
+        kl = {loss: on_envelope([p["gain"] for p in results[loss]["dial"]], [p["kl"] for p in results[loss]["dial"]],
                                 level) for loss in LOSSES}
         rows.append({"level": frac, "gain": level, **kl,
                      "ratio": kl["cosine"] / kl["nmse"] if kl["cosine"] is not None and kl["nmse"] else None})

@@ -29,7 +29,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import SMOLLM2_135M, batch, machine_info, make_optimizer, random_model, train_step, trainable  # noqa: E402
+from common import SMOLLM2_135M, machine_info, make_optimizer, random_model, trainable  # noqa: E402
+from run import alternate_steps  # noqa: E402  (perf/run.py: methods taking turns step by step)
 
 RESULTS = os.path.normpath(os.path.join(HERE, "..", "results"))
 COPIES = 8
@@ -61,15 +62,8 @@ def measure(shape: dict, batch_size: int, seq: int, reps: int) -> dict:
     for label, (overrides, _) in METHODS.items():
         model = build(shape, overrides)
         trainers.append((label, model, make_optimizer(model)))
-    ids, mask = batch(shape["vocab_size"], batch_size, seq)
-    for _, model, opt in trainers:  # warm-up: kernels, AdamW's state, the allocator
-        train_step(model, opt, ids, mask)
-    times = {label: [] for label, _, _ in trainers}
-    for r in range(reps):
-        for label, model, opt in (trainers if r % 2 == 0 else trainers[::-1]):
-            times[label].append(train_step(model, opt, ids, mask))
-        print(f"[{time.strftime('%H:%M:%S')}] round {r + 1}/{reps}: "
-              + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+    times = alternate_steps([({"label": label}, model, opt) for label, model, opt in trainers], shape["vocab_size"],
+                            batch_size, seq, reps, warm_seq=seq)
     rows = []
     for label, model, _ in trainers:
         against = METHODS[label][1]
