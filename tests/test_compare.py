@@ -143,6 +143,29 @@ def test_sdft_saves_a_run_folder_that_opens_as_full_weights_on_its_base(tmp_path
     assert open_run(tmp_path / "plain").kind == "full"
 
 
+def test_sdft_save_steps_writes_weight_checkpoints_that_hold_the_trained_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from controlllm.integrations.sdft import train_sdft
+
+    chats = [[{"role": "user", "content": f"What is {a} plus {a}?"}, {"role": "assistant", "content": f"{2 * a}"}]
+             for a in range(4)]
+    model, tokenizer = _loader()
+    result = train_sdft(model, tokenizer, chats, str(tmp_path / "run"), lr=1e-3, steps=2, batch_size=2, seq_len=24,
+                        seed=1, threads=1, progress=False, save_steps=1)
+    assert sorted(n for n in os.listdir(tmp_path / "run") if n.startswith("checkpoint-")) == ["checkpoint-1",
+                                                                                             "checkpoint-2"]
+    assert not (tmp_path / "run" / "checkpoint-1" / "optimizer.pt").exists()  # weights only
+    first = load_file(str(tmp_path / "run" / "checkpoint-1" / "model.safetensors"))
+    last = load_file(str(tmp_path / "run" / "checkpoint-2" / "model.safetensors"))
+    trained = dict(result.model.named_parameters())
+    assert all(torch.equal(last[k], trained[k].detach().cpu()) for k in last)  # the end state, bit for bit
+    assert any(not torch.equal(first[k], last[k]) for k in first)  # step 1 is another state
+    assert not any(n.startswith("checkpoint-") for n in os.listdir(
+        train_sdft(*_loader(), chats, str(tmp_path / "none"), lr=1e-3, steps=1, batch_size=2, seq_len=24,
+                   threads=1, progress=False).output))
+
+
 def test_sft_defaults_add_sdft_and_cpt_refuses_it(files, tmp_path):
     assert cmp.CompareConfig(train="a", validation="b", test="c", keep="d").methods == (
         "full", "lora", "control", "sdft")

@@ -273,3 +273,24 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "training" not in again.stdout and again.stdout.count("finished earlier") == len(run.quick_settings().cpt_variants) + len(seq)
     assert json.loads((tmp_path / "report" / "retention.json").read_text())["summary"] == result["summary"]
+
+
+def test_skill_files_are_disjoint_sized_and_readable_by_compare(tmp_path):
+    skills = pytest.importorskip("skills")
+    from controlllm.dial import read_eval_texts
+
+    counts = skills.write_data(str(tmp_path), test=30, validation=20, arith_train=50, keep=5)
+    assert counts == {"arith_test.jsonl": 30, "arith_validation.jsonl": 20, "arith_train.jsonl": 50,
+                      "sciq_test.jsonl": 30, "sciq_validation.jsonl": 20, "sciq_train.jsonl": 950, "keep.txt": 5}
+    for skill in ("arith", "sciq"):
+        splits = {s: read_eval_texts(str(tmp_path / f"{skill}_{s}.jsonl")) for s in ("train", "validation", "test")}
+        assert [len(v) for v in splits.values()] == [counts[f"{skill}_{s}.jsonl"] for s in splits]
+        prompts = {s: {chat[0]["content"] for chat in v} for s, v in splits.items()}
+        assert not prompts["test"] & prompts["validation"] and not prompts["test"] & prompts["train"]
+        assert all(chat[-1]["role"] == "assistant" and chat[-1]["content"] for chat in splits["test"])
+    assert len(read_eval_texts(str(tmp_path / "keep.txt"))) == 5
+    again = tmp_path / "again"
+    skills.write_data(str(again), skills=("sciq",), test=30, validation=20, keep=5)
+    assert (again / "sciq_test.jsonl").read_bytes() == (tmp_path / "sciq_test.jsonl").read_bytes()  # deterministic
+    with pytest.raises(ValueError, match="leaves none to train on"):
+        skills.sciq_splits(900, 100)

@@ -15,7 +15,8 @@ Forgetting, both: KL to the base model and bits/char on held-out English; multip
 PIQA, HellaSwag) at the end of each run.
 
 Rows: every method's grid (full 3e-5/1e-4/3e-4, LoRA, freeze-8, stack-8, three Control presets on 8
-copies from the authors' 5e-5 up, low-rank Control on LoRA's grid) at seed 42, and for full fine-tuning (the reference, whose gain
+copies from the authors' 5e-5 up, low-rank Control on LoRA's grid, and in csft SDFT, self-distillation
+through TRL, 1e-5/3e-5/1e-4, dialled by WiSE-FT like full) at seed 42, and for full fine-tuning (the reference, whose gain
 sets the levels) one rate beyond the edge of its grid where validation chose that edge; each setting's
 grids followed by its headline rows at
 seeds 1 and 2 (full at its chosen rate, gentle full = its lowest rate, LoRA and the best Control at
@@ -60,6 +61,8 @@ from run import CheckpointPruner, _jsonable, _read_json, _read_jsonl, _write_if_
 
 from controlllm.assets import load_pretrained  # noqa: E402
 from controlllm.dial import Dial  # noqa: E402
+from controlllm.integrations.sdft import train_sdft  # noqa: E402
+from controlllm.training.data import read_chat_records  # noqa: E402
 from controlllm.training.train import TrainConfig, TrainingError, train  # noqa: E402
 
 EXPERIMENTS = ("cpt", "csft")
@@ -81,7 +84,11 @@ FAMILIES = {  # in the order their grids run: the rows the verdict rests on firs
     # layer plus rank-16, alpha-32 factors on its 7 linear layers; LoRA's grid, since it trains LoRA-sized factors.
     "lowrank-control-8": (dict(method="control", preset="recommended", num_expanded_layers=8, copy_rank=16,
                                copy_alpha=32), (3e-4, 1e-3, 3e-3)),
+    # Self-distillation fine-tuning (TRL's SDFTTrainer through controlllm.integrations.sdft, as
+    # `controlllm compare --methods sdft`): every weight trained, dialled like full (WiSE-FT); csft only.
+    "sdft": (dict(method="sdft"), (1e-5, 3e-5, 1e-4)),
 }
+SFT_ONLY = ("sdft",)  # families that learn from demonstrations: not run in cpt
 # Families run again with 10% general English mixed in (cpt, at their chosen rates): the first seven.
 MIX_FAMILIES = ("full", "control-recommended-8", "lora-r16", "control-paper-csft-8", "stack-8", "freeze-8",
                 "control-paper-cpt-8")
@@ -142,7 +149,8 @@ def quick_settings() -> Settings:
                     families={"full": (dict(method="full"), (3e-5, 3e-4)),
                               "lora-r16": (LORA, (3e-3,)),
                               "control-recommended-8": (dict(method="control", preset="recommended",
-                                                             num_expanded_layers=2), (1e-3,))})
+                                                             num_expanded_layers=2), (1e-3,)),
+                              "sdft": (dict(method="sdft"), (3e-5,))})
 
 
 PLANS = {"frontier": lambda: Settings(plan="frontier"), "frontier-quick": quick_settings}
@@ -154,8 +162,9 @@ def jobs(s: Settings) -> list[Job]:
     before the next setting starts; then the mixed-data rows."""
     out = []
     for experiment in EXPERIMENTS:
-        out += [Job(experiment, fam, f"{lr:g}") for fam, (_, rates) in s.families.items() for lr in rates]
-        out += [Job(experiment, fam, "beyond") for fam in s.families]
+        families = [f for f in s.families if experiment == "csft" or f not in SFT_ONLY]
+        out += [Job(experiment, fam, f"{lr:g}") for fam in families for lr in s.families[fam][1]]
+        out += [Job(experiment, fam, "beyond") for fam in families]
         for seed in s.seeds[1:]:
             for row in SEEDED:
                 if row == "full-gentle":
@@ -308,7 +317,11 @@ class FrontierBench(retention.Bench):
         return sum(1 for j in planned if j.name in done.get(j.experiment, {})), len(planned)
 
     def config(self, job: Job, family: str, lr: float, output: str) -> TrainConfig:
-        s, overrides = self.s, self.s.families[family][0]
+        """The run's TrainConfig (for SDFT, the same budget as method "full": run_job hands its fields to
+        train_sdft)."""
+        s, overrides = self.s, dict(self.s.families[family][0])
+        if overrides.get("method") == "sdft":
+            overrides["method"] = "full"
         steps = s.cpt_steps if job.experiment == "cpt" else s.sft_steps
         common = dict(output=output, lr=lr, seed=job.seed, progress=False, logging_steps=max(1, steps // 16),
                       threads=s.threads, bf16=s.bf16, max_steps=steps, save_steps=steps // 2, save_total_limit=3,
@@ -323,17 +336,24 @@ class FrontierBench(retention.Bench):
         """Train one run; score it half way, at the end (validation and MC too) and along its dial."""
         folder = os.path.join(self.runs, job.experiment, job.name)
         cfg = self.config(job, family, lr, os.path.join(folder, "train"))
+        sdft = self.s.families[family][0].get("method") == "sdft"
         shutil.rmtree(cfg.output, ignore_errors=True)
         half, steps = cfg.save_steps, cfg.max_steps
         print(f"[{time.strftime('%H:%M:%S')}] {job.experiment} {job.name}: {family} lr={lr:g} seed={job.seed}, "
               f"{steps} steps", flush=True)
         model, tokenizer = load_pretrained(None)
         with CheckpointPruner(cfg.output, {half, steps}):
-            result = train(cfg, model=model, tokenizer=tokenizer)
+            if sdft:
+                result = train_sdft(model, tokenizer, read_chat_records(cfg.data), cfg.output, lr=lr, steps=steps,
+                                    batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=job.seed, bf16=cfg.bf16,
+                                    threads=cfg.threads, progress=False, save_steps=half, data=cfg.data)
+            else:
+                result = train(cfg, model=model, tokenizer=tokenizer)
         trained = result.model
         trained.eval()
         out = {"experiment": job.experiment, "variant": job.name, "family": family, "lr": lr, "seed": job.seed,
-               "mix": job.mix, "settings": self.plan_key(job.experiment), "config": _jsonable(dataclasses.asdict(cfg)),
+               "mix": job.mix, "settings": self.plan_key(job.experiment),
+               "config": _jsonable({**dataclasses.asdict(cfg), **({"method": "sdft"} if sdft else {})}),
                "train_seconds": round(result.seconds, 1), "trainable_parameters": result.trainable_parameters,
                "train_log": _read_jsonl(os.path.join(cfg.output, "metrics.jsonl")), "checkpoints": [], "dial": []}
         retention.load_checkpoint_state(trained, cfg.method, os.path.join(cfg.output, f"checkpoint-{half}"))

@@ -302,10 +302,11 @@ def analyse(experiment: str, base: dict, runs: dict, families, seeds) -> dict | 
 
 
 def control_ratios(curves: Curves, rows: dict, levels, ref_gain_b: np.ndarray) -> dict:
-    """Each Control row's KL over each full-fine-tuning row's (low-rank Control rows: and each LoRA
-    row's) at every level, with the 95% paired bootstrap interval: {"<control> / <full>": [per level]}."""
+    """Each Control row's KL over each full-fine-tuning row's and each SDFT row's (low-rank Control rows:
+    and each LoRA row's) at every level, with the 95% paired bootstrap interval:
+    {"<control> / <full>": [per level]}."""
     out = {}
-    fulls = [r for r in rows if r == "full" or r.startswith("full-") and " + " not in r]
+    fulls = [r for r in rows if (r in ("full", "sdft") or r.startswith(("full-", "sdft-"))) and " + " not in r]
     loras = [r for r in rows if r.startswith("lora-") and " + " not in r]
     for c in (r for r in rows if r.startswith(("control-", "lowrank-control")) and " + " not in r):
         # low-rank copies are also read against LoRA, the method of their cost
@@ -542,7 +543,7 @@ def markdown(an_all: dict, settings, base: dict, command: str, done: int, total:
                          f"{_pm(c75['english'], c75['english_se'])} |")
         lines += ["", reading(an)]
         if an.get("ratios"):
-            lines += ["", "Paired KL ratios, each Control row over each full-fine-tuning row (full-beyond: the run beyond its grid; low-rank Control also over LoRA), at "
+            lines += ["", "Paired KL ratios, each Control row over each full-fine-tuning and SDFT row (-beyond: the run beyond its grid; low-rank Control also over LoRA), at "
                       + " / ".join(f"{int(f * 100)}%" for f in LEVELS)
                       + " (95% bootstrap interval; an interval containing 1 is a tie):", ""]
             for pair, cells in an["ratios"].items():

@@ -82,7 +82,7 @@ def _source_path(model, tokenizer, output: str) -> str:
 def train_sdft(model, tokenizer, conversations: list[list[dict]], output: str, *, lr: float, steps: int,
                batch_size: int = 8, seq_len: int = 256, seed: int = 42, bf16: bool = False,
                threads: int | None = None, progress: bool = True, base: str | None = None,
-               data: str | None = None) -> SDFTResult:
+               data: str | None = None, save_steps: int | None = None) -> SDFTResult:
     """Train the full `model` with SDFT on `conversations` for `steps` optimizer steps of
     `batch_size` prompts (one sampled answer each) at learning rate `lr`, seeded; write
     `output/final` (model, tokenizer, run_config.json with "model" = the base path and
@@ -91,7 +91,8 @@ def train_sdft(model, tokenizer, conversations: list[list[dict]], output: str, *
     demonstration. `base`: the base model's path to record (default: the folder the teacher is built
     from). The schedule, warm-up, weight decay and activation checkpointing are `controlllm train`'s
     defaults; TRL's SDFT settings are its own defaults (top-k logit distillation, the initial model as
-    teacher)."""
+    teacher). `save_steps`: also write the model's weights (no optimizer state) to
+    `output/checkpoint-<step>` every that many steps (default: none)."""
     import datasets
     import torch
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
@@ -117,7 +118,9 @@ def train_sdft(model, tokenizer, conversations: list[list[dict]], output: str, *
         teacher_prompt_template=TEACHER_PROMPT, chat_template_kwargs=template or None, bf16=bf16,
         lr_scheduler_type="cosine", warmup_steps=int(round(defaults["warmup_ratio"] * steps)),
         weight_decay=defaults["weight_decay"], gradient_checkpointing=defaults["gradient_checkpointing"],
-        logging_steps=max(1, steps // 10), save_strategy="no", report_to="none", disable_tqdm=not progress,
+        logging_steps=max(1, steps // 10), report_to="none", disable_tqdm=not progress,
+        **(dict(save_strategy="steps", save_steps=save_steps, save_only_model=True) if save_steps
+           else dict(save_strategy="no")),
         use_cpu=not torch.cuda.is_available())
     trainer = SDFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(records),
                           processing_class=tokenizer)

@@ -1,0 +1,54 @@
+"""A second SFT skill, run as a recipe of `controlllm compare`: SciQ science questions.
+
+The frontier benchmark's SFT skill is arithmetic; this is the second one, not arithmetic, with gold
+answers from offline data (SciQ, `skills.py`: 500 train / 200 validation / 300 test items; keep data
+= 200 held-out English texts). It is `controlllm compare` itself on those files, the methods a user
+compares by default for chats (full fine-tuning, LoRA r16, Control's recommended preset, SDFT
+through TRL), each over its default three-rate grid chosen on validation, every run read along its
+dial; gain = bits/char drop on the gold answers, forgetting = KL to the base on the English texts.
+On two CPU cores the budget is the frontier's (32 steps x 8, float32, one seed); the GPU plan
+(`gpu_plan.sh`) runs the same skill at 128 steps x 16 and 5 seeds.
+
+    .venv/bin/python benchmarks/retention/second_skill.py        # resumes from the committed records
+
+Records: benchmarks/results/second_skill_sciq/runs/<method>@<lr>-seed42.json; the report:
+benchmarks/results/second_skill_sciq/compare.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import skills  # noqa: E402
+
+from controlllm.compare import CompareConfig, compare  # noqa: E402
+
+METHODS = ("full", "lora", "control", "sdft")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "second_skill_sciq"))
+    parser.add_argument("--data", default=os.path.join(ROOT, "runs", "second_skill", "data"))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    print("data:", skills.write_data(args.data, skills=("sciq",), test=300, validation=200, keep=200), flush=True)
+    cfg = CompareConfig(train=os.path.join(args.data, "sciq_train.jsonl"),
+                        validation=os.path.join(args.data, "sciq_validation.jsonl"),
+                        test=os.path.join(args.data, "sciq_test.jsonl"), keep=os.path.join(args.data, "keep.txt"),
+                        task="sft", output=args.output, methods=tuple(args.methods.split(",")), seeds=(42,),
+                        steps=args.steps, batch_size=8, seq_len=256, threads=args.threads, progress=False)
+    compare(config=cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
