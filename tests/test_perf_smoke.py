@@ -37,3 +37,20 @@ def test_flop_model_orders_methods():
 def test_peak_memory_readings():
     assert common.rss_bytes() > 0
     assert common.vm_hwm_bytes() >= common.rss_bytes() or not common.reset_peak_rss()
+
+
+def test_memory_report_renders_without_a_full_fine_tuning_row(tmp_path):
+    import importlib.util
+    import json
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    spec = importlib.util.spec_from_file_location("memory_run", os.path.join(root, "benchmarks", "memory", "run.py"))
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    with open(os.path.join(root, "benchmarks", "results", "memory.json")) as f:
+        data = json.load(f)
+    data["results"] = [r for r in data["results"] if r["method"] != "full"]  # e.g. --quick --methods lora,qlora
+    memory.render(data, str(tmp_path))
+    text = (tmp_path / "memory.md").read_text()
+    lora = next(line for line in text.splitlines() if line.startswith("| LoRA"))
+    assert "| - |" in lora  # no ratio to a row that was not measured

@@ -252,10 +252,17 @@ def render(data: dict, output_dir: str) -> None:
                 lines.append(f"| {r['label']} | failed: {r.get('error', '?')} | | | | | | | |")
                 continue
             base = r["peak_rss"] - r["rss_after_imports"]
-            full_base = full["peak_rss"] - full["rss_after_imports"] if full else None
+
+            def vs_full(value, key, fmt):  # "-" when full fine-tuning was not measured in this run
+                if full is None:
+                    return "-"
+                ref = full["peak_rss"] - full["rss_after_imports"] if key == "baseline" else full[key]
+                return format(value / ref, fmt)
+
             lines.append(
-                f"| {r['label']} | {r['peak_rss'] / 1e9:.2f} | {r['peak_rss'] / full['peak_rss']:.3f} | {base / 1e9:.2f} | "
-                f"{base / full_base:.3f} | {r['step_seconds']:.2f} | {r['step_seconds'] / full['step_seconds']:.2f} | "
+                f"| {r['label']} | {r['peak_rss'] / 1e9:.2f} | {vs_full(r['peak_rss'], 'peak_rss', '.3f')} | "
+                f"{base / 1e9:.2f} | {vs_full(base, 'baseline', '.3f')} | {r['step_seconds']:.2f} | "
+                f"{vs_full(r['step_seconds'], 'step_seconds', '.2f')} | "
                 f"{r['trainable_parameters'] / 1e6:.1f} M | {arith[r['method']]:.2f} |")
         lines.append("")
         if shape_name == goal_shape and full:

@@ -1,8 +1,8 @@
 """A second SFT skill, run as a recipe of `controlllm compare`: SciQ science questions.
 
 The frontier benchmark's SFT skill is arithmetic; this is the second one, not arithmetic, with gold
-answers from offline data (SciQ, `skills.py`: 500 train / 200 validation / 300 test items; keep data
-= 200 held-out English texts). It is `controlllm compare` itself on those files, the methods a user
+answers from offline data (SciQ closed book, `skills.py`: 500 train / 200 validation / 300 test items;
+keep data = 100 held-out English texts). It is `controlllm compare` itself on those files, the methods a user
 compares by default for chats (full fine-tuning, LoRA r16, Control's recommended preset, SDFT
 through TRL), each over its default three-rate grid chosen on validation, every run read along its
 dial; gain = bits/char drop on the gold answers, forgetting = KL to the base on the English texts.
@@ -40,12 +40,12 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    print("data:", skills.write_data(args.data, skills=("sciq",), test=300, validation=200, keep=200), flush=True)
+    print("data:", skills.write_data(args.data, skills=("sciq",), test=300, validation=200, keep=100), flush=True)
     cfg = CompareConfig(train=os.path.join(args.data, "sciq_train.jsonl"),
                         validation=os.path.join(args.data, "sciq_validation.jsonl"),
                         test=os.path.join(args.data, "sciq_test.jsonl"), keep=os.path.join(args.data, "keep.txt"),
                         task="sft", output=args.output, methods=tuple(args.methods.split(",")), seeds=(42,),
-                        steps=args.steps, batch_size=8, seq_len=256, threads=args.threads, progress=False)
+                        steps=args.steps, batch_size=8, seq_len=128, threads=args.threads, progress=False)
     compare(config=cfg)
     return 0
 

