@@ -77,6 +77,48 @@ def test_low_rank_control_is_a_method_of_the_comparison(tmp_path, files):
     assert cmp.METHODS["control-lowrank"][0]["copy_rank"] == 16
 
 
+def test_score_dial_in_one_pass_equals_each_unit_scored_alone_with_far_fewer_dial_settings():
+    from controlllm.dial import Dial, dial_curve
+
+    model, tokenizer = _loader()
+    base, _ = _loader()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a "trained" model: WiSE-FT moves every weight
+    dial = Dial(model, base=base)
+    sets = []
+    real_set = dial.set
+    dial.set = lambda v: sets.append(v) or real_set(v)
+    learn = [TOKENIZER_CORPUS[i % len(TOKENIZER_CORPUS)] for i in range(12)]
+    keep = [TOKENIZER_CORPUS[(i + 3) % len(TOKENIZER_CORPUS)] for i in range(12)]
+    learn_groups, keep_groups = cmp._groups(learn, 6), cmp._groups(keep, 6)
+    units = cmp.score_dial(dial, tokenizer, learn_groups, keep_groups, (0.5, 1.0), 32)
+    one_pass = len(sets)
+    sets.clear()
+    for unit, lg, kg in zip(units, learn_groups, keep_groups):
+        points = dial_curve(dial, tokenizer, lg, kg, values=(0.5, 1.0), seq_len=32, progress=False)
+        assert unit["learn_chars"] == points[0].learn_characters and unit["keep_chars"] == points[0].keep_characters
+        for got, p in zip(unit["points"], points):
+            assert got["value"] == p.value and got["keep_tokens"] == p.keep_tokens
+            assert got["learn_bits"] == pytest.approx(p.learn_bpc * p.learn_characters, rel=1e-6)
+            assert got["keep_bits"] == pytest.approx(p.keep_bpc * p.keep_characters, rel=1e-6)
+            assert got["kl_sum"] == pytest.approx(p.kl * p.keep_tokens, rel=1e-5, abs=1e-9)
+        assert unit["points"][-1]["kl_sum"] > 0
+    assert one_pass * 3 <= len(sets)  # 6 units scored alone set the dial 6 times as often as one pass over 2 batches
+
+
+def test_every_test_item_is_scored_when_the_keep_data_has_fewer_items_than_units(tmp_path, files):
+    path = tmp_path / "keep2.txt"
+    path.write_text("\n\n".join(TOKENIZER_CORPUS[2:4]))  # 2 keep texts, 4 test texts, 64 units asked for
+    cmp.compare(**{**files, "keep": str(path)}, loader=_loader, task="cpt", output=str(tmp_path / "cmp"),
+                methods=("full",), rates={"full": (1e-3,)}, seeds=(42,), steps=1, batch_size=2, seq_len=32,
+                dial_values=(1.0,), bootstrap=20, threads=1, progress=False)
+    record = json.loads((tmp_path / "cmp" / "runs" / "full@0.001-seed42.json").read_text())
+    scored = sum(u["learn_chars"] for u in record["test"])
+    assert len(record["test"]) == 2 and scored == sum(len(t) for t in TOKENIZER_CORPUS[1:5])
+
+
 @pytest.fixture()
 def chat_files(tmp_path):
     """Chats (prompt / response) for an SFT comparison: sums to learn, greetings to keep."""

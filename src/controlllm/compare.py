@@ -230,20 +230,28 @@ def _groups(items: list, n: int) -> list[list]:
 
 def score_dial(dial, tokenizer, learn_groups: list[list[str]], keep_groups: list[list[str]], values,
                seq_len: int) -> list[dict]:
-    """Per scoring unit (a group of learn texts paired with a group of keep texts), for s = 0 and
-    every dial value: the learn data's bits (summed) and characters, the keep data's KL summed over
-    its tokens, its bits and characters. The one place `controlllm.dial.dial_curve` is called."""
-    from .dial import dial_curve
+    """Per scoring unit (a group of learn texts paired with a group of keep texts; a keep group may
+    be empty), for s = 0 and every dial value: the learn data's bits (summed) and characters, the
+    keep data's KL summed over its tokens, its bits and characters. Every text is scored in one
+    pass (`controlllm.dial.dial_text_scores`: the dial is set once per value and keep batch, not once
+    per unit: with WiSE-FT every set rewrites all the weights), then summed per unit."""
+    from .dial import dial_text_scores
 
-    out = []
-    for learn, keep in zip(learn_groups, keep_groups):
-        points = dial_curve(dial, tokenizer, learn, keep, values=values, seq_len=seq_len, progress=False)
+    learn = [t for g in learn_groups for t in g]
+    keep = [t for g in keep_groups for t in g]
+    scores = dial_text_scores(dial, tokenizer, learn, keep, values=values, seq_len=seq_len)
+    out, a, b = [], 0, 0
+    for lg, kg in zip(learn_groups, keep_groups):
+        li, ki = slice(a, a + len(lg)), slice(b, b + len(kg))
+        a, b = a + len(lg), b + len(kg)
         # What the means divide by, as the scorer counted it (chats: answer tokens and characters).
-        chars_l, chars_k = points[0].learn_characters, points[0].keep_characters
-        unit = {"learn_chars": chars_l, "keep_chars": chars_k, "points": []}
-        for p in points:
-            unit["points"].append({"value": p.value, "learn_bits": p.learn_bpc * chars_l, "keep_bits": p.keep_bpc * chars_k,
-                                   "kl_sum": p.kl * p.keep_tokens, "keep_tokens": p.keep_tokens})
+        unit = {"learn_chars": int(sum(scores.learn_characters[li])), "keep_chars": int(sum(scores.keep_characters[ki])),
+                "points": []}
+        keep_tokens = int(scores.keep_tokens[ki].sum())
+        for j, value in enumerate(scores.values):
+            unit["points"].append({"value": value, "learn_bits": float(scores.learn_nll[j, li].sum()) / LN2,
+                                   "keep_bits": float(scores.keep_nll[j, ki].sum()) / LN2,
+                                   "kl_sum": float(scores.kl[j, ki].sum()), "keep_tokens": keep_tokens})
         out.append(unit)
     return out
 
@@ -345,10 +353,12 @@ def train_and_score(cfg: CompareConfig, method: str, lr: float, seed: int, texts
         base.to(next(trained.parameters()).device).eval()
     dial = Dial(trained, base=base)
     start = time.time()
-    test = score_dial(dial, tokenizer, _groups(texts["test"], cfg.units), _groups(texts["keep"], cfg.units),
+    units = min(cfg.units, len(texts["test"]), len(texts["keep"]))  # as many test groups as keep groups: none dropped
+    test = score_dial(dial, tokenizer, _groups(texts["test"], units), _groups(texts["keep"], units),
                       cfg.dial_values, cfg.seq_len)
-    val = score_dial(dial, tokenizer, _groups(texts["validation"], cfg.units),
-                     [texts["keep"][:1]] * len(_groups(texts["validation"], cfg.units)), (1.0,), cfg.seq_len)
+    val_groups = _groups(texts["validation"], cfg.units)  # the gain at s = 1 only (one keep text: the scorer needs one)
+    val = score_dial(dial, tokenizer, val_groups, [texts["keep"][:1]] + [[]] * (len(val_groups) - 1), (1.0,),
+                     cfg.seq_len)
     record = {"name": name, "method": method, "lr": lr, "seed": seed, "fingerprint": fingerprint(cfg),
               "dial_kind": dial.kind, "train_seconds": round(result.seconds, 2),
               "score_seconds": round(time.time() - start, 2), "peak_memory_mib": round(memory.mib, 1),

@@ -399,6 +399,36 @@ def dial_curve(dial: Dial, tokenizer, learn_texts: Sequence[Any], keep_texts: Se
     return _points(raw, learn, keep, check, confidence, seed)
 
 
+@dataclass
+class DialTextScores:
+    """`dial_text_scores`' result: per dial value (rows, in `values`' order, s = 0 first) and per text
+    (columns, in the order given), the learn data's NLL, the keep data's NLL and KL(base || dialled),
+    all summed over each text's scored tokens (nats); the texts' scored tokens and characters."""
+
+    values: list
+    learn_nll: torch.Tensor
+    keep_nll: torch.Tensor
+    kl: torch.Tensor
+    learn_tokens: torch.Tensor
+    keep_tokens: torch.Tensor
+    learn_characters: list
+    keep_characters: list
+
+
+def dial_text_scores(dial: Dial, tokenizer, learn_texts: Sequence[Any], keep_texts: Sequence[Any],
+                     values: Sequence[float] = DEFAULT_VALUES, seq_len: int = 256, batch_size: int = 8,
+                     progress: bool = False) -> DialTextScores:
+    """`dial_curve`'s scores kept per text instead of summed into points, for callers that group or
+    resample texts themselves (`controlllm.compare`): one pass over the data, the dial set once per
+    value for the learn data and once per value and keep batch, however the caller groups the texts
+    later. s = 0 is always added. The dial is left where it was."""
+    values = sorted({0.0, *(_check_value(v) for v in values)})
+    learn, keep = _prepare(tokenizer, learn_texts, keep_texts, seq_len)
+    raw = _score(dial, tokenizer, learn, keep, values, batch_size, progress, values)
+    return DialTextScores(values, *(torch.stack([raw[v][k] for v in values]) for k in ("learn", "keep", "kl")),
+                          _tokens(learn), _tokens(keep), list(learn.characters), list(keep.characters))
+
+
 def _bounded(point: DialPoint, name: str) -> float:
     bound = getattr(point, f"{name}_bound")
     return getattr(point, name) if bound is None else bound
@@ -550,7 +580,8 @@ def search_report(best: DialPoint, points: Sequence[DialPoint], max_kl: float | 
     return report
 
 
-__all__ = ["DEFAULT_VALUES", "Dial", "DialBudgetError", "DialPoint", "choose", "dial_curve", "search", "search_report"]
+__all__ = ["DEFAULT_VALUES", "Dial", "DialBudgetError", "DialPoint", "DialTextScores", "choose", "dial_curve",
+           "dial_text_scores", "search", "search_report"]
 
 
 # ------------------------------------------------------------------------------- run folders
