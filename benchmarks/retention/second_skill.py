@@ -37,12 +37,13 @@ RATES = {"full": (1e-5, 3e-5), "control": (5e-5, 3e-4), "sdft": (1e-5, 3e-5)}
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "second_skill_sciq"))
-    parser.add_argument("--data", default=os.path.join(ROOT, "runs", "second_skill", "data"))
+    parser.add_argument("--output", default=os.path.join("benchmarks", "results", "second_skill_sciq"))
+    parser.add_argument("--data", default=os.path.join("runs", "second_skill", "data"))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    os.chdir(ROOT)  # paths relative to the repository, as the report shows them
     print("data:", skills.write_data(args.data, skills=("sciq",), test=150, validation=100, keep=48), flush=True)
     cfg = CompareConfig(train=os.path.join(args.data, "sciq_train.jsonl"),
                         validation=os.path.join(args.data, "sciq_validation.jsonl"),
