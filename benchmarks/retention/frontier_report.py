@@ -547,6 +547,8 @@ def markdown(an_all: dict, settings, base: dict, command: str, done: int, total:
                       + " / ".join(f"{int(f * 100)}%" for f in LEVELS)
                       + " (95% bootstrap interval; an interval containing 1 is a tie):", ""]
             for pair, cells in an["ratios"].items():
+                if all(c is None for c in cells):
+                    continue  # a row that reaches no level (e.g. SDFT in csft): nothing to read
                 lines.append(f"- {pair}: " + " / ".join(
                     "-" if c is None else f"{c['ratio']:.2f}"
                     + (f" [{c['interval'][0]:.2f}, {c['interval'][1]:.2f}]" if c["interval"] else "")
