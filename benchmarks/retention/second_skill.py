@@ -6,8 +6,9 @@ files: full fine-tuning, Control's recommended preset and SDFT (through TRL), ea
 grid chosen on validation (the lower two of compare's default grids), every run read along its dial
 at s = 0.5 and 1; gain = bits/char drop on the gold answers, forgetting = KL to the base on held-out
 English texts. What fits on two CPU cores beside the frontier runs: 32 steps x 8, float32, one seed,
-750 train / 100 validation / 150 test items, 48 keep texts (scoring 300 test items at five dial points
-took longer than the 32 training steps: ~25 min per run on a shared core). The GPU plan
+750 train / 100 validation / 150 test items, 48 keep texts (at 300 / 200 items, 100 keep texts and five
+dial points, scoring one run ran past 13 min on a shared core and was stopped; at this size a run took
+4-14 min of training and 4-11 min of scoring). The GPU plan
 (`gpu_plan.sh`) runs the same skill with 300 / 200 items, LoRA, low-rank Control and freeze too, at
 128 steps x 16 and 5 seeds.
 
@@ -45,11 +46,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.chdir(ROOT)  # paths relative to the repository, as the report shows them
     print("data:", skills.write_data(args.data, skills=("sciq",), test=150, validation=100, keep=48), flush=True)
+    methods = tuple(m for m in args.methods.split(",") if m)
     cfg = CompareConfig(train=os.path.join(args.data, "sciq_train.jsonl"),
                         validation=os.path.join(args.data, "sciq_validation.jsonl"),
                         test=os.path.join(args.data, "sciq_test.jsonl"), keep=os.path.join(args.data, "keep.txt"),
-                        task="sft", output=args.output, methods=tuple(args.methods.split(",")), seeds=(42,),
-                        rates={m: r for m, r in RATES.items() if m in args.methods.split(",")}, dial_values=(0.5, 1.0), units=32,
+                        task="sft", output=args.output, methods=methods, seeds=(42,),
+                        rates={m: RATES[m] for m in methods if m in RATES}, dial_values=(0.5, 1.0), units=32,
                         steps=args.steps, batch_size=8, seq_len=128, threads=args.threads, progress=False)
     compare(config=cfg)
     return 0
